@@ -1,0 +1,399 @@
+"""The Low-Rank Clone student: weights generated from a frozen teacher, and the LRC losses.
+
+`LowRankClone` owns only what is trained: one (d_T x d_S) projection per weight role and layer, the
+embedding projection (and, for an untied teacher, the head projection) and the student's RMSNorm gains.
+The teacher is held by reference and never copied or changed. The student itself is a Hugging Face model
+of the teacher's family built on the meta device (no memory); it runs through `torch.func.functional_call`
+with weights from `generate_weights`, the one function that training and export share. So the in-training
+student *is* the exported architecture, and attention masks, packed sequences, RoPE scaling, sliding windows
+and the attention backend are transformers' own.
+
+The model computes losses; it does not count steps, log, choose devices or know about ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lrc.errors import UserError
+from lrc.families import INPUT_SIDE, ROLES, Family, family_for
+from lrc.losses import IGNORE_INDEX, kd_lm_loss, masked_mse
+
+# clone term -> the teacher/student module whose output it compares (relative to a decoder layer)
+CLONE_TERMS = ("q", "k", "v", "attn_out", "gate", "up", "ffn_out")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the LRC loss: L = ce * L_LM + kl * L_KL + clone * sum_terms w_term * E_term.
+
+    A weight of 0 removes that term from the computation (no hook, no teacher logits)."""
+
+    ce: float = 1.0
+    """Next-token cross-entropy of the student."""
+    kl: float = 1.0
+    """Forward KL(teacher || student), averaged per valid token."""
+    kl_temperature: float = 1.0
+    """Softmax temperature tau of the KL term."""
+    clone: float = 0.2
+    """alpha: multiplies the sum of all activation-clone terms (paper: 0.2 for 1.5B, 0.5 for 1.7B/4B)."""
+    q: float = 1.0
+    k: float = 1.0
+    v: float = 1.0
+    attn_out: float = 1.0
+    gate: float = 1.0
+    up: float = 1.0
+    ffn_out: float = 1.0
+
+    def clone_terms(self) -> dict[str, float]:
+        """The clone terms that take part, with their weights (empty when alpha is 0)."""
+        if self.clone == 0.0:
+            return {}
+        return {t: getattr(self, t) for t in CLONE_TERMS if getattr(self, t) != 0.0}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LossWeights:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CloneOutput:
+    loss: torch.Tensor
+    """The weighted total (has gradient)."""
+    terms: dict[str, torch.Tensor]
+    """Detached scalars for logging: ce, kl, clone (unweighted sum) and clone/<term> summed over layers."""
+
+
+def teacher_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
+    head = teacher.get_submodule(family.head).weight
+    embed = teacher.get_submodule(f"{family.base}.{family.embed}").weight
+    return head is embed or head.data_ptr() == embed.data_ptr()
+
+
+class LayerProjections(nn.Module):
+    """Trainable parts of one student layer: seven projections and two RMSNorm gains."""
+
+    def __init__(self, d_t: int, d_s: int):
+        super().__init__()
+        for role in ROLES:
+            setattr(self, role, nn.Parameter(torch.empty(d_t, d_s)))
+        self.input_norm = nn.Parameter(torch.ones(d_s))
+        self.post_attention_norm = nn.Parameter(torch.ones(d_s))
+
+
+class LowRankClone(nn.Module):
+    """A student of width `hidden_size` cloned from `teacher` (any supported `*ForCausalLM`)."""
+
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        hidden_size: int,
+        *,
+        rms_norm_eps: float | None = None,
+        loss_weights: LossWeights | None = None,
+        chunk_size: int = 1024,
+    ):
+        super().__init__()
+        cfg = teacher.config
+        self.family = family_for(cfg)
+        d_t = cfg.hidden_size
+        if not 0 < hidden_size <= d_t:
+            raise UserError(
+                f"--hidden-size {hidden_size} is out of range: it must be between 1 and the teacher's "
+                f"hidden size {d_t}"
+            )
+        self.d_t, self.d_s = d_t, hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.tied = _is_tied(teacher, self.family)
+        self.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else cfg.rms_norm_eps)
+        self.loss_weights = loss_weights or LossWeights()
+        self.chunk_size = chunk_size
+
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        # Registered so that .to(device) moves it, but never saved: see trainable_state_dict().
+        self.teacher = teacher
+
+        self.layers = nn.ModuleList(LayerProjections(d_t, hidden_size) for _ in range(self.num_layers))
+        self.embed = nn.Parameter(torch.empty(d_t, hidden_size))
+        self.head = None if self.tied else nn.Parameter(torch.empty(d_t, hidden_size))
+        self.final_norm = nn.Parameter(torch.ones(hidden_size))
+        with torch.no_grad():
+            for name, p in self.named_projections():
+                p.normal_(0.0, 0.02)
+
+        self.config = self.student_config()
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(self.config)
+        # Kept out of the module tree: it lives on the meta device and only lends its forward().
+        self.__dict__["_shell"] = shell
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def t_base(self) -> nn.Module:
+        return self.teacher.get_submodule(self.family.base)
+
+    @property
+    def shell_base(self) -> nn.Module:
+        return self._shell.get_submodule(self.family.base)
+
+    def t_layer(self, i: int) -> nn.Module:
+        return self.t_base.get_submodule(f"{self.family.layers}.{i}")
+
+    def named_projections(self):
+        """(name, parameter) of every projection matrix (not the norm gains)."""
+        for i, layer in enumerate(self.layers):
+            for role in ROLES:
+                yield f"layers.{i}.{role}", getattr(layer, role)
+        yield "embed", self.embed
+        if self.head is not None:
+            yield "head", self.head
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Projections and norms only: what a checkpoint holds."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint does not match this student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "it was written for another teacher or hidden size"
+            )
+
+    def student_config(self):
+        """The exported model's config: the teacher's, with hidden_size = d_S and an explicit head_dim."""
+        cfg = copy.deepcopy(self.teacher.config)
+        cfg.head_dim = teacher_head_dim(self.teacher.config)
+        cfg.hidden_size = self.d_s
+        cfg.tie_word_embeddings = self.tied
+        cfg.rms_norm_eps = self.rms_norm_eps
+        return cfg
+
+    # ------------------------------------------------------------------ weights
+    def teacher_weight(self, i: int, role: str) -> nn.Linear:
+        return self.t_layer(i).get_submodule(self.family.linear_path(role))
+
+    def student_head(self) -> torch.Tensor:
+        """(V, d_S) student LM head: H_T @ P_head (= E_T @ P_emb when tied)."""
+        if self.tied:
+            return self.t_base.get_submodule(self.family.embed).weight @ self.embed
+        return self.teacher.get_submodule(self.family.head).weight @ self.head
+
+    def student_embedding(self) -> torch.Tensor:
+        return self.t_base.get_submodule(self.family.embed).weight @ self.embed
+
+    def generate_weights(self) -> dict[str, torch.Tensor]:
+        """Every student decoder weight, named as in the student's base model (`layers.0.self_attn.q_proj.weight`).
+
+        The embedding and head are not included (training gathers embedding rows and uses `student_head`);
+        `export_state_dict` adds them. Frozen teacher tensors that carry over unchanged (input-side biases,
+        Qwen3 q/k norms) are included as the teacher's own tensors, not copies.
+        """
+        fam = self.family
+        out: dict[str, torch.Tensor] = {}
+        for i, proj in enumerate(self.layers):
+            prefix = f"{fam.layers}.{i}"
+            t_layer = self.t_layer(i)
+            for role in ROLES:
+                lin = self.teacher_weight(i, role)
+                p = getattr(proj, role)
+                path = f"{prefix}.{fam.linear_path(role)}"
+                if role in INPUT_SIDE:
+                    out[f"{path}.weight"] = lin.weight @ p
+                    if lin.bias is not None:
+                        out[f"{path}.bias"] = lin.bias
+                else:  # o, down: compress the output side
+                    out[f"{path}.weight"] = p.t() @ lin.weight
+                    if lin.bias is not None:
+                        out[f"{path}.bias"] = lin.bias @ p
+            out[f"{prefix}.{fam.input_norm}.weight"] = proj.input_norm
+            out[f"{prefix}.{fam.post_attention_norm}.weight"] = proj.post_attention_norm
+            for norm in fam.qk_norms:
+                out[f"{prefix}.{fam.attn}.{norm}.weight"] = t_layer.get_submodule(f"{fam.attn}.{norm}").weight
+        out[f"{fam.final_norm}.weight"] = self.final_norm
+        return out
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full state dict of the student `*ForCausalLM`, detached."""
+        fam = self.family
+        with torch.no_grad():
+            sd = {f"{fam.base}.{k}": v.detach() for k, v in self.generate_weights().items()}
+            sd[f"{fam.base}.{fam.embed}.weight"] = self.student_embedding().detach()
+            sd[f"{fam.head}.weight"] = sd[f"{fam.base}.{fam.embed}.weight"] if self.tied else self.student_head()
+        return sd
+
+    # ------------------------------------------------------------------ forward
+    def _run_student(self, input_ids, position_ids, attention_mask, weights, hooks=None):
+        embeds = F.embedding(input_ids, self.t_base.get_submodule(self.family.embed).weight) @ self.embed
+        params = dict(weights)
+        params.update(dict(self.t_base.named_buffers()))  # RoPE inv_freq: the student keeps the teacher's
+        handles = hooks(self.shell_base) if hooks else []
+        try:
+            out = functional_call(
+                self.shell_base,
+                params,
+                args=(),
+                kwargs=dict(
+                    inputs_embeds=embeds,
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    use_cache=False,
+                ),
+                strict=False,
+                tie_weights=False,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def _run_teacher(self, input_ids, position_ids, attention_mask, roles: set[str]):
+        acts: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+        for i in range(self.num_layers):
+            for term, module in self._term_modules(self.t_layer(i), roles):
+                handles.append(module.register_forward_hook(_store(acts, (i, term))))
+        try:
+            out = self.t_base(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        return out.last_hidden_state, acts
+
+    def _term_modules(self, layer: nn.Module, terms):
+        fam = self.family
+        for term in terms:
+            if term == "attn_out":
+                yield term, layer.get_submodule(fam.attn)
+            elif term == "ffn_out":
+                yield term, layer.get_submodule(fam.mlp)
+            else:
+                yield term, layer.get_submodule(fam.linear_path(term))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        student_weights: dict[str, torch.Tensor] | None = None,
+        student_head: torch.Tensor | None = None,
+    ) -> CloneOutput:
+        """Teacher and student on the same batch; returns the weighted LRC loss and its named terms.
+
+        input_ids, position_ids, attention_mask, labels: (B, T). position_ids restarting at 0 mark packed
+        documents (attention stays inside each); labels default to the next token within the same document.
+        student_weights / student_head: pass pre-generated weights to reuse them across micro-batches.
+        """
+        w = self.loss_weights
+        if labels is None:
+            labels = next_token_labels(input_ids, position_ids, attention_mask)
+        valid = attention_mask.bool() if attention_mask is not None else None
+        terms = w.clone_terms()
+
+        t_hidden, t_acts = self._run_teacher(input_ids, position_ids, attention_mask, set(terms))
+        weights = student_weights if student_weights is not None else self.generate_weights()
+        losses: dict[tuple[int, str], torch.Tensor] = {}
+
+        def hooks(shell_base):
+            handles = []
+            for i in range(self.num_layers):
+                layer = shell_base.get_submodule(f"{self.family.layers}.{i}")
+                for term, module in self._term_modules(layer, terms):
+                    handles.append(module.register_forward_hook(self._clone_hook(losses, t_acts, i, term, valid)))
+            return handles
+
+        s_hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks)
+        head = student_head if student_head is not None else self.student_head()
+        t_head = self.teacher.get_submodule(self.family.head).weight
+        kl_mask = valid.reshape(-1) if valid is not None else torch.ones_like(labels.reshape(-1), dtype=torch.bool)
+        lm, ce, kl = kd_lm_loss(
+            s_hidden.reshape(-1, self.d_s),
+            head,
+            t_hidden.reshape(-1, self.d_t) if w.kl != 0.0 else None,
+            t_head if w.kl != 0.0 else None,
+            labels.reshape(-1),
+            kl_mask,
+            ce_weight=w.ce,
+            kl_weight=w.kl,
+            temperature=w.kl_temperature,
+            chunk_size=self.chunk_size,
+        )
+        out_terms = {"ce": ce, "kl": kl}
+        total = lm
+        if terms:
+            clone = sum(terms[t] * v for (_, t), v in losses.items())
+            total = total + w.clone * clone
+            out_terms["clone"] = clone.detach()
+            for t in terms:
+                out_terms[f"clone/{t}"] = sum(v.detach() for (_, tt), v in losses.items() if tt == t)
+        return CloneOutput(loss=total, terms=out_terms)
+
+    def _clone_hook(self, losses, t_acts, i, term, valid):
+        proj = self.layers[i]
+
+        def hook(module, args, output):
+            student = output[0] if isinstance(output, tuple) else output
+            teacher = t_acts[(i, term)]
+            if term == "attn_out":
+                teacher = teacher @ proj.o  # compare in student space through P_o (alignment-free)
+            elif term == "ffn_out":
+                teacher = teacher @ proj.down
+            # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
+            losses[(i, term)] = masked_mse(student, teacher, valid)
+
+        return hook
+
+    # ------------------------------------------------------------------ inference helpers
+    @torch.no_grad()
+    def student_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        """(B, T, V) logits of the in-training student (for tests and evaluation of small batches)."""
+        h = self._run_student(input_ids, position_ids, attention_mask, self.generate_weights())
+        return (h @ self.student_head().t()).float()
+
+    @torch.no_grad()
+    def student_final_hidden(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        return self._run_student(input_ids, position_ids, attention_mask, self.generate_weights())
+
+
+def _store(acts, key):
+    def hook(module, args, output):
+        acts[key] = output[0] if isinstance(output, tuple) else output
+
+    return hook
+
+
+def next_token_labels(input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """Labels for next-token prediction: the next id, or -100 across documents, into padding and at the end.
+
+    A position's target belongs to the same document when the next position id is not 0 (packed sequences
+    restart their position ids at each document)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    if position_ids is not None:
+        labels[:, :-1][position_ids[:, 1:] == 0] = IGNORE_INDEX
+    if attention_mask is not None:
+        labels[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
+        labels[attention_mask == 0] = IGNORE_INDEX
+    return labels

@@ -1,0 +1,169 @@
+"""Pure loss functions of LRC: masked activation MSE and the chunked LM (CE) + distillation (KL) loss.
+
+Shapes use N for flattened tokens, V for the vocabulary, d_S / d_T for student / teacher width.
+
+KL normalisation. The official LRC code uses `F.kl_div(..., reduction="batchmean")` on (B, T, V) tensors,
+i.e. the KL *summed* over every position and divided by the batch size, at tau = 40 with no tau^2. We average
+over valid tokens instead, so the loss does not grow with sequence length: official = ours x (valid tokens
+per sequence). At high temperature the per-token KL shrinks roughly like 1/tau^2, which is why the official
+sum over 2,048 positions at tau = 40 lands near the scale of a per-token KL at tau ~ 1 (2048 / 40^2 = 1.3).
+Our default is therefore tau = 1 with per-token averaging; pass `--kl-temperature` to change it.
+
+Memory. Full (N x V) fp32 logits for a batch are never built: `kd_lm_loss` walks the tokens in chunks,
+computes teacher and student logits for the chunk, the losses in fp32, and the gradient with respect to the
+student hidden states and head weight right there (the trick of Liger-Kernel's fused linear losses), so
+only (chunk x V) logits are alive at any time and backward is two stored gradients scaled by a scalar.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over the valid tokens and all features, computed in fp32.
+
+    student, teacher: (B, T, F); mask: (B, T) bool/0-1 or None (all valid). Returns a scalar.
+    """
+    diff = (student.float() - teacher.float()).pow(2)
+    if mask is None:
+        return diff.mean()
+    m = mask.to(diff.dtype).unsqueeze(-1)
+    count = m.sum() * diff.shape[-1]
+    return (diff * m).sum() / count.clamp_min(1.0)
+
+
+def _chunk_terms(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    kl_mask: torch.Tensor,
+    temperature: float,
+    want_grad: bool,
+    acc: torch.dtype,
+):
+    """CE sum, KL sum and d(unnormalised terms)/d(student logits) for one chunk, in `acc` (>= fp32)."""
+    s_logits = s_logits.to(acc)
+    ce_valid = labels != IGNORE_INDEX
+    logp = torch.log_softmax(s_logits, dim=-1)
+    safe_labels = labels.clamp_min(0)
+    ce_tok = -logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    ce_sum = (ce_tok * ce_valid).sum()
+    grad_ce = grad_kl = None
+    if want_grad:
+        grad_ce = logp.exp()
+        grad_ce.scatter_add_(-1, safe_labels.unsqueeze(-1), -torch.ones_like(grad_ce[:, :1]))
+        grad_ce *= ce_valid.unsqueeze(-1)
+    kl_sum = s_logits.new_zeros(())
+    if t_logits is not None:
+        logp_s = torch.log_softmax(s_logits / temperature, dim=-1) if temperature != 1.0 else logp
+        logp_t = torch.log_softmax(t_logits.to(acc) / temperature, dim=-1)
+        p_t = logp_t.exp()
+        kl_tok = (p_t * (logp_t - logp_s)).sum(-1)
+        kl_sum = (kl_tok * kl_mask).sum()
+        if want_grad:
+            # d KL / d z_s = (softmax(z_s / tau) - softmax(z_t / tau)) / tau
+            grad_kl = (logp_s.exp() - p_t) * (kl_mask.unsqueeze(-1) / temperature)
+    return ce_sum, kl_sum, grad_ce, grad_kl
+
+
+class _FusedKDLMLoss(torch.autograd.Function):
+    """Chunked CE + KL whose gradients are computed in forward; see `kd_lm_loss`."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_head, t_hidden, t_head, labels, kl_mask, ce_w, kl_w, temperature, chunk):
+        n = s_hidden.shape[0]
+        # fp32 at least: bf16 log-softmax at tau > 1 turns the KL into rounding noise
+        acc = torch.promote_types(s_hidden.dtype, torch.float32)
+        n_ce = (labels != IGNORE_INDEX).sum().clamp_min(1).to(acc)
+        n_kl = kl_mask.sum().clamp_min(1).to(acc)
+        want_grad = s_hidden.requires_grad or s_head.requires_grad
+        grad_h = torch.zeros_like(s_hidden, dtype=acc) if want_grad else None
+        grad_w = torch.zeros_like(s_head, dtype=acc) if want_grad else None
+        ce_total = s_hidden.new_zeros((), dtype=acc)
+        kl_total = s_hidden.new_zeros((), dtype=acc)
+        use_kl = kl_w != 0.0 and t_hidden is not None
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            h = s_hidden[sl]
+            s_logits = h @ s_head.t()
+            t_logits = (t_hidden[sl] @ t_head.t()) if use_kl else None
+            ce_sum, kl_sum, g_ce, g_kl = _chunk_terms(
+                s_logits, t_logits, labels[sl], kl_mask[sl].to(acc), temperature, want_grad, acc
+            )
+            ce_total += ce_sum
+            kl_total += kl_sum
+            if want_grad:
+                dz = torch.zeros_like(g_ce)
+                if ce_w != 0.0:
+                    dz += g_ce * (ce_w / n_ce)
+                if g_kl is not None:
+                    dz += g_kl * (kl_w / n_kl)
+                dz = dz.to(h.dtype)
+                grad_h[sl] = dz @ s_head
+                grad_w += dz.t() @ h
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (s_hidden.dtype, s_head.dtype)
+        ce = ce_total / n_ce
+        kl = kl_total / n_kl if use_kl else kl_total
+        loss = ce * ce_w + kl * kl_w
+        return loss, ce.detach(), kl.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_ce, _g_kl):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None, None, None
+
+
+def kd_lm_loss(
+    s_hidden: torch.Tensor,
+    s_head: torch.Tensor,
+    t_hidden: torch.Tensor | None,
+    t_head: torch.Tensor | None,
+    labels: torch.Tensor,
+    kl_mask: torch.Tensor,
+    *,
+    ce_weight: float = 1.0,
+    kl_weight: float = 1.0,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted next-token CE plus forward KL(teacher || student), chunked over tokens.
+
+    s_hidden (N, d_S) final student hidden states (after the final norm); s_head (V, d_S) student head;
+    t_hidden (N, d_T) and t_head (V, d_T) the teacher's (no gradient; may be None when kl_weight is 0);
+    labels (N,) next-token ids with -100 where there is no target; kl_mask (N,) which positions count for KL.
+
+    Returns (ce_weight * CE + kl_weight * KL, CE, KL): CE is the mean over labelled tokens, KL the mean over
+    masked positions of sum_v p_T^tau (log p_T^tau - log p_S^tau) with p^tau = softmax(z / tau).
+    Only the first output carries gradient; the other two are detached, for logging.
+    """
+    if t_hidden is not None:
+        t_hidden = t_hidden.detach()
+        t_head = t_head.detach()
+    return _FusedKDLMLoss.apply(
+        s_hidden, s_head, t_hidden, t_head, labels, kl_mask, float(ce_weight), float(kl_weight),
+        float(temperature), int(chunk_size),
+    )
+
+
+def reference_kd_lm_loss(
+    s_hidden, s_head, t_hidden, t_head, labels, kl_mask, *, ce_weight=1.0, kl_weight=1.0, temperature=1.0
+):
+    """Unchunked autograd version of `kd_lm_loss`: builds full logits. For tests and the naive benchmark."""
+    s_logits = (s_hidden @ s_head.t()).float()
+    ce = F.cross_entropy(s_logits, labels, ignore_index=IGNORE_INDEX)
+    kl = s_logits.new_zeros(())
+    if kl_weight != 0.0 and t_hidden is not None:
+        t_logits = (t_hidden @ t_head.t()).float().detach()
+        logp_s = torch.log_softmax(s_logits / temperature, -1)
+        logp_t = torch.log_softmax(t_logits / temperature, -1)
+        kl_tok = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+        m = kl_mask.float()
+        kl = (kl_tok * m).sum() / m.sum().clamp_min(1)
+    return ce_weight * ce + kl_weight * kl, ce.detach(), kl.detach()

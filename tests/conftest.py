@@ -1,0 +1,76 @@
+"""Tiny random teachers of every supported family, built offline from transformers config classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+FAMILY_CONFIGS = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+VOCAB = 101
+
+
+def tiny_config(family: str, tied: bool, **overrides):
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        attn_implementation="sdpa",
+    )
+    if family == "llama":
+        # llama3 RoPE scaling must be honoured, not worked around
+        kwargs["rope_parameters"] = {
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        }
+    if family == "mistral":
+        kwargs["sliding_window"] = 8
+    kwargs.update(overrides)
+    return FAMILY_CONFIGS[family](**kwargs)
+
+
+def make_teacher(family: str = "llama", tied: bool = False, seed: int = 0, **overrides):
+    """A random fp32 teacher with non-unit RMSNorm gains and non-zero biases (so folding is really tested)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def packed_batch(batch: int = 2, seq: int = 24, seed: int = 1):
+    """input_ids and position_ids of two packed documents per row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    cut = seq // 3
+    pos = torch.cat([torch.arange(cut), torch.arange(seq - cut)]).expand(batch, seq).clone()
+    return ids, pos
+
+
+@pytest.fixture(params=[("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False)],
+                ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}")
+def teacher(request):
+    family, tied = request.param
+    return make_teacher(family, tied)
