@@ -299,12 +299,16 @@ class LowRankClone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         student_weights: dict[str, torch.Tensor] | None = None,
         student_head: torch.Tensor | None = None,
+        ce_denominator: float | None = None,
+        scale: float = 1.0,
     ) -> CloneOutput:
         """Teacher and student on the same batch; returns the weighted LRC loss and its named terms.
 
         input_ids, position_ids, attention_mask, labels: (B, T). position_ids restarting at 0 mark packed
         documents (attention stays inside each); labels default to the next token within the same document.
         student_weights / student_head: pass pre-generated weights to reuse them across micro-batches.
+        ce_denominator / scale: normalisers for exact accumulation over micro-batches and ranks (see
+        `kd_lm_loss`); the clone terms are multiplied by `scale`. The logged terms stay local means.
         """
         w = self.loss_weights
         if labels is None:
@@ -339,12 +343,14 @@ class LowRankClone(nn.Module):
             kl_weight=w.kl,
             temperature=w.kl_temperature,
             chunk_size=self.chunk_size,
+            ce_denominator=ce_denominator,
+            kl_scale=scale,
         )
         out_terms = {"ce": ce, "kl": kl}
         total = lm
         if terms:
             clone = sum(terms[t] * v for (_, t), v in losses.items())
-            total = total + w.clone * clone
+            total = total + (w.clone * scale) * clone
             out_terms["clone"] = clone.detach()
             for t in terms:
                 out_terms[f"clone/{t}"] = sum(v.detach() for (_, tt), v in losses.items() if tt == t)

@@ -74,12 +74,15 @@ class _FusedKDLMLoss(torch.autograd.Function):
     """Chunked CE + KL whose gradients are computed in forward; see `kd_lm_loss`."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_head, t_hidden, t_head, labels, kl_mask, ce_w, kl_w, temperature, chunk):
+    def forward(ctx, s_hidden, s_head, t_hidden, t_head, labels, kl_mask, ce_w, kl_w, temperature, chunk,
+                ce_den, kl_scale):
         n = s_hidden.shape[0]
         # fp32 at least: bf16 log-softmax at tau > 1 turns the KL into rounding noise
         acc = torch.promote_types(s_hidden.dtype, torch.float32)
         n_ce = (labels != IGNORE_INDEX).sum().clamp_min(1).to(acc)
         n_kl = kl_mask.sum().clamp_min(1).to(acc)
+        # What the CE sum is divided by in the loss (the logged CE is always the local mean).
+        ce_den = n_ce if ce_den is None else torch.as_tensor(ce_den, dtype=acc)
         want_grad = s_hidden.requires_grad or s_head.requires_grad
         grad_h = torch.zeros_like(s_hidden, dtype=acc) if want_grad else None
         grad_w = torch.zeros_like(s_head, dtype=acc) if want_grad else None
@@ -99,9 +102,9 @@ class _FusedKDLMLoss(torch.autograd.Function):
             if want_grad:
                 dz = torch.zeros_like(g_ce)
                 if ce_w != 0.0:
-                    dz += g_ce * (ce_w / n_ce)
+                    dz += g_ce * (ce_w / ce_den)
                 if g_kl is not None:
-                    dz += g_kl * (kl_w / n_kl)
+                    dz += g_kl * (kl_w * kl_scale / n_kl)
                 dz = dz.to(h.dtype)
                 grad_h[sl] = dz @ s_head
                 grad_w += dz.t() @ h
@@ -109,15 +112,17 @@ class _FusedKDLMLoss(torch.autograd.Function):
         ctx.dtypes = (s_hidden.dtype, s_head.dtype)
         ce = ce_total / n_ce
         kl = kl_total / n_kl if use_kl else kl_total
-        loss = ce * ce_w + kl * kl_w
-        return loss, ce.detach(), kl.detach()
+        loss = ce_total / ce_den * ce_w + kl * (kl_w * kl_scale)
+        ce, kl = ce.detach(), kl.detach()
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _g_ce, _g_kl):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
         gw = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
 def kd_lm_loss(
@@ -132,6 +137,8 @@ def kd_lm_loss(
     kl_weight: float = 1.0,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    ce_denominator: float | None = None,
+    kl_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted next-token CE plus forward KL(teacher || student), chunked over tokens.
 
@@ -142,13 +149,17 @@ def kd_lm_loss(
     Returns (ce_weight * CE + kl_weight * KL, CE, KL): CE is the mean over labelled tokens, KL the mean over
     masked positions of sum_v p_T^tau (log p_T^tau - log p_S^tau) with p^tau = softmax(z / tau).
     Only the first output carries gradient; the other two are detached, for logging.
+
+    For exact gradient accumulation over micro-batches and ranks, `ce_denominator` replaces the local label
+    count in the first output (pass global labels / world size) and `kl_scale` multiplies the KL there
+    (pass 1 / micro-steps).
     """
     if t_hidden is not None:
         t_hidden = t_hidden.detach()
         t_head = t_head.detach()
     return _FusedKDLMLoss.apply(
         s_hidden, s_head, t_hidden, t_head, labels, kl_mask, float(ce_weight), float(kl_weight),
-        float(temperature), int(chunk_size),
+        float(temperature), int(chunk_size), ce_denominator, float(kl_scale),
     )
 
 

@@ -1,0 +1,154 @@
+"""`lrc`: distill, export, eval, demo, bench. Each subcommand maps onto one plain function.
+
+Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lrc.errors import UserError
+
+
+def cmd_distill(args) -> int:
+    from lrc.config import FIELDS, build_config, read_yaml
+    from lrc.trainer import TrainingDiverged, distill
+
+    values = read_yaml(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
+    cfg = build_config(values)
+    try:
+        distill(cfg, explicit=set(values), resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"lrc: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from lrc.export import DTYPES, export_student
+    from lrc.trainer import load_run
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not an lrc run directory (no config.yaml); pass the --out of `lrc distill`")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new --out")
+    cfg, method, tokenizer, teacher = load_run(run, "cpu")
+    dtype = DTYPES[args.dtype]
+    with torch.no_grad():
+        if cfg.method == "lrc":
+            export_student(method, out, dtype=dtype, tokenizer=tokenizer,
+                           generation_config=teacher.generation_config)
+        else:
+            method.export(out, dtype=dtype, tokenizer=tokenizer, generation_config=teacher.generation_config)
+    print(f"exported {cfg.method} student (hidden {cfg.hidden_size}, {args.dtype}) to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lrc.distributed import pick_device
+    from lrc.evaluate import evaluate_path, lm_eval_tasks
+
+    device = pick_device(args.device)
+    result = evaluate_path(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                           device=device, text_field=args.text_field)
+    if args.tasks:
+        result["tasks"] = lm_eval_tasks(args.model, args.tasks, device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
+              f"over {result['tokens']:,} tokens ({result['parameters']:,} parameters)")
+        for task, r in result.get("tasks", {}).items():
+            print(f"  {task}: {r}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lrc.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, tiny=args.tiny)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from lrc.bench import run_bench
+
+    run_bench(shapes=args.shapes, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lrc.config import add_config_arguments
+
+    p = argparse.ArgumentParser(prog="lrc", description="Low-Rank Clone: distil a Hugging Face causal LM "
+                                "into a smaller one whose weights are generated from the teacher's.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("distill", help="train a student (LRC or a baseline) from a teacher",
+                       description="Train a student. Every option may also come from --config FILE.yaml "
+                       "(keys are the option names); the command line wins.")
+    d.add_argument("--config", help="YAML file of options (default: none)")
+    d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(default: False)")
+    add_config_arguments(d)
+    d.set_defaults(fn=cmd_distill)
+
+    e = sub.add_parser("export", help="write a run's student as a standard Hugging Face model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run_dir", help="the --out of `lrc distill`")
+    e.add_argument("--out", required=True, help="model directory to write (must be new or empty)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weight dtype")
+    e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("eval", help="held-out loss and perplexity of a model, run or teacher",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("model", help="exported/HF model directory, hub id, or lrc run directory")
+    v.add_argument("--data", nargs="+", required=True, help="held-out text/jsonl/json/parquet files or folders")
+    v.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the run's, else 512)")
+    v.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
+    v.add_argument("--text-field", default="text", help="text field of jsonl/json/parquet data")
+    v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    v.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks to run as well (needs lm-eval)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("demo", help="end-to-end demo on Shakespeare, on CPU, no downloads",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--out", default="demo-out", help="output directory (report.md, plot, exported student)")
+    m.add_argument("--quick", action="store_true", help="smaller settings, same steps (about 3 minutes)")
+    m.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds; for tests
+    m.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="overhead of an LRC step against teacher forward + plain training",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--shapes", nargs="+", default=["small", "large"], help="shapes to measure")
+    b.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines are enough
+    try:
+        return args.fn(args)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"lrc: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

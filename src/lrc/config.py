@@ -1,0 +1,198 @@
+"""One typed configuration for a run; YAML files and the command line are two views of it.
+
+Every field's docstring-like `help` becomes its `--help` text. A run directory stores the resolved config
+(`RUN_DIR/config.yaml`), so `lrc export`, `lrc eval` and `--resume` need no repeated flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+
+from lrc.errors import UserError
+
+
+def opt(default, help: str, choices=None, **kw):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class RunConfig:
+    # what to distil
+    teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
+    data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet, save_to_disk folders, or folders of them")
+    val_data: list[str] = opt([], "held-out data (default: hold out --val-fraction of --data)")
+    val_fraction: float = opt(0.02, "share of the training sequences held out when --val-data is not given")
+    text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/datasets data")
+    hidden_size: int | None = opt(None, "student hidden size d_S (at most the teacher's)")
+    out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, config.yaml)")
+    method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
+                      choices=("lrc", "kd", "scratch", "prune-kd"))
+    init: str = opt("pca", "projection init: pca (teacher-aware) or random (official N(0, 0.02))",
+                    choices=("pca", "random"))
+    calib_batches: int = opt(8, "calibration batches for --init pca and prune-kd")
+    # budget and batch
+    max_steps: int | None = opt(None, "optimizer steps to run (0: initialise and save only)")
+    max_tokens: int | None = opt(None, "stop after this many training tokens (whichever of the two comes first)")
+    batch_size: int = opt(4, "sequences per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    seq_len: int = opt(512, "tokens per training sequence")
+    # optimiser
+    lr: float = opt(1e-4, "peak learning rate")
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.005, "share of the steps spent warming up linearly")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr (cosine/linear)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    seed: int = opt(0, "seed for init and data order")
+    # losses
+    ce_weight: float = opt(1.0, "weight of the next-token cross-entropy")
+    kl_weight: float = opt(1.0, "weight of KL(teacher || student), averaged per token")
+    kl_temperature: float = opt(1.0, "KL temperature tau")
+    clone_weight: float = opt(0.2, "alpha: weight of the activation-clone sum (0: no clone loss)")
+    clone_q: float = opt(1.0, "clone term weight: q projection")
+    clone_k: float = opt(1.0, "clone term weight: k projection")
+    clone_v: float = opt(1.0, "clone term weight: v projection")
+    clone_attn_out: float = opt(1.0, "clone term weight: attention output")
+    clone_gate: float = opt(1.0, "clone term weight: gate projection")
+    clone_up: float = opt(1.0, "clone term weight: up projection")
+    clone_ffn_out: float = opt(1.0, "clone term weight: FFN output")
+    rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")
+    # numerics and memory
+    precision: str = opt("bf16", "bf16 autocast (fp32 master weights) or fp32", choices=("bf16", "fp32"))
+    teacher_dtype: str = opt("float32", "dtype the teacher is loaded in", choices=("float32", "bfloat16"))
+    grad_checkpointing: bool = opt(False, "recompute student activations in backward to save memory")
+    chunk_size: int = opt(1024, "tokens per chunk of the vocabulary-wide CE/KL")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
+    # logging and checkpoints
+    log_every: int = opt(10, "steps between progress lines and metrics.jsonl records")
+    eval_every: int = opt(200, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = opt(16, "held-out micro-batches per evaluation")
+    save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
+    cache_dir: str | None = opt(None, "token cache folder (default: RUN_DIR/../.lrc-cache)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def loss_weights(self):
+        from lrc.clone import LossWeights
+
+        return LossWeights(
+            ce=self.ce_weight, kl=self.kl_weight, kl_temperature=self.kl_temperature, clone=self.clone_weight,
+            q=self.clone_q, k=self.clone_k, v=self.clone_v, attn_out=self.clone_attn_out,
+            gate=self.clone_gate, up=self.clone_up, ffn_out=self.clone_ffn_out,
+        )
+
+
+# Options that may differ when resuming a run; everything else must match the saved run.
+RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
+                     "keep_checkpoints", "device", "out", "cache_dir", "data", "val_data"}
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _base_type(tp):
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is list or tp is list:
+        return list
+    if args:
+        return _base_type(args[0])
+    return tp
+
+
+def _parse_type(name: str):
+    tp = eval(FIELDS[name].type, {"str": str, "int": int, "float": float, "bool": bool, "list": list})
+    return _base_type(tp)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One `--kebab-name` option per RunConfig field; defaults stay unset so we know what the user gave."""
+    for f in fields(RunConfig):
+        if f.name in skip:
+            continue
+        tp = _parse_type(f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is list:
+            parser.add_argument(flag, nargs="+", metavar="PATH", **kw)
+        else:
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, type=tp, metavar=f.name.upper() if "choices" not in kw else None, **kw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"unknown option '{key}' in {path}; see `lrc distill --help` for the options")
+        out[name] = _coerce(name, value, str(path))
+    return out
+
+
+def _coerce(name: str, value, where: str):
+    tp = _parse_type(name)
+    if value is None:
+        return None
+    try:
+        if tp is list:
+            return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is float and isinstance(value, str):
+            return float(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option '{name}' in {where} must be a {tp.__name__}, got {value!r}") from None
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig(**values)
+    choices = {n: f.metadata.get("choices") for n, f in FIELDS.items()}
+    for name, allowed in choices.items():
+        if allowed and getattr(cfg, name) not in allowed:
+            raise UserError(f"option {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an lrc run directory (no config.yaml); pass the --out of `lrc distill`")
+    return build_config(read_yaml(path))

@@ -1,0 +1,156 @@
+"""Students other than the LRC clone, for baselines, and the shared loading of teachers.
+
+`DirectStudent` trains an ordinary Hugging Face model weight by weight with the same chunked CE + KL as
+LRC. It serves three methods: `scratch` (random init, CE only; also the demo's teacher trainer), `kd`
+(random init, CE + KL to the teacher) and `prune-kd` (Minitron-style width pruning: keep the teacher's
+d_S most energetic residual channels, then CE + KL). Every method exposes the same small surface as
+`LowRankClone` (forward -> CloneOutput, trainable_state_dict, export), so the trainer does not care which.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lrc.clone import CloneOutput, LossWeights, LowRankClone
+from lrc.errors import UserError
+from lrc.export import build_student_model, export_student
+from lrc.families import family_for
+from lrc.init import residual_second_moment
+from lrc.losses import kd_lm_loss
+
+METHODS = ("lrc", "kd", "scratch", "prune-kd")
+
+
+def load_teacher(path_or_id: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load a causal-LM teacher from a local directory or hub id; UserError on anything unusable."""
+    p = Path(path_or_id)
+    looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+    if looks_local and not p.exists():
+        raise UserError(f"teacher path {path_or_id} does not exist; pass a model directory or a hub id")
+    if p.is_dir() and not (p / "config.json").exists():
+        raise UserError(f"teacher directory {path_or_id} has no config.json; pass a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load teacher config from {path_or_id}: {first}") from None
+    family_for(config)  # unsupported family -> UserError listing the supported ones
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise UserError(f"teacher {path_or_id} is a {archs[0]}, not a causal language model (*ForCausalLM)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path_or_id, dtype=dtype, trust_remote_code=trust_remote_code
+        ).eval()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"cannot load teacher weights from {path_or_id}: {first}") from None
+
+
+class DirectStudent(nn.Module):
+    """An ordinary HF causal LM trained with CE (+ KL to an optional frozen teacher)."""
+
+    def __init__(self, model, teacher=None, loss_weights: LossWeights | None = None, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.family = family_for(model.config)
+        self.loss_weights = loss_weights or LossWeights(kl=0.0, clone=0.0)
+        if teacher is None:
+            self.loss_weights.kl = 0.0
+        else:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher.eval()
+        self.teacher = teacher
+        self.chunk_size = chunk_size
+        self.config = model.config
+
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None,
+                ce_denominator=None, scale: float = 1.0) -> CloneOutput:
+        from lrc.clone import next_token_labels
+
+        w = self.loss_weights
+        if labels is None:
+            labels = next_token_labels(input_ids, position_ids, attention_mask)
+        kw = dict(position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        h = self.model.get_submodule(self.family.base)(input_ids=input_ids, **kw).last_hidden_state
+        t_hidden = t_head = None
+        if w.kl != 0.0:
+            t_fam = family_for(self.teacher.config)
+            with torch.no_grad():
+                t_hidden = self.teacher.get_submodule(t_fam.base)(input_ids=input_ids, **kw).last_hidden_state
+            t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1])
+            t_head = self.teacher.get_submodule(t_fam.head).weight
+        valid = attention_mask.bool().reshape(-1) if attention_mask is not None else torch.ones(
+            labels.numel(), dtype=torch.bool, device=labels.device)
+        loss, ce, kl = kd_lm_loss(
+            h.reshape(-1, h.shape[-1]), self.model.get_submodule(self.family.head).weight, t_hidden, t_head,
+            labels.reshape(-1), valid, ce_weight=w.ce, kl_weight=w.kl, temperature=w.kl_temperature,
+            chunk_size=self.chunk_size, ce_denominator=ce_denominator, kl_scale=scale,
+        )
+        return CloneOutput(loss=loss, terms={"ce": ce, "kl": kl})
+
+    def trainable_state_dict(self):
+        return {k: v for k, v in self.model.state_dict().items()}
+
+    def load_trainable_state_dict(self, state):
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight") or not self.config.tie_word_embeddings]
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not match this student (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+
+    def export(self, out_dir, dtype=torch.float32, tokenizer=None, generation_config=None):
+        model = self.model.to(dtype)
+        if generation_config is not None:
+            model.generation_config = generation_config
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.model.float()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+
+def student_architecture(teacher, hidden_size: int):
+    """Config of the LRC student of `teacher` at `hidden_size` (the architecture every method trains)."""
+    return LowRankClone(teacher, hidden_size).student_config()
+
+
+def random_student(teacher, hidden_size: int, seed: int):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(student_architecture(teacher, hidden_size), dtype=torch.float32)
+
+
+@torch.no_grad()
+def pruned_student(teacher, hidden_size: int, calibration_batches) -> tuple[nn.Module, list[int]]:
+    """Width-prune the teacher: keep the d_S residual channels with the most activation energy.
+
+    Implemented as an LRC clone whose projections are fixed column selections of the identity, so the
+    pruned model comes out of the same weight generation and export as LRC itself."""
+    clone = LowRankClone(teacher, hidden_size)
+    energy = residual_second_moment(clone, calibration_batches).diagonal()
+    keep = torch.argsort(energy, descending=True)[:hidden_size].sort().values
+    select = torch.zeros(clone.d_t, hidden_size)
+    select[keep, torch.arange(hidden_size)] = 1.0
+    for _, p in clone.named_projections():
+        p.copy_(select)
+    fam = clone.family
+    for i, layer in enumerate(clone.layers):
+        t_layer = clone.t_layer(i)
+        layer.input_norm.copy_(t_layer.get_submodule(fam.input_norm).weight[keep])
+        layer.post_attention_norm.copy_(t_layer.get_submodule(fam.post_attention_norm).weight[keep])
+    clone.final_norm.copy_(clone.t_base.get_submodule(fam.final_norm).weight[keep])
+    return build_student_model(clone).train(), keep.tolist()
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+__all__ = ["DirectStudent", "METHODS", "load_teacher", "pruned_student", "random_student", "export_student"]

@@ -1,0 +1,58 @@
+"""Saved tiny teachers with tokenizers and small corpora, for CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import make_teacher
+
+from lrc.tokenizer import train_bpe
+
+WORDS = ("the king queen castle night sword river crown ghost storm heart love death honour play "
+         "speak dream gold field wind rose").split()
+
+
+def corpus(n_docs: int = 40, words: int = 60, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_docs):
+        # a little structure to learn: word i tends to be followed by word i+1
+        idx = int(torch.randint(0, len(WORDS), (1,), generator=g))
+        out = []
+        for _ in range(words):
+            out.append(WORDS[idx])
+            idx = (idx + 1) % len(WORDS) if torch.rand(1, generator=g) < 0.8 else int(
+                torch.randint(0, len(WORDS), (1,), generator=g))
+        docs.append(" ".join(out) + ".")
+    return docs
+
+
+def save_teacher(path: Path, family: str = "llama", tied: bool = False) -> Path:
+    tok = train_bpe(corpus(), vocab_size=300)
+    teacher = make_teacher(family, tied, vocab_size=len(tok))
+    teacher.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_data(folder: Path, kind: str = "txt", n_docs: int = 40, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = corpus(n_docs, seed=seed)
+    if kind == "txt":
+        for i, d in enumerate(docs):
+            (folder / f"doc{i:03d}.txt").write_text(d)
+        return folder
+    if kind == "jsonl":
+        p = folder / "data.jsonl"
+        p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        return p
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = folder / "data.parquet"
+        pq.write_table(pa.table({"text": docs}), p)
+        return p
+    raise ValueError(kind)
