@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("model", help="exported/HF model directory, hub id, or lrc run directory")
     v.add_argument("--data", nargs="+", required=True, help="held-out text/jsonl/json/parquet files or folders")
-    v.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the run's, else 512)")
+    v.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length; None: the run's --seq-len, else 512")
     v.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
     v.add_argument("--text-field", default="text", help="text field of jsonl/json/parquet data")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

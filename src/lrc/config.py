@@ -39,7 +39,8 @@ class RunConfig:
                       choices=("lrc", "kd", "scratch", "prune-kd"))
     init: str = opt("pca", "projection init: pca (teacher-aware) or random (official N(0, 0.02))",
                     choices=("pca", "random"))
-    calib_batches: int = opt(8, "calibration batches for --init pca and prune-kd")
+    calib_batches: int = opt(8, "calibration batches (of --batch-size x processes sequences) for --init pca "
+                             "and prune-kd")
     # budget and batch
     max_steps: int | None = opt(None, "optimizer steps to run (0: initialise and save only)")
     max_tokens: int | None = opt(None, "stop after this many training tokens (whichever of the two comes first)")
@@ -70,7 +71,8 @@ class RunConfig:
     clone_ffn_out: float = opt(1.0, "clone term weight: FFN output")
     rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")
     # numerics and memory
-    precision: str = opt("bf16", "bf16 autocast (fp32 master weights) or fp32", choices=("bf16", "fp32"))
+    precision: str = opt("auto", "bf16 autocast (fp32 master weights), fp32, or auto: bf16 on CUDA and on CPUs "
+                         "with bf16 matrix instructions (AMX / AVX512-BF16), else fp32", choices=("auto", "bf16", "fp32"))
     teacher_dtype: str = opt("float32", "dtype the teacher is loaded in", choices=("float32", "bfloat16"))
     grad_checkpointing: bool = opt(False, "recompute student activations in backward to save memory")
     chunk_size: int = opt(1024, "tokens per chunk of the vocabulary-wide CE/KL")
@@ -82,7 +84,8 @@ class RunConfig:
     eval_batches: int = opt(16, "held-out micro-batches per evaluation")
     save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
-    cache_dir: str | None = opt(None, "token cache folder (default: RUN_DIR/../.lrc-cache)")
+    cache_dir: str | None = opt(None, "token cache folder "
+                                "(default: $LRC_CACHE/tokens, else ~/.cache/lrc/tokens)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +127,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             continue
         tp = _parse_type(f.name)
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # some fields describe their default in words
+            help_text += f" (default: {default})"
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if tp is bool:

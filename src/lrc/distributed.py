@@ -35,6 +35,23 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device(spec)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions; elsewhere bf16 matmuls are emulated and ~100x slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 def init_distributed(device_spec: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

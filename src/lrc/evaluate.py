@@ -22,8 +22,11 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
     base, head = model.get_submodule(fam.base), model.get_submodule(fam.head).weight
     ce_sum, n_lab = 0.0, 0
     n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
-    cast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) \
-        if precision == "bf16" else contextlib.nullcontext()
+    from lrc.distributed import resolve_precision
+
+    device = torch.device(device)
+    cast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) \
+        if resolve_precision(precision, device) == "bf16" else contextlib.nullcontext()
     for start in range(0, n, batch_size):
         b = {k: v.to(device) for k, v in collate([data.get(i) for i in range(start, min(n, start + batch_size))]).items()}
         with cast:

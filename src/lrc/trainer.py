@@ -29,7 +29,14 @@ from transformers import AutoTokenizer
 from lrc import checkpoint as ckpt
 from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, save_config
 from lrc.data import PackedDataset, SequenceSampler, build_packed_dataset, collate, resolve_data_files, split_holdout
-from lrc.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, wrap_data_parallel
+from lrc.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    resolve_precision,
+    wrap_data_parallel,
+)
 from lrc.errors import UserError
 from lrc.schedule import lr_factor
 
@@ -178,7 +185,7 @@ def total_steps(cfg: RunConfig, world: int) -> int:
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
-    if cfg.precision == "bf16":
+    if resolve_precision(cfg.precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -256,9 +263,15 @@ class MetricsLog:
         if not enabled:
             return
         if truncate_after is not None and self.path.exists():
-            # Records past the checkpoint we resume from would be written again: drop them.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            # Records past the checkpoint we resume from would be written again: drop them, and a last
+            # line torn by a kill mid-write.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= truncate_after:
+                        kept.append(line)
+                except ValueError:
+                    continue
             self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -310,15 +323,14 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
     calib = None
     if prep.resume_from is None and (cfg.method == "prune-kd" or (cfg.method == "lrc" and cfg.init == "pca")):
         def calib():
-            n = min(len(prep.train), cfg.calib_batches * cfg.batch_size)
+            # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on
+            # the same sequences as one process with --batch-size W*b.
+            n = min(len(prep.train), cfg.calib_batches * cfg.batch_size * info.world_size)
             for s in range(0, n, cfg.batch_size):
                 yield _to(collate([prep.train.get(i) for i in range(s, min(n, s + cfg.batch_size))]), device)
     method, init_info = build_method(cfg, prep.teacher, calibration=calib)
     method.to(device)
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=1e-8)
@@ -337,6 +349,12 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
         print0(info, f"resuming {run_dir} from step {step} ({tokens:,} tokens)")
     elif resume:
         print0(info, f"resuming {run_dir}: no checkpoint yet, starting from step 0")
+    # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
+    # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
+    all_reduce_sum(torch.zeros((), device=device), info)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, info.is_main, truncate_after=step if resume else None)
     model = wrap_data_parallel(method, info)
     n_params = sum(p.numel() for p in params)

@@ -1,0 +1,331 @@
+"""`lrc distill / export / eval` end to end on a tiny teacher saved to disk: learning, export, eval, config
+files, baselines, exact resume (also after SIGTERM and SIGKILL) and torchrun data parallelism on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import save_teacher, write_data
+from safetensors.torch import load_file
+
+from lrc.cli import main
+
+COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
+          "--lr", "3e-3", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1"]
+LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on a shared 2-core machine make tiny matmuls ~50x slower. Subprocesses get
+    # OMP_NUM_THREADS=1 (see `env`), so in-process and subprocess runs also do the same arithmetic.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lrc-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("LRC_CACHE", str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "llama", "llama", tied=False)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {kind: write_data(root / kind, kind) for kind in ("txt", "jsonl", "parquet")}
+
+
+def env(cache_dir: Path) -> dict[str, str]:
+    return dict(os.environ, LRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def run(*argv) -> None:
+    assert main([str(a) for a in argv]) == 0
+
+
+def distill(teacher, data, out, *extra) -> Path:
+    run("distill", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra)
+    return Path(out)
+
+
+def distill_cmd(teacher, data, out, *extra) -> list[str]:
+    return [str(a) for a in ("distill", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra)]
+
+
+def records(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [{k: r[k] for k in LOGGED} for r in records(run_dir)]
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(last / "trainable.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------- help
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for command in ("distill", "export", "eval"):
+        assert command in top
+
+    from lrc.config import FIELDS
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in text, name
+    assert "--kl-temperature KL_TEMPERATURE KL temperature tau (default: 1.0)" in text
+    assert "(default: 0.0001)" in text  # --lr
+    assert "--config" in text and "--resume" in text
+    assert text.count("(default:") >= len(FIELDS) + 2  # every option, --config and --resume included
+    assert "(default: the teacher's) (default:" not in text  # one default per option
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "(default: float32)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4)" in text and text.count("(default:") == 7  # one per option but --help
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_distill_export_eval(kind, tmp_path, teacher, datasets, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = datasets[kind]
+    out = distill(teacher, data, tmp_path / "run", "--max-steps", "30", "--eval-every", "0")
+    train = records(out)
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert train[-1]["loss"] < train[0]["loss"] - 0.1, (train[0]["loss"], train[-1]["loss"])
+    val = records(out, "val")
+    assert [r["step"] for r in val] == [0, 30]
+    assert val[-1]["loss"] < val[0]["loss"] - 0.1, val
+    assert len(records(out, "val_teacher")) == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["hidden_size"] == 32 and saved["max_steps"] == 30 and saved["data"] == [str(data)]
+
+    model_dir = tmp_path / "model"
+    run("export", out, "--out", model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.hidden_size == 32 and model.config.model_type == "llama"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok("the king and the queen")["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+
+    capsys.readouterr()
+    run("eval", model_dir, "--data", data, "--seq-len", "32", "--json", "--device", "cpu")
+    exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"loss", "perplexity", "tokens"} <= exported.keys()
+    assert exported["tokens"] > 0 and exported["perplexity"] == pytest.approx(2.718281828 ** exported["loss"])
+    # The run directory evaluates to the same numbers as its export.
+    run("eval", out, "--data", data, "--json", "--device", "cpu")
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert direct["tokens"] == exported["tokens"]
+    assert direct["loss"] == pytest.approx(exported["loss"], rel=1e-4)
+
+
+def test_max_steps_zero_initialises_and_saves(tmp_path, teacher, datasets):
+    out = distill(teacher, datasets["txt"], tmp_path / "run", "--max-steps", "0")
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000000"]
+    assert (out / "checkpoints" / ckpts[0] / "trainable.safetensors").is_file()
+    assert json.loads((out / "checkpoints" / ckpts[0] / "state.json").read_text())["step"] == 0
+    assert records(out) == [] and [r["step"] for r in records(out, "val")] == [0]
+    run("export", out, "--out", tmp_path / "model")  # the initialised student is a usable model
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_config_file_with_command_line_overrides(tmp_path, teacher, datasets):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "teacher": str(teacher), "data": [str(datasets["jsonl"])], "out": str(tmp_path / "run"),
+        "hidden-size": 32, "seq_len": 32, "batch_size": 4, "max_steps": 5, "lr": 1e-3,
+        "kl_temperature": 2.0, "precision": "fp32", "log_every": 1, "calib_batches": 2, "eval_batches": 2,
+    }))
+    run("distill", "--config", cfg_file, "--max-steps", "2", "--lr", "3e-3", "--hidden-size", "16")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["lr"] == 3e-3 and saved["hidden_size"] == 16  # command line
+    assert saved["kl_temperature"] == 2.0 and saved["seq_len"] == 32  # file
+    assert saved["clone_weight"] == 0.2  # default
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+    assert records(tmp_path / "run")[0]["lr"] == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("method", ["kd", "scratch", "prune-kd"])
+def test_baseline_methods(method, tmp_path, teacher, datasets):
+    from transformers import AutoModelForCausalLM
+
+    out = distill(teacher, datasets["txt"], tmp_path / "run", "--method", method, "--max-steps", "2")
+    train = records(out)
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    if method == "scratch":
+        assert train[-1]["kl"] == 0.0
+    run("export", out, "--out", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.hidden_size == 32
+
+
+# ------------------------------------------------------------------------------------------- exact resume
+
+
+def test_resume_matches_a_straight_run(tmp_path, teacher, datasets):
+    # A constant schedule: the learning-rate schedule is defined by --max-steps, so a run planned for N steps
+    # and then extended to 2N follows another schedule than one planned for 2N from the start.
+    args = ("--schedule", "constant", "--save-every", "2")
+    straight = distill(teacher, datasets["txt"], tmp_path / "straight", "--max-steps", "8", *args)
+    split = distill(teacher, datasets["txt"], tmp_path / "split", "--max-steps", "4", *args)
+    assert [r["step"] for r in records(split)] == [1, 2, 3, 4]
+    run("distill", "--out", split, "--resume", "--max-steps", "8")
+    assert logged(split) == logged(straight)
+    assert [r["step"] for r in records(split)] == list(range(1, 9))
+    assert_same_weights(last_weights(split), last_weights(straight))
+    assert yaml.safe_load((split / "config.yaml").read_text())["max_steps"] == 8
+
+    # A line torn by a crash mid-write does not stop the next resume.
+    with (split / "metrics.jsonl").open("a") as f:
+        f.write('{"split": "train", "step": 9, "lo')
+    run("distill", "--out", split, "--resume", "--max-steps", "9")
+    assert [r["step"] for r in records(split)] == list(range(1, 10))
+
+
+STEPS = 60  # long enough (~1-2 s of training) that a signal sent at the first record lands mid-run
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, teacher, datasets, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LRC_CACHE", str(cache_dir))
+        distill(teacher, datasets["txt"], out, "--max-steps", STEPS, "--eval-every", "0")
+    return out
+
+
+def start(cmd: list[str], cache_dir: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as f:
+        return subprocess.Popen([sys.executable, "-m", "lrc", *cmd], stdout=f, stderr=subprocess.STDOUT,
+                                env=env(cache_dir))
+
+
+def wait_for(proc: subprocess.Popen, ready, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"lrc exited ({proc.returncode}) before the signal could be sent:\n{log.read_text()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for progress:\n{log.read_text()}")
+        time.sleep(0.01)
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path, teacher, datasets, cache_dir, straight_run):
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start(distill_cmd(teacher, datasets["txt"], out, "--max-steps", STEPS, "--eval-every", "0"),
+                 cache_dir, log)
+    metrics = out / "metrics.jsonl"
+    wait_for(proc, lambda: metrics.is_file() and '"train"' in metrics.read_text(), log)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    assert rc == 0, text
+    assert "interrupted at step" in text, text
+    stopped = int(text.split("interrupted at step ")[1].split(":")[0])
+    assert 1 <= stopped < STEPS
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == [f"step-{stopped:08d}"]  # --save-every 500: the one checkpoint is the signal's
+    assert records(out)[-1]["step"] == stopped
+
+    run("distill", "--out", out, "--resume")  # continues to the saved --max-steps
+    assert logged(out) == logged(straight_run)
+    assert_same_weights(last_weights(out), last_weights(straight_run))
+
+
+def test_sigkill_then_resume_matches(tmp_path, teacher, datasets, cache_dir, straight_run):
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start(distill_cmd(teacher, datasets["txt"], out, "--max-steps", STEPS, "--eval-every", "0",
+                             "--save-every", "1"), cache_dir, log)
+    wait_for(proc, lambda: any((out / "checkpoints").glob("step-*")), log)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert int(last.name.split("-")[1]) < STEPS, "the run finished before it was killed"
+
+    run("distill", "--out", out, "--resume")
+    assert logged(out) == logged(straight_run)
+    assert_same_weights(last_weights(out), last_weights(straight_run))
+
+
+# ------------------------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_two_processes_match_one(tmp_path, teacher, datasets, cache_dir):
+    steps = ("--max-steps", "4", "--save-every", "2", "--eval-every", "2")
+    single = distill(teacher, datasets["txt"], tmp_path / "single", "--batch-size", "8", *steps)
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lrc", *distill_cmd(teacher, datasets["txt"], out, *steps), "--batch-size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(cache_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("done: 4 steps") == 1, proc.stdout  # rank 0 prints, rank 1 does not
+
+    a, b = records(single), records(out)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("loss", "ce", "kl", "clone"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4), (rb["step"], k)
+    for ra, rb in zip(records(single, "val"), records(out, "val"), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+
+    # Only rank 0 wrote: one metrics file with no repeated records, each checkpoint written once.
+    assert sorted(p.name for p in out.rglob("metrics.jsonl")) == ["metrics.jsonl"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    keys = [(json.loads(line)["split"], json.loads(line)["step"]) for line in lines]
+    assert len(keys) == len(set(keys)) == len(records(single, "train")) + len(records(single, "val")) + 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
