@@ -81,7 +81,9 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from lrc.bench import run_bench
 
-    run_bench(shapes=args.shapes, steps=args.steps)
+    rows = run_bench(shapes=args.shapes, steps=args.steps, accums=args.accum)
+    if args.json:
+        print(json.dumps(rows))
     return 0
 
 
@@ -132,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="overhead of an LRC step against teacher forward + plain training",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--shapes", nargs="+", default=["small", "large"], help="shapes to measure")
-    b.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant")
+    b.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (median)")
+    b.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="gradient-accumulation settings")
+    b.add_argument("--json", action="store_true", help="also print all rows as JSON")
     b.set_defaults(fn=cmd_bench)
     return p
 

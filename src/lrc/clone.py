@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lrc.errors import UserError
 from lrc.families import INPUT_SIDE, ROLES, Family, family_for
-from lrc.losses import IGNORE_INDEX, kd_lm_loss, masked_mse
+from lrc.losses import IGNORE_INDEX, kd_lm_loss, masked_mse, reference_kd_lm_loss
 
 # clone term -> the teacher/student module whose output it compares (relative to a decoder layer)
 CLONE_TERMS = ("q", "k", "v", "attn_out", "gate", "up", "ffn_out")
@@ -107,6 +107,7 @@ class LowRankClone(nn.Module):
         rms_norm_eps: float | None = None,
         loss_weights: LossWeights | None = None,
         chunk_size: int = 1024,
+        fused_loss: bool = True,
     ):
         super().__init__()
         cfg = teacher.config
@@ -123,6 +124,8 @@ class LowRankClone(nn.Module):
         self.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else cfg.rms_norm_eps)
         self.loss_weights = loss_weights or LossWeights()
         self.chunk_size = chunk_size
+        # False: full-vocabulary logits through plain autograd (the naive path, for benchmarks and tests)
+        self.fused_loss = fused_loss
 
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -231,6 +234,33 @@ class LowRankClone(nn.Module):
         out[f"{fam.final_norm}.weight"] = self.final_norm
         return out
 
+    def step_weights(self):
+        """Generate the student once for a whole optimizer step (P changes only at optimizer steps).
+
+        Returns (weights, head, finish): pass `weights` / `head` to every micro-batch's forward; after the
+        last micro-batch's backward, call `finish()` to send the gradients accumulated on the generated
+        tensors back through the generation (one W_T^T @ dL/dW per projection instead of one per micro-batch).
+        """
+        weights = self.generate_weights()
+        head = self.student_head()
+        reused, pairs = {}, []
+        for name, w in weights.items():
+            if w.requires_grad and not w.is_leaf:
+                leaf = w.detach().requires_grad_()
+                reused[name] = leaf
+                pairs.append((w, leaf))
+            else:  # parameters (norm gains) and frozen teacher tensors pass through unchanged
+                reused[name] = w
+        head_leaf = head.detach().requires_grad_()
+        pairs.append((head, head_leaf))
+
+        def finish():
+            live = [(w, leaf.grad) for w, leaf in pairs if leaf.grad is not None]
+            if live:
+                torch.autograd.backward([w for w, _ in live], [g for _, g in live])
+
+        return reused, head_leaf, finish
+
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Full state dict of the student `*ForCausalLM`, detached."""
         fam = self.family
@@ -332,7 +362,8 @@ class LowRankClone(nn.Module):
         head = student_head if student_head is not None else self.student_head()
         t_head = self.teacher.get_submodule(self.family.head).weight
         kl_mask = valid.reshape(-1) if valid is not None else torch.ones_like(labels.reshape(-1), dtype=torch.bool)
-        lm, ce, kl = kd_lm_loss(
+        loss_fn = kd_lm_loss if self.fused_loss else reference_kd_lm_loss
+        lm, ce, kl = loss_fn(
             s_hidden.reshape(-1, self.d_s),
             head,
             t_hidden.reshape(-1, self.d_t) if w.kl != 0.0 else None,

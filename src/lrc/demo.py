@@ -36,8 +36,8 @@ class DemoSettings:
     student_hidden: int = 128
     seq_len: int = 128
     batch: int = 16
-    teacher_tokens: int = 1_000_000
-    student_tokens: int = 400_000
+    teacher_tokens: int = 500_000
+    student_tokens: int = 200_000
     teacher_lr: float = 2e-3
     student_lr: float = 2e-3
     eval_every: int = 25
@@ -214,7 +214,7 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     curves = {"teacher": _val_curve(teacher_metrics), "LRC student": _val_curve(runs["lrc"] / "metrics.jsonl"),
               "scratch student": _val_curve(runs["scratch"] / "metrics.jsonl")}
     _plot(curves, out / "heldout_loss.png", results["teacher"]["loss"])
-    report = _report(s, results, timings, curves, time.time() - t_start, quick, tiny)
+    report = _report(s, results, timings, curves, time.time() - t_start, quick, tiny, [p.stem for p in val])
     (out / "report.md").write_text(report)
     (out / "results.json").write_text(json.dumps(
         {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in results.items()} | {"timings": timings},
@@ -223,7 +223,7 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     return out / "report.md"
 
 
-def _report(s, results, timings, curves, total, quick, tiny) -> str:
+def _report(s, results, timings, curves, total, quick, tiny, held_out) -> str:
     lrc, scratch, teacher = results["LRC student"], results["scratch student"], results["teacher"]
     gap = scratch["loss"] - lrc["loss"]
     closed = (scratch["loss"] - lrc["loss"]) / max(1e-9, scratch["loss"] - teacher["loss"])
@@ -234,7 +234,7 @@ def _report(s, results, timings, curves, total, quick, tiny) -> str:
         f"Settings: {mode}. Teacher: Llama, hidden {s.teacher_hidden}, {s.teacher_layers} layers, {s.heads} heads "
         f"({s.kv_heads} KV), FFN {s.ffn}, BPE vocabulary {s.vocab}, trained here on {s.teacher_tokens:,} tokens. "
         f"Students: hidden {s.student_hidden} (half), {s.student_tokens:,} training tokens each, sequences of "
-        f"{s.seq_len}. Held-out plays: {', '.join(HELD_OUT)}.",
+        f"{s.seq_len}. Held-out plays: {', '.join(held_out)}.",
         "",
         "| model | parameters | training tokens | held-out loss | held-out perplexity | wall time |",
         "|---|---|---|---|---|---|",

@@ -164,11 +164,15 @@ def kd_lm_loss(
 
 
 def reference_kd_lm_loss(
-    s_hidden, s_head, t_hidden, t_head, labels, kl_mask, *, ce_weight=1.0, kl_weight=1.0, temperature=1.0
+    s_hidden, s_head, t_hidden, t_head, labels, kl_mask, *, ce_weight=1.0, kl_weight=1.0, temperature=1.0,
+    chunk_size=None, ce_denominator=None, kl_scale=1.0,
 ):
     """Unchunked autograd version of `kd_lm_loss`: builds full logits. For tests and the naive benchmark."""
     s_logits = (s_hidden @ s_head.t()).float()
-    ce = F.cross_entropy(s_logits, labels, ignore_index=IGNORE_INDEX)
+    ce_sum = F.cross_entropy(s_logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    n_ce = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    ce = ce_sum / n_ce
+    ce_den = n_ce if ce_denominator is None else ce_denominator
     kl = s_logits.new_zeros(())
     if kl_weight != 0.0 and t_hidden is not None:
         t_logits = (t_hidden @ t_head.t()).float().detach()
@@ -177,4 +181,4 @@ def reference_kd_lm_loss(
         kl_tok = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
         m = kl_mask.float()
         kl = (kl_tok * m).sum() / m.sum().clamp_min(1)
-    return ce_weight * ce + kl_weight * kl, ce.detach(), kl.detach()
+    return ce_weight * ce_sum / ce_den + kl_weight * kl_scale * kl, ce.detach(), kl.detach()

@@ -357,6 +357,11 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, info.is_main, truncate_after=step if resume else None)
     model = wrap_data_parallel(method, info)
+    # Generate the student once per optimizer step and reuse it across micro-batches (single process:
+    # under DDP gradients must reach the parameters inside each backward for the all-reduce hooks).
+    from lrc.clone import LowRankClone
+
+    reuse_weights = isinstance(method, LowRankClone) and not info.enabled
     n_params = sum(p.numel() for p in params)
     print0(info, f"lrc {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
                  f"hidden {cfg.hidden_size}; {n_params:,} trainable parameters; {len(prep.train):,} training "
@@ -392,6 +397,11 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
             n_lab_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
             n_lab = float(all_reduce_sum(torch.tensor(float(n_lab_local), device=device), info))
             sums: dict[str, float] = {}
+            extra, finish = {}, None
+            if reuse_weights and len(micro) > 1:
+                with _autocast(cfg, device):
+                    weights, head, finish = method.step_weights()
+                extra = {"student_weights": weights, "student_head": head}
             for j, b in enumerate(micro):
                 b = _to(b, device)
                 sync = contextlib.nullcontext()
@@ -399,12 +409,15 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                     sync = model.no_sync()
                 with sync:
                     with _autocast(cfg, device):
-                        out = model(**b, ce_denominator=n_lab / info.world_size, scale=1.0 / len(micro))
+                        out = model(**b, ce_denominator=n_lab / info.world_size, scale=1.0 / len(micro),
+                                    **extra)
                     out.loss.backward()
                 n_b = float((b["labels"] != IGNORE_INDEX).sum())
                 for k, v in out.terms.items():
                     w = n_b if k == "ce" else 1.0 / len(micro)
                     sums[k] = sums.get(k, 0.0) + float(v) * w
+            if finish is not None:
+                finish()
             keys = sorted(sums)
             vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
             terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}

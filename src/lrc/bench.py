@@ -1,0 +1,139 @@
+"""`lrc bench`: what an LRC optimizer step costs beyond what it cannot avoid.
+
+    overhead = t(LRC optimizer step) / (t(no-grad teacher forward) + t(training step of the exported
+               student architecture)),  all on the same batch, dtype and process settings.
+
+Each (shape, grad-accum, variant) runs in its own subprocess so that its peak memory (peak RSS on CPU,
+peak allocated on CUDA) is its own. Variants: `teacher_fwd`, `student_step` (ordinary training of the
+student architecture, CE only), `lrc` (the optimised path: weights generated once per optimizer step and
+reused across micro-batches, input embedding by gathered rows, chunked fused CE + KL) and `lrc_naive`
+(weights generated per micro-batch, full-vocabulary logits through autograd).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "small": dict(hidden=256, layers=4, heads=4, kv=4, ffn=768, vocab=4096, seq=256, d_s=128, batch=4),
+    "large": dict(hidden=1024, layers=8, heads=16, kv=4, ffn=2816, vocab=32000, seq=512, d_s=512, batch=1),
+}
+VARIANTS = ("teacher_fwd", "student_step", "lrc", "lrc_naive")
+
+
+def _teacher(shape):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                      num_key_value_heads=shape["kv"], max_position_embeddings=2 * shape["seq"],
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def measure(shape_name: str, accum: int, variant: str, steps: int, precision: str = "auto") -> dict:
+    from lrc.clone import LowRankClone
+    from lrc.distributed import pick_device, resolve_precision
+    from lrc.students import DirectStudent, random_student
+
+    shape = SHAPES[shape_name]
+    device = pick_device("auto")
+    prec = resolve_precision(precision, device)
+    cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else \
+        (lambda: torch.autocast(device.type, enabled=False))
+    teacher = _teacher(shape).to(device)
+    g = torch.Generator().manual_seed(0)
+    b, t = shape["batch"], shape["seq"]
+    micro = [torch.randint(0, shape["vocab"], (b, t), generator=g).to(device) for _ in range(accum)]
+    pos = torch.arange(t, device=device).expand(b, t)
+
+    if variant == "teacher_fwd":
+        def step():
+            with torch.no_grad(), cast():
+                for ids in micro:
+                    teacher(input_ids=ids, position_ids=pos, use_cache=False)  # with logits, as KL needs
+    else:
+        if variant == "student_step":
+            method = DirectStudent(random_student(teacher, shape["d_s"], 0)).to(device)
+        else:
+            method = LowRankClone(teacher, shape["d_s"], fused_loss=variant == "lrc").to(device)
+        params = [p for p in method.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        reuse = variant == "lrc" and accum > 1
+
+        def step():
+            extra, finish = {}, None
+            if reuse:
+                with cast():
+                    w, h, finish = method.step_weights()
+                extra = {"student_weights": w, "student_head": h}
+            for ids in micro:
+                with cast():
+                    out = method(ids, position_ids=pos, scale=1.0 / accum, **extra)
+                out.loss.backward()
+            if finish:
+                finish()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up (allocations, kernels)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"shape": shape_name, "accum": accum, "variant": variant, "seconds": statistics.median(times),
+            "tokens": b * t * accum, "peak_bytes": peak, "device": str(device), "precision": prec}
+
+
+def run_bench(shapes=("small", "large"), steps: int = 3, accums=(1, 4)) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for accum in accums:
+            res = {}
+            for variant in VARIANTS:
+                cmd = [sys.executable, "-m", "lrc.bench", shape, str(accum), variant, str(steps)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            base = res["teacher_fwd"]["seconds"] + res["student_step"]["seconds"]
+            row = {"shape": shape, "accum": accum, "device": res["lrc"]["device"],
+                   "precision": res["lrc"]["precision"], "tokens": res["lrc"]["tokens"]}
+            for v in VARIANTS:
+                row[f"{v}_s"] = res[v]["seconds"]
+                row[f"{v}_peak_mib"] = res[v]["peak_bytes"] / 2**20
+            row["overhead"] = res["lrc"]["seconds"] / base
+            row["overhead_naive"] = res["lrc_naive"]["seconds"] / base
+            row["lrc_tokens_per_s"] = row["tokens"] / res["lrc"]["seconds"]
+            row["naive_tokens_per_s"] = row["tokens"] / res["lrc_naive"]["seconds"]
+            row["student_tokens_per_s"] = row["tokens"] / res["student_step"]["seconds"]
+            rows.append(row)
+            print(f"{shape:5s} accum {accum}: overhead {row['overhead']:.2f} (naive {row['overhead_naive']:.2f}) | "
+                  f"LRC {row['lrc_tokens_per_s']:,.0f} tok/s (naive {row['naive_tokens_per_s']:,.0f}), plain "
+                  f"student step {row['student_tokens_per_s']:,.0f} tok/s | teacher fwd {row['teacher_fwd_s']:.3f}s "
+                  f"+ student step {row['student_step_s']:.3f}s vs LRC {row['lrc_s']:.3f}s | peak MiB: LRC "
+                  f"{row['lrc_peak_mib']:,.0f}, naive {row['lrc_naive_peak_mib']:,.0f}, student "
+                  f"{row['student_step_peak_mib']:,.0f} [{row['device']}, {row['precision']}]", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    shape, accum, variant, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    print(json.dumps(measure(shape, accum, variant, steps)))
