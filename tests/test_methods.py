@@ -1,0 +1,74 @@
+"""Baseline methods (kd, scratch, prune-kd): right trainable parameters, right losses, teacher untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_teacher, packed_batch
+
+from lrc.clone import LowRankClone
+from lrc.config import RunConfig
+from lrc.students import DirectStudent, pruned_student
+from lrc.trainer import build_method
+
+
+def _cfg(method, **kw):
+    return RunConfig(teacher="unused", hidden_size=40, method=method, **kw)
+
+
+@pytest.mark.parametrize("method", ["kd", "scratch", "prune-kd"])
+def test_baselines_train_only_the_student_and_leave_the_teacher(method):
+    teacher = make_teacher("llama", False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ids, pos = packed_batch()
+    model, _ = build_method(_cfg(method), teacher, calibration=lambda: [{"input_ids": ids, "position_ids": pos}])
+    assert isinstance(model, DirectStudent)
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and not any(id(p) in teacher_ids for p in trainable)
+    # same architecture as the LRC student
+    assert model.model.config.hidden_size == 40
+    assert model.model.config.head_dim == LowRankClone(teacher, 40).student_config().head_dim
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    out = model(ids, position_ids=pos)
+    out.loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    if method == "scratch":
+        assert out.terms["kl"] == 0 and out.loss.item() == pytest.approx(out.terms["ce"].item())
+    else:
+        assert out.terms["kl"] > 0
+        assert out.loss.item() == pytest.approx(out.terms["ce"].item() + out.terms["kl"].item(), rel=1e-5)
+
+
+def test_prune_kd_starts_from_the_selected_channels():
+    teacher = make_teacher("qwen2", True)
+    ids, pos = packed_batch()
+    student, kept = pruned_student(teacher, 40, [{"input_ids": ids, "position_ids": pos}])
+    assert len(kept) == 40 and kept == sorted(set(kept))
+    keep = torch.tensor(kept)
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"][:, keep])
+    for i in range(teacher.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        assert torch.equal(s[p + "self_attn.q_proj.weight"], t[p + "self_attn.q_proj.weight"][:, keep])
+        assert torch.equal(s[p + "self_attn.q_proj.bias"], t[p + "self_attn.q_proj.bias"])
+        assert torch.equal(s[p + "self_attn.o_proj.weight"], t[p + "self_attn.o_proj.weight"][keep])
+        assert torch.equal(s[p + "mlp.down_proj.weight"], t[p + "mlp.down_proj.weight"][keep])
+        assert torch.equal(s[p + "input_layernorm.weight"], t[p + "input_layernorm.weight"][keep])
+    # the kept channels are the most energetic ones of the residual stream
+    from lrc.init import residual_second_moment
+
+    energy = residual_second_moment(LowRankClone(teacher, 40), [{"input_ids": ids, "position_ids": pos}]).diagonal()
+    assert energy[keep].min() >= energy[[i for i in range(64) if i not in kept]].max()
+
+
+def test_lrc_ablations_switch_terms_off():
+    teacher = make_teacher("llama", False)
+    ids, pos = packed_batch()
+    model, _ = build_method(_cfg("lrc", clone_gate=0.0, clone_up=0.0, clone_ffn_out=0.0, kl_weight=0.0), teacher)
+    terms = model(ids, position_ids=pos).terms
+    assert "clone/q" in terms and not {"clone/gate", "clone/up", "clone/ffn_out"} & set(terms)
+    assert terms["kl"] == 0
