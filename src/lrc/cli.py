@@ -15,7 +15,7 @@ from lrc.errors import UserError
 
 def cmd_distill(args) -> int:
     from lrc.config import FIELDS, build_config, read_yaml
-    from lrc.trainer import TrainingDiverged, distill
+    from lrc.trainer import RunInterrupted, TrainingDiverged, distill
 
     values = read_yaml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
@@ -25,6 +25,8 @@ def cmd_distill(args) -> int:
     except TrainingDiverged as e:
         print(f"lrc: error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        return 128 + e.signum  # the shell convention, so `lrc distill ... && lrc export ...` stops here
     return 0
 
 

@@ -12,10 +12,9 @@ the middle of a document. Two per-token tensors keep documents apart:
 * ``labels`` are -100 wherever the next token belongs to another document, so the model is never
   trained to predict the first token of an unrelated document from the previous one's EOS.
 
-Attention is still causal over the whole sequence (tokens may attend to the previous document); that is
-the usual packing trade-off, chosen because it needs no special attention kernel. Models that derive
-their attention masks from ``position_ids`` (flash-attention "packed" paths) can use them to isolate
-documents.
+Attention stays inside each document too: given these ``position_ids``, no attention mask and no KV
+cache, transformers detects the packed documents and builds a block-diagonal causal mask (its
+``find_packed_sequence_indices``), on every attention backend.
 
 Other trade-offs:
 

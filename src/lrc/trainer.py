@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,14 @@ IGNORE_INDEX = -100
 def print0(info: DistInfo, *args, **kw):
     if info.is_main:
         print(*args, **kw, flush=True)
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM: the step was finished and a checkpoint saved; the CLI exits with 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class TrainingDiverged(RuntimeError):
@@ -363,7 +370,7 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
 
     reuse_weights = isinstance(method, LowRankClone) and not info.enabled
     n_params = sum(p.numel() for p in params)
-    print0(info, f"lrc {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
+    print0(info, f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
                  f"hidden {cfg.hidden_size}; {n_params:,} trainable parameters; {len(prep.train):,} training "
                  f"sequences of {cfg.seq_len}; {steps} steps on {info.world_size} x {device}"
                  + (f"; init {cfg.init}: {init_info}" if init_info else ""))
@@ -464,11 +471,13 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                 save(step)
             if stopping:
                 status = "interrupted"
+                received = stop.signal or signal.SIGTERM  # another rank's signal under torchrun
                 break
     log.close()
     if status == "interrupted":
         print0(info, f"interrupted at step {step}: checkpoint saved; continue with "
                      f"`lrc distill --out {run_dir} --resume`")
+        raise RunInterrupted(int(received))
     else:
         print0(info, f"done: {step} steps, {tokens:,} tokens. Export with `lrc export {run_dir} --out MODEL_DIR`")
     return run_dir
@@ -490,12 +499,3 @@ def load_run(run_dir: str | Path, device="cpu"):
     method.load_trainable_state_dict(trainable)
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     return cfg, method.to(device), tokenizer, teacher
-
-
-def main_exit_code(fn, *args, **kwargs) -> int:
-    try:
-        fn(*args, **kwargs)
-    except TrainingDiverged as e:
-        print(f"lrc: error: {e}", file=sys.stderr)
-        return 1
-    return 0
