@@ -24,6 +24,9 @@ import torch
 SHAPES = {
     "small": dict(hidden=256, layers=4, heads=4, kv=4, ffn=768, vocab=4096, seq=256, d_s=128, batch=4),
     "large": dict(hidden=1024, layers=8, heads=16, kv=4, ffn=2816, vocab=32000, seq=512, d_s=512, batch=1),
+    # for the loss-memory benchmark: a small model whose memory is dominated by the vocabulary
+    "vocab32k": dict(hidden=128, layers=2, heads=4, kv=2, ffn=384, vocab=32000, seq=2048, d_s=64, batch=1),
+    "vocab128k": dict(hidden=128, layers=2, heads=4, kv=2, ffn=384, vocab=128256, seq=2048, d_s=64, batch=1),
 }
 VARIANTS = ("teacher_fwd", "student_step", "lrc", "lrc_naive")
 
@@ -104,15 +107,20 @@ def measure(shape_name: str, accum: int, variant: str, steps: int, precision: st
             "tokens": b * t * accum, "peak_bytes": peak, "device": str(device), "precision": prec}
 
 
+def measure_in_subprocess(shape: str, accum: int, variant: str, steps: int) -> dict:
+    """`measure` in a fresh interpreter, so that the peak memory it reports is this variant's alone."""
+    cmd = [sys.executable, "-m", "lrc.bench", shape, str(accum), variant, str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_bench(shapes=("small", "large"), steps: int = 3, accums=(1, 4)) -> list[dict]:
     rows = []
     for shape in shapes:
         for accum in accums:
             res = {}
             for variant in VARIANTS:
-                cmd = [sys.executable, "-m", "lrc.bench", shape, str(accum), variant, str(steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+                res[variant] = measure_in_subprocess(shape, accum, variant, steps)
             base = res["teacher_fwd"]["seconds"] + res["student_step"]["seconds"]
             row = {"shape": shape, "accum": accum, "device": res["lrc"]["device"],
                    "precision": res["lrc"]["precision"], "tokens": res["lrc"]["tokens"]}

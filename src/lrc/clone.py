@@ -106,7 +106,7 @@ class LowRankClone(nn.Module):
         *,
         rms_norm_eps: float | None = None,
         loss_weights: LossWeights | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 0,
         fused_loss: bool = True,
     ):
         super().__init__()

@@ -36,38 +36,52 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
     return (diff * m).sum() / count.clamp_min(1.0)
 
 
+def auto_chunk_size(vocab: int, budget_bytes: int = 1 << 26) -> int:
+    """Tokens per chunk so that one fp32 (chunk x V) tensor stays near `budget_bytes` (64 MiB)."""
+    return int(min(4096, max(64, budget_bytes // (4 * vocab))))
+
+
 def _chunk_terms(
     s_logits: torch.Tensor,
     t_logits: torch.Tensor | None,
     labels: torch.Tensor,
     kl_mask: torch.Tensor,
     temperature: float,
-    want_grad: bool,
+    ce_coef: float | torch.Tensor | None,
+    kl_coef: float | torch.Tensor | None,
     acc: torch.dtype,
 ):
-    """CE sum, KL sum and d(unnormalised terms)/d(student logits) for one chunk, in `acc` (>= fp32)."""
+    """CE sum, KL sum and, when coefficients are given, ce_coef * dCE_sum/dz + kl_coef * dKL_sum/dz for one
+    chunk of student logits z, all in `acc` (>= fp32). In-place where possible: at most about six
+    (chunk x V) tensors are alive at once."""
     s_logits = s_logits.to(acc)
     ce_valid = labels != IGNORE_INDEX
+    safe_labels = labels.clamp_min(0).unsqueeze(-1)
     logp = torch.log_softmax(s_logits, dim=-1)
-    safe_labels = labels.clamp_min(0)
-    ce_tok = -logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    ce_sum = (ce_tok * ce_valid).sum()
-    grad_ce = grad_kl = None
-    if want_grad:
-        grad_ce = logp.exp()
-        grad_ce.scatter_add_(-1, safe_labels.unsqueeze(-1), -torch.ones_like(grad_ce[:, :1]))
-        grad_ce *= ce_valid.unsqueeze(-1)
+    ce_sum = -(logp.gather(-1, safe_labels).squeeze(-1) * ce_valid).sum()
+    dz = None
+    if ce_coef is not None:
+        dz = logp.exp()  # softmax - onehot
+        dz.scatter_add_(-1, safe_labels, -torch.ones_like(dz[:, :1]))
+        dz.mul_((ce_valid.to(acc) * ce_coef).unsqueeze(-1))
     kl_sum = s_logits.new_zeros(())
     if t_logits is not None:
-        logp_s = torch.log_softmax(s_logits / temperature, dim=-1) if temperature != 1.0 else logp
-        logp_t = torch.log_softmax(t_logits.to(acc) / temperature, dim=-1)
+        if temperature != 1.0:
+            del logp
+            logp_s = torch.log_softmax(s_logits.div_(temperature), dim=-1)
+        else:
+            logp_s = logp
+        del s_logits
+        logp_t = torch.log_softmax(t_logits.to(acc).div_(temperature), dim=-1)
         p_t = logp_t.exp()
-        kl_tok = (p_t * (logp_t - logp_s)).sum(-1)
+        kl_tok = logp_t.sub_(logp_s).mul_(p_t).sum(-1)  # sum_v p_t (log p_t - log p_s)
         kl_sum = (kl_tok * kl_mask).sum()
-        if want_grad:
+        if kl_coef is not None:
             # d KL / d z_s = (softmax(z_s / tau) - softmax(z_t / tau)) / tau
-            grad_kl = (logp_s.exp() - p_t) * (kl_mask.unsqueeze(-1) / temperature)
-    return ce_sum, kl_sum, grad_ce, grad_kl
+            q = logp_s.exp_()  # log p_s is not needed any more (CE was summed, dz has its own copy)
+            q.sub_(p_t).mul_((kl_mask * (kl_coef / temperature)).unsqueeze(-1))
+            dz = q if dz is None else dz.add_(q)
+    return ce_sum, kl_sum, dz
 
 
 class _FusedKDLMLoss(torch.autograd.Function):
@@ -89,22 +103,20 @@ class _FusedKDLMLoss(torch.autograd.Function):
         ce_total = s_hidden.new_zeros((), dtype=acc)
         kl_total = s_hidden.new_zeros((), dtype=acc)
         use_kl = kl_w != 0.0 and t_hidden is not None
+        ce_coef = ce_w / ce_den if want_grad and ce_w != 0.0 else None
+        kl_coef = kl_w * kl_scale / n_kl if want_grad and use_kl else None
+        chunk = chunk if chunk > 0 else auto_chunk_size(s_head.shape[0])
         for start in range(0, n, chunk):
             sl = slice(start, min(start + chunk, n))
             h = s_hidden[sl]
             s_logits = h @ s_head.t()
             t_logits = (t_hidden[sl] @ t_head.t()) if use_kl else None
-            ce_sum, kl_sum, g_ce, g_kl = _chunk_terms(
-                s_logits, t_logits, labels[sl], kl_mask[sl].to(acc), temperature, want_grad, acc
+            ce_sum, kl_sum, dz = _chunk_terms(
+                s_logits, t_logits, labels[sl], kl_mask[sl].to(acc), temperature, ce_coef, kl_coef, acc
             )
             ce_total += ce_sum
             kl_total += kl_sum
-            if want_grad:
-                dz = torch.zeros_like(g_ce)
-                if ce_w != 0.0:
-                    dz += g_ce * (ce_w / ce_den)
-                if g_kl is not None:
-                    dz += g_kl * (kl_w * kl_scale / n_kl)
+            if dz is not None:
                 dz = dz.to(h.dtype)
                 grad_h[sl] = dz @ s_head
                 grad_w += dz.t() @ h
@@ -136,7 +148,7 @@ def kd_lm_loss(
     ce_weight: float = 1.0,
     kl_weight: float = 1.0,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 0,
     ce_denominator: float | None = None,
     kl_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ def load_teacher(path_or_id: str, dtype: torch.dtype = torch.float32, trust_remo
 class DirectStudent(nn.Module):
     """An ordinary HF causal LM trained with CE (+ KL to an optional frozen teacher)."""
 
-    def __init__(self, model, teacher=None, loss_weights: LossWeights | None = None, chunk_size: int = 1024):
+    def __init__(self, model, teacher=None, loss_weights: LossWeights | None = None, chunk_size: int = 0):
         super().__init__()
         self.model = model
         self.family = family_for(model.config)

@@ -387,11 +387,11 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
     t0 = time.time()
     if prep.val is not None and info.is_main and prep.resume_from is None and step == 0:
         tv = teacher_val_loss(prep.teacher, prep.val, cfg, device, cfg.eval_batches)
-        log.write({"split": "val_teacher", "step": 0, "tokens": 0, **tv})
+        log.write({"split": "val_teacher", "step": 0, **tv, "eval_tokens": tv["tokens"], "tokens": 0})
         print0(info, f"teacher held-out loss {tv['loss']:.4f} (ppl {tv['perplexity']:.2f})")
     if prep.val is not None and step == 0 and prep.resume_from is None:
         ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches)
-        log.write({"split": "val", "step": 0, "tokens": 0, **ev})
+        log.write({"split": "val", "step": 0, **ev, "eval_tokens": ev["tokens"], "tokens": 0})
         print0(info, f"step 0 held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")
     if steps == 0 and prep.resume_from is None:
         save(0)  # --max-steps 0: initialise and save
@@ -461,7 +461,7 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                 window_t, window_tok = now, 0
             if prep.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches)
-                log.write({"split": "val", "step": step, "tokens": tokens, **ev})
+                log.write({"split": "val", "step": step, **ev, "eval_tokens": ev["tokens"], "tokens": tokens})
                 print0(info, f"step {step} held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")
             stopping = stop.signal is not None
             if info.enabled:
