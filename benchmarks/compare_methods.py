@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=[20_000, 40_000, 80_000])
     p.add_argument("--full", action="store_true", help="use the full demo's teacher and student sizes")
     p.add_argument("--out", default="bench-out")
-    p.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants")
     p.add_argument("--markdown", default="BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
             teacher=str(teacher_dir), data=[str(x) for x in train], val_data=[str(x) for x in val],
             hidden_size=s.student_hidden, out=str(run), max_tokens=budgets[-1], batch_size=s.batch,
             seq_len=s.seq_len, lr=s.student_lr, schedule="constant", warmup_ratio=0.05,
-            eval_every=args.eval_every, eval_batches=s.eval_batches, save_every=10**9, log_every=20,
+            eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=10**9, log_every=20,
             cache_dir=str(cache / "tokens"), **opts))
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         tps = [r["tokens_per_s"] for r in rows if r.get("split") == "train"]

@@ -460,7 +460,9 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                              f"| gnorm {gnorm:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(rate * (steps - step))}")
                 window_t, window_tok = now, 0
             if prep.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+                eval_start = time.time()
                 ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches)
+                window_t += time.time() - eval_start  # tokens/s counts training time only
                 log.write({"split": "val", "step": step, **ev, "eval_tokens": ev["tokens"], "tokens": tokens})
                 print0(info, f"step {step} held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")
             stopping = stop.signal is not None
