@@ -79,10 +79,15 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants")
     p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--from-results", action="store_true", help="rewrite BENCHMARKS.md from OUT/results.json")
     args = p.parse_args(argv)
     s = FULL if args.full else QUICK
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        results = json.loads((out / "results.json").read_text())
+        write_markdown(results, sorted(args.budgets), s, Path(args.markdown), " ".join(["python"] + sys.argv))
+        return 0
     cache = default_cache_dir().parent / "demo"
     train, val = play_files()
     teacher_dir, _, _ = build_teacher(s, train, val, cache)
@@ -144,8 +149,9 @@ def write_markdown(results, budgets, s, md: Path, command: str):
              f"{s.seq_len}, batch {s.batch}, lr {s.student_lr} constant after 5% warm-up; held-out: 4 whole plays.",
              "", "### Held-out loss by method and budget (nats/token; perplexity in brackets)", "",
              "| method | " + " | ".join(f"{b:,} tokens" for b in budgets) + " | tokens to reach LRC's loss at "
-             f"{budgets[0]:,} | tokens/s | wall time |",
-             "|---|" + "---|" * (len(budgets) + 3)]
+             f"{budgets[0]:,} | tokens to reach scratch's loss at {budgets[-1]:,} | tokens/s | wall time |",
+             "|---|" + "---|" * (len(budgets) + 4)]
+    scratch_final = loss_at(results["scratch"]["curve"], budgets[-1]) if "scratch" in results else None
     for name, r in results.items():
         cells = []
         for b in budgets:
@@ -155,10 +161,16 @@ def write_markdown(results, budgets, s, md: Path, command: str):
         reach_s = "not reached" if reach is None else f"{reach:,.0f}"
         if reach is not None and ref is not None and name != "lrc (pca init)":
             reach_s += f" ({reach / budgets[0]:.1f}x)"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {reach_s} | {r['tokens_per_s']:,.0f} | "
+        reach2 = tokens_to_reach(r["curve"], scratch_final) if scratch_final is not None else None
+        reach2_s = "not reached" if reach2 is None else f"{reach2:,.0f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {reach_s} | {reach2_s} | {r['tokens_per_s']:,.0f} | "
                      f"{r['seconds']:.0f} s |")
     step0 = {n: r["curve"][0][1] for n, r in results.items() if r["curve"]}
-    lines += ["", "Held-out loss at step 0: " + ", ".join(f"{n} {v:.3f}" for n, v in step0.items()) + ".", "",
+    lines += ["", "Budgets are read off one constant-LR run per method (interpolated in log-tokens between "
+              "evaluations every few steps); \"not reached\" means not within the largest budget. tokens/s and wall "
+              "time include the periodic held-out evaluations (every 6 steps), which cost the LRC runs a teacher "
+              "forward too; `lrc bench` below measures step throughput alone.",
+              "", "Held-out loss at step 0: " + ", ".join(f"{n} {v:.3f}" for n, v in step0.items()) + ".", "",
               f"![held-out loss against tokens]({png.as_posix()})", "",
               f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
               f"Command: `{command}`.", "", END]

@@ -191,3 +191,33 @@ def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients()
     assert grads["naive"].keys() == grads["optimised"].keys() and grads["naive"]
     for n in grads["naive"]:
         assert (grads["naive"][n] - grads["optimised"][n]).abs().max() <= 1e-5, n
+
+
+def test_factored_projections_equal_generated_and_export_generates(tmp_path):
+    teacher = make_teacher("qwen2", False)  # biases on q/k/v
+    ids, pos = packed_batch()
+    grads, losses = {}, {}
+    for variant in ("generated", "factored"):
+        clone = LowRankClone(teacher, 40)
+        init_random(clone, generator=torch.Generator().manual_seed(0))
+        if variant == "factored":
+            clone.set_factored(["q", "k", "v", "o", "gate", "up", "down"])
+        out = clone(ids, position_ids=pos)
+        out.loss.backward()
+        losses[variant] = out.loss.item()
+        grads[variant] = {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
+    assert losses["generated"] == pytest.approx(losses["factored"], abs=1e-5)
+    for n in grads["generated"]:
+        assert (grads["generated"][n] - grads["factored"][n]).abs().max() <= 1e-5, n
+    export_student(clone, tmp_path / "s")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert (model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            - clone.student_logits(ids, pos)).abs().max() <= 1e-4
+
+
+def test_projection_plan_follows_the_cost_model():
+    teacher = make_teacher("llama", False)  # d_T 64, d_S 32: crossovers of a few dozen tokens
+    clone = LowRankClone(teacher, 32)
+    assert set(clone.plan_projections(8).values()) == {"factored"}
+    assert set(clone.plan_projections(4096).values()) == {"generated"}
+    assert clone.factored == frozenset()

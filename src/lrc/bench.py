@@ -68,6 +68,8 @@ def measure(shape_name: str, accum: int, variant: str, steps: int, precision: st
             method = DirectStudent(random_student(teacher, shape["d_s"], 0)).to(device)
         else:
             method = LowRankClone(teacher, shape["d_s"], fused_loss=variant == "lrc").to(device)
+            if variant == "lrc":  # the naive path generates every matrix per micro-batch, like the official code
+                method.plan_projections(b * t, reuse=accum)
         params = [p for p in method.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         reuse = variant == "lrc" and accum > 1

@@ -85,6 +85,24 @@ def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
     return head is embed or head.data_ptr() == embed.data_ptr()
 
 
+class FactoredLinear(nn.Module):
+    """A student linear applied without forming its matrix: W_T (P^T x) on the input side, P^T (W_T x) on
+    the output side. Lives in the meta-device student shell; functional_call supplies its tensors."""
+
+    def __init__(self, side: str, bias: bool):
+        super().__init__()
+        self.side = side
+        self.teacher_weight = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+        self.proj = nn.Parameter(torch.empty(0, device="meta"))
+        self.bias = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.side == "input":  # (.., d_S) -> (.., d_T) -> (.., out)
+            return F.linear(F.linear(x, self.proj), self.teacher_weight, self.bias)
+        # (.., in) -> (.., d_T) (+ teacher bias) -> (.., d_S)
+        return F.linear(F.linear(x, self.teacher_weight, self.bias), self.proj.t())
+
+
 class LayerProjections(nn.Module):
     """Trainable parts of one student layer: seven projections and two RMSNorm gains."""
 
@@ -142,10 +160,45 @@ class LowRankClone(nn.Module):
                 p.normal_(0.0, 0.02)
 
         self.config = self.student_config()
+        self.factored: frozenset[str] = frozenset()
+        self._build_shell()
+
+    def _build_shell(self) -> None:
         with torch.device("meta"):
             shell = AutoModelForCausalLM.from_config(self.config)
+        base = shell.get_submodule(self.family.base)
+        for i in range(self.num_layers):
+            layer = base.get_submodule(f"{self.family.layers}.{i}")
+            for role in self.factored:
+                block, name = self.family.linear_path(role).split(".")
+                has_bias = self.teacher_weight(i, role).bias is not None
+                setattr(layer.get_submodule(block), name,
+                        FactoredLinear("input" if role in INPUT_SIDE else "output", has_bias))
         # Kept out of the module tree: it lives on the meta device and only lends its forward().
         self.__dict__["_shell"] = shell
+
+    def set_factored(self, roles) -> None:
+        """Apply these roles' student matrices in factored form during training (export always generates)."""
+        roles = frozenset(roles)
+        if roles - set(ROLES):
+            raise ValueError(f"unknown roles {sorted(roles - set(ROLES))}")
+        if roles != self.factored:
+            self.factored = roles
+            self._build_shell()
+
+    def plan_projections(self, tokens_per_micro_batch: int, reuse: int = 1) -> dict[str, str]:
+        """Choose generated or factored per role from the cost model (spec section 5) and apply it."""
+        from lrc.costs import factored_crossover_tokens
+
+        cfg = self.teacher.config
+        head_dim = teacher_head_dim(cfg)
+        outs = {"q": cfg.num_attention_heads * head_dim, "k": cfg.num_key_value_heads * head_dim,
+                "v": cfg.num_key_value_heads * head_dim, "o": cfg.num_attention_heads * head_dim,
+                "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size}
+        factored = {r for r, out in outs.items()
+                    if tokens_per_micro_batch < factored_crossover_tokens(out, self.d_t, self.d_s, reuse)}
+        self.set_factored(factored)
+        return {r: ("factored" if r in factored else "generated") for r in ROLES}
 
     # ------------------------------------------------------------------ structure
     @property
@@ -203,12 +256,13 @@ class LowRankClone(nn.Module):
     def student_embedding(self) -> torch.Tensor:
         return self.t_base.get_submodule(self.family.embed).weight @ self.embed
 
-    def generate_weights(self) -> dict[str, torch.Tensor]:
+    def generate_weights(self, all_generated: bool = False) -> dict[str, torch.Tensor]:
         """Every student decoder weight, named as in the student's base model (`layers.0.self_attn.q_proj.weight`).
 
         The embedding and head are not included (training gathers embedding rows and uses `student_head`);
         `export_state_dict` adds them. Frozen teacher tensors that carry over unchanged (input-side biases,
-        Qwen3 q/k norms) are included as the teacher's own tensors, not copies.
+        Qwen3 q/k norms) are included as the teacher's own tensors, not copies. Roles applied factored
+        (`set_factored`) get their teacher weight and projection instead, unless `all_generated`.
         """
         fam = self.family
         out: dict[str, torch.Tensor] = {}
@@ -219,7 +273,12 @@ class LowRankClone(nn.Module):
                 lin = self.teacher_weight(i, role)
                 p = getattr(proj, role)
                 path = f"{prefix}.{fam.linear_path(role)}"
-                if role in INPUT_SIDE:
+                if role in self.factored and not all_generated:
+                    out[f"{path}.teacher_weight"] = lin.weight
+                    out[f"{path}.proj"] = p
+                    if lin.bias is not None:
+                        out[f"{path}.bias"] = lin.bias
+                elif role in INPUT_SIDE:
                     out[f"{path}.weight"] = lin.weight @ p
                     if lin.bias is not None:
                         out[f"{path}.bias"] = lin.bias
@@ -265,7 +324,7 @@ class LowRankClone(nn.Module):
         """Full state dict of the student `*ForCausalLM`, detached."""
         fam = self.family
         with torch.no_grad():
-            sd = {f"{fam.base}.{k}": v.detach() for k, v in self.generate_weights().items()}
+            sd = {f"{fam.base}.{k}": v.detach() for k, v in self.generate_weights(all_generated=True).items()}
             sd[f"{fam.base}.{fam.embed}.weight"] = self.student_embedding().detach()
             sd[f"{fam.head}.weight"] = sd[f"{fam.base}.{fam.embed}.weight"] if self.tied else self.student_head()
         return sd

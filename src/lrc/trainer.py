@@ -369,11 +369,17 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
     from lrc.clone import LowRankClone
 
     reuse_weights = isinstance(method, LowRankClone) and not info.enabled
+    plan = None
+    if isinstance(method, LowRankClone):
+        reuse = cfg.grad_accum if reuse_weights else 1
+        plan = method.plan_projections(cfg.batch_size * cfg.seq_len, reuse=reuse)
     n_params = sum(p.numel() for p in params)
     print0(info, f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
                  f"hidden {cfg.hidden_size}; {n_params:,} trainable parameters; {len(prep.train):,} training "
                  f"sequences of {cfg.seq_len}; {steps} steps on {info.world_size} x {device}"
-                 + (f"; init {cfg.init}: {init_info}" if init_info else ""))
+                 + (f"; init {cfg.init}: {init_info}" if init_info else "")
+                 + (f"; factored: {', '.join(r for r, m in plan.items() if m == 'factored')}"
+                    if plan and "factored" in plan.values() else ""))
 
     def save(at_step: int):
         if not info.is_main:
