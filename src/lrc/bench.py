@@ -3,11 +3,13 @@
     overhead = t(LRC optimizer step) / (t(no-grad teacher forward) + t(training step of the exported
                student architecture)),  all on the same batch, dtype and process settings.
 
-Each (shape, grad-accum, variant) runs in its own subprocess so that its peak memory (peak RSS on CPU,
-peak allocated on CUDA) is its own. Variants: `teacher_fwd`, `student_step` (ordinary training of the
-student architecture, CE only), `lrc` (the optimised path: weights generated once per optimizer step and
-reused across micro-batches, input embedding by gathered rows, chunked fused CE + KL) and `lrc_naive`
-(weights generated per micro-batch, full-vocabulary logits through autograd).
+Variants: `teacher_fwd` (no-grad forward, logits included), `student_step` (ordinary training of the
+exported student architecture, CE only), `lrc` (the optimised path: weights generated once per optimizer
+step and reused across micro-batches, each role generated or factored by the cost model, input embedding
+by gathered rows, chunked fused CE + KL) and `lrc_naive` (every matrix generated per micro-batch,
+full-vocabulary logits through autograd). Times are medians of round-robin runs in one process (the
+machine's speed drifts over minutes; interleaving keeps the ratios fair); peak memory comes from each
+variant alone in a fresh process (peak RSS on CPU, peak allocated on CUDA).
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ SHAPES = {
 VARIANTS = ("teacher_fwd", "student_step", "lrc", "lrc_naive")
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM belongs to the address space, which exec
+    replaces; getrusage's ru_maxrss would carry over the parent's peak into a forked-and-exec'd child."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _teacher(shape):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -42,7 +56,8 @@ def _teacher(shape):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def measure(shape_name: str, accum: int, variant: str, steps: int, precision: str = "auto") -> dict:
+def _setup(shape_name: str, accum: int, variants, precision: str = "auto"):
+    """One shared teacher and a step function per variant (closures over their own optimizer state)."""
     from lrc.clone import LowRankClone
     from lrc.distributed import pick_device, resolve_precision
     from lrc.students import DirectStudent, random_student
@@ -50,20 +65,23 @@ def measure(shape_name: str, accum: int, variant: str, steps: int, precision: st
     shape = SHAPES[shape_name]
     device = pick_device("auto")
     prec = resolve_precision(precision, device)
-    cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if prec == "bf16" else \
-        (lambda: torch.autocast(device.type, enabled=False))
+
+    def cast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+
     teacher = _teacher(shape).to(device)
     g = torch.Generator().manual_seed(0)
     b, t = shape["batch"], shape["seq"]
     micro = [torch.randint(0, shape["vocab"], (b, t), generator=g).to(device) for _ in range(accum)]
     pos = torch.arange(t, device=device).expand(b, t)
 
-    if variant == "teacher_fwd":
-        def step():
-            with torch.no_grad(), cast():
-                for ids in micro:
-                    teacher(input_ids=ids, position_ids=pos, use_cache=False)  # with logits, as KL needs
-    else:
+    def make(variant):
+        if variant == "teacher_fwd":
+            def step():
+                with torch.no_grad(), cast():
+                    for ids in micro:
+                        teacher(input_ids=ids, position_ids=pos, use_cache=False)  # with logits, as KL needs
+            return step
         if variant == "student_step":
             method = DirectStudent(random_student(teacher, shape["d_s"], 0)).to(device)
         else:
@@ -88,14 +106,23 @@ def measure(shape_name: str, accum: int, variant: str, steps: int, precision: st
                 finish()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return step
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    info = {"device": str(device), "precision": prec, "tokens": b * t * accum}
+    return {v: make(v) for v in variants}, sync, info
+
+
+def measure(shape_name: str, accum: int, variant: str, steps: int, precision: str = "auto") -> dict:
+    """Median step time and peak memory of one variant alone (run it in a fresh process for the memory)."""
+    steps_by_variant, sync, info = _setup(shape_name, accum, [variant], precision)
+    step = steps_by_variant[variant]
     step()  # warm-up (allocations, kernels)
     sync()
-    if device.type == "cuda":
+    if info["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -103,10 +130,26 @@ def measure(shape_name: str, accum: int, variant: str, steps: int, precision: st
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if info["device"].startswith("cuda") else _peak_rss()
     return {"shape": shape_name, "accum": accum, "variant": variant, "seconds": statistics.median(times),
-            "tokens": b * t * accum, "peak_bytes": peak, "device": str(device), "precision": prec}
+            "peak_bytes": peak, **info}
+
+
+def measure_interleaved(shape_name: str, accum: int, steps: int, precision: str = "auto") -> tuple[dict, dict]:
+    """Median step time of every variant, measured round-robin in one process: on a shared or throttling
+    machine the speed drifts over minutes, and interleaving makes the ratios fair."""
+    steps_by_variant, sync, info = _setup(shape_name, accum, VARIANTS, precision)
+    for step in steps_by_variant.values():
+        step()  # warm-up
+    sync()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(steps):
+        for v, step in steps_by_variant.items():
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[v].append(time.perf_counter() - t0)
+    return {v: statistics.median(ts) for v, ts in times.items()}, info
 
 
 def measure_in_subprocess(shape: str, accum: int, variant: str, steps: int) -> dict:
@@ -120,9 +163,11 @@ def run_bench(shapes=("small", "large"), steps: int = 3, accums=(1, 4)) -> list[
     rows = []
     for shape in shapes:
         for accum in accums:
+            seconds, info = measure_interleaved(shape, accum, steps)
             res = {}
-            for variant in VARIANTS:
-                res[variant] = measure_in_subprocess(shape, accum, variant, steps)
+            for variant in VARIANTS:  # memory: each variant alone in a fresh process, one timed step
+                res[variant] = measure_in_subprocess(shape, accum, variant, 1)
+                res[variant]["seconds"] = seconds[variant]
             base = res["teacher_fwd"]["seconds"] + res["student_step"]["seconds"]
             row = {"shape": shape, "accum": accum, "device": res["lrc"]["device"],
                    "precision": res["lrc"]["precision"], "tokens": res["lrc"]["tokens"]}
