@@ -69,6 +69,16 @@ def packed_batch(batch: int = 2, seq: int = 24, seed: int = 1):
     return ids, pos
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two OpenMP threads on a shared 2-core machine make tiny matmuls ~50x slower. Subprocesses get
+    OMP_NUM_THREADS=1 too, so in-process and subprocess runs also do the same arithmetic."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=[("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False)],
                 ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}")
 def teacher(request):

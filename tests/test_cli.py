@@ -25,13 +25,8 @@ LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine make tiny matmuls ~50x slower. Subprocesses get
-    # OMP_NUM_THREADS=1 (see `env`), so in-process and subprocess runs also do the same arithmetic.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

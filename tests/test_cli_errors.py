@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import corpus, save_teacher, write_data
 
 from lrc.cli import main
@@ -21,12 +20,8 @@ COMMON = ["--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--cali
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared 2-core machine make tiny matmuls ~50x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)

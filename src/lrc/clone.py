@@ -156,7 +156,7 @@ class LowRankClone(nn.Module):
         self.head = None if self.tied else nn.Parameter(torch.empty(d_t, hidden_size))
         self.final_norm = nn.Parameter(torch.ones(hidden_size))
         with torch.no_grad():
-            for name, p in self.named_projections():
+            for _, p in self.named_projections():
                 p.normal_(0.0, 0.02)
 
         self.config = self.student_config()

@@ -29,7 +29,8 @@ def opt(default, help: str, choices=None, **kw):
 class RunConfig:
     # what to distil
     teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
-    data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet, save_to_disk folders, or folders of them")
+    data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet, save_to_disk folders, "
+                                  "or folders of them")
     val_data: list[str] = opt([], "held-out data (default: hold out --val-fraction of --data)")
     val_fraction: float = opt(0.02, "share of the training sequences held out when --val-data is not given")
     text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/datasets data")
@@ -71,8 +72,9 @@ class RunConfig:
     clone_ffn_out: float = opt(1.0, "clone term weight: FFN output")
     rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")
     # numerics and memory
-    precision: str = opt("auto", "bf16 autocast (fp32 master weights), fp32, or auto: bf16 on CUDA and on CPUs "
-                         "with bf16 matrix instructions (AMX / AVX512-BF16), else fp32", choices=("auto", "bf16", "fp32"))
+    precision: str = opt("auto", "bf16 autocast (fp32 master weights), fp32, or auto: bf16 on CUDA and on "
+                         "CPUs with bf16 matrix instructions (AMX / AVX512-BF16), else fp32",
+                         choices=("auto", "bf16", "fp32"))
     teacher_dtype: str = opt("float32", "dtype the teacher is loaded in", choices=("float32", "bfloat16"))
     grad_checkpointing: bool = opt(False, "recompute student activations in backward to save memory")
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")

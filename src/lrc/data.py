@@ -246,6 +246,15 @@ def _as_text(value: Any, where: str, text_field: str) -> str | None:
     return value if value.strip() else None
 
 
+def _record_text(obj: Any, where: str, text_field: str, hint: str) -> str | None:
+    """The text of one JSON record, or a UserError naming what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} is a JSON {type(obj).__name__}, not an object; {hint}")
+    if text_field not in obj:
+        raise _missing_field(where, text_field, obj.keys())
+    return _as_text(obj[text_field], where, text_field)
+
+
 def _not_utf8(path: Path, err: UnicodeDecodeError) -> UserError:
     return UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8")
 
@@ -272,11 +281,7 @@ def _iter_json_lines(path: Path, text_field: str, hint: str) -> Iterator[str]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise UserError(f"{where} is not valid JSON ({err.msg}); {hint}") from err
-                if not isinstance(obj, dict):
-                    raise UserError(f"{where} is a JSON {type(obj).__name__}, not an object; {hint}")
-                if text_field not in obj:
-                    raise _missing_field(where, text_field, obj.keys())
-                text = _as_text(obj[text_field], where, text_field)
+                text = _record_text(obj, where, text_field, hint)
                 if text is not None:
                     yield text
     except UnicodeDecodeError as err:
@@ -313,11 +318,7 @@ def _iter_json_file(path: Path, text_field: str) -> Iterator[str]:
         return
     for number, obj in enumerate(rows):
         where = f"{path} item {number}"
-        if not isinstance(obj, dict):
-            raise UserError(f"{where} is a JSON {type(obj).__name__}, not an object; {hint}")
-        if text_field not in obj:
-            raise _missing_field(where, text_field, obj.keys())
-        text = _as_text(obj[text_field], where, text_field)
+        text = _record_text(obj, where, text_field, hint)
         if text is not None:
             yield text
 

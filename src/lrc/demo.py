@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,9 +129,8 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: Path, teacher_final:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in curves.items():
         if pts:
-            ax.plot([max(t, 1) for t, _ in pts], [v for _, v in pts], label=name, marker=".")
+            ax.plot([t for t, _ in pts], [v for _, v in pts], label=name, marker=".")
     ax.axhline(teacher_final, color="gray", linestyle=":", label="teacher (final)")
-    ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("Shakespeare, held-out plays")
@@ -243,7 +242,8 @@ def _report(s, results, timings, curves, total, quick, tiny, held_out) -> str:
     secs = {"teacher": timings["teacher"], "LRC student": timings["lrc"], "scratch student": timings["scratch"]}
     for name, r in results.items():
         t = "cached" if name == "teacher" and secs[name] == 0 else f"{secs[name]:.0f} s"
-        lines.append(f"| {name} | {r['parameters']:,} | {toks[name]:,} | {r['loss']:.4f} | {r['perplexity']:.2f} | {t} |")
+        lines.append(f"| {name} | {r['parameters']:,} | {toks[name]:,} | {r['loss']:.4f} | "
+                     f"{r['perplexity']:.2f} | {t} |")
     verdict = "beats" if gap > 0 else "does not beat"
     lines += [
         "",

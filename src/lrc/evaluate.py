@@ -28,7 +28,8 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
     cast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) \
         if resolve_precision(precision, device) == "bf16" else contextlib.nullcontext()
     for start in range(0, n, batch_size):
-        b = {k: v.to(device) for k, v in collate([data.get(i) for i in range(start, min(n, start + batch_size))]).items()}
+        batch = collate([data.get(i) for i in range(start, min(n, start + batch_size))])
+        b = {k: v.to(device) for k, v in batch.items()}
         with cast:
             h = base(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).last_hidden_state
             labels = b["labels"].reshape(-1)

@@ -27,7 +27,14 @@ from transformers import AutoTokenizer
 
 from lrc import checkpoint as ckpt
 from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, save_config
-from lrc.data import PackedDataset, SequenceSampler, build_packed_dataset, collate, resolve_data_files, split_holdout
+from lrc.data import (
+    PackedDataset,
+    SequenceSampler,
+    build_packed_dataset,
+    collate,
+    resolve_data_files,
+    split_holdout,
+)
 from lrc.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -85,7 +92,8 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
     run_dir = Path(cfg.out)
     if resume:
         if not _is_run_dir(run_dir):
-            raise UserError(f"--resume: {run_dir} holds no run to continue (no config.yaml); drop --resume to start one")
+            raise UserError(
+                f"--resume: {run_dir} holds no run to continue (no config.yaml); drop --resume to start one")
         saved = load_run_config(run_dir)
         clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
                    and getattr(cfg, k) != getattr(saved, k)]
