@@ -12,8 +12,11 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     python -m pip install -q "torch>=2.4"
   else
-    python -m pip install -q --no-index "torch==2.13.0" 2>/dev/null \
-      || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    # torch alone from pip's find-links (no index): fails fast where no such wheel lies on disk; its
+    # dependencies come with the package install below.
+    python -m pip install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null \
+      || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+           --extra-index-url https://pypi.org/simple
   fi
 fi
 python -m pip install -q -e ".[test]"
