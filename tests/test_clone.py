@@ -221,3 +221,23 @@ def test_projection_plan_follows_the_cost_model():
     assert set(clone.plan_projections(8).values()) == {"factored"}
     assert set(clone.plan_projections(4096).values()) == {"generated"}
     assert clone.factored == frozenset()
+
+
+def test_gradient_checkpointing_is_refused_for_lrc_and_works_for_baselines():
+    from lrc.config import RunConfig
+    from lrc.trainer import build_method
+
+    teacher = make_teacher("llama", False)
+    with pytest.raises(UserError, match="grad-checkpointing"):
+        build_method(RunConfig(teacher="t", hidden_size=40, grad_checkpointing=True), teacher)
+    ids, pos = packed_batch()
+    result = {}
+    for ckpt in (False, True):
+        model, _ = build_method(RunConfig(teacher="t", hidden_size=40, method="kd", grad_checkpointing=ckpt), teacher)
+        model.train()
+        out = model(ids, position_ids=pos)
+        out.loss.backward()
+        result[ckpt] = (out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert result[True][0] == pytest.approx(result[False][0], abs=1e-6)
+    for n, g in result[False][1].items():
+        assert (g - result[True][1][n]).abs().max() <= 1e-5, n
