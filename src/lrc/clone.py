@@ -161,6 +161,7 @@ class LowRankClone(nn.Module):
 
         self.config = self.student_config()
         self.factored: frozenset[str] = frozenset()
+        self.grad_checkpointing = False
         self._build_shell()
 
     def _build_shell(self) -> None:
@@ -174,8 +175,17 @@ class LowRankClone(nn.Module):
                 has_bias = self.teacher_weight(i, role).bias is not None
                 setattr(layer.get_submodule(block), name,
                         FactoredLinear("input" if role in INPUT_SIDE else "output", has_bias))
+        if self.grad_checkpointing:
+            for i in range(self.num_layers):
+                _checkpoint_layer(base.get_submodule(f"{self.family.layers}.{i}"))
         # Kept out of the module tree: it lives on the meta device and only lends its forward().
         self.__dict__["_shell"] = shell
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each student layer in backward instead of keeping its activations."""
+        if not self.grad_checkpointing:
+            self.grad_checkpointing = True
+            self._build_shell()
 
     def set_factored(self, roles) -> None:
         """Apply these roles' student matrices in factored form during training (export always generates)."""
@@ -334,6 +344,10 @@ class LowRankClone(nn.Module):
         embeds = F.embedding(input_ids, self.t_base.get_submodule(self.family.embed).weight) @ self.embed
         params = dict(weights)
         params.update(dict(self.t_base.named_buffers()))  # RoPE inv_freq: the student keeps the teacher's
+        # Hooks of the previous call stay registered through its backward when layers are recomputed there
+        # (the recompute must see the same clone-loss ops); they go now.
+        for h in self.__dict__.pop("_live_hooks", []):
+            h.remove()
         handles = hooks(self.shell_base) if hooks else []
         try:
             out = functional_call(
@@ -350,8 +364,11 @@ class LowRankClone(nn.Module):
                 tie_weights=False,
             )
         finally:
-            for h in handles:
-                h.remove()
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                self.__dict__["_live_hooks"] = handles
+            else:
+                for h in handles:
+                    h.remove()
         return out.last_hidden_state
 
     @torch.no_grad()
@@ -366,8 +383,11 @@ class LowRankClone(nn.Module):
                 input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
             )
         finally:
-            for h in handles:
-                h.remove()
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                self.__dict__["_live_hooks"] = handles
+            else:
+                for h in handles:
+                    h.remove()
         return out.last_hidden_state, acts
 
     def _term_modules(self, layer: nn.Module, terms):
@@ -471,6 +491,33 @@ class LowRankClone(nn.Module):
     @torch.no_grad()
     def student_final_hidden(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self._run_student(input_ids, position_ids, attention_mask, self.generate_weights())
+
+
+def _checkpoint_layer(layer: nn.Module) -> None:
+    """Make a shell decoder layer recompute itself in backward (non-reentrant activation checkpointing).
+
+    transformers' own checkpointing would re-run the layer after functional_call has put the meta
+    tensors back; here the layer's tensors of this call are captured and handed to the recompute."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner_forward = layer.forward
+    state = {"inside": False}
+
+    def forward(*args, **kwargs):
+        if state["inside"] or not torch.is_grad_enabled():
+            return inner_forward(*args, **kwargs)
+        tensors = dict(layer.named_parameters())  # this call's weights, swapped in by functional_call
+
+        def run(params, *a):
+            state["inside"] = True
+            try:
+                return functional_call(layer, params, a, kwargs, strict=False, tie_weights=False)
+            finally:
+                state["inside"] = False
+
+        return checkpoint(run, tensors, *args, use_reentrant=False)
+
+    layer.forward = forward
 
 
 def _store(acts, key):

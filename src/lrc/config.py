@@ -76,8 +76,7 @@ class RunConfig:
                          "CPUs with bf16 matrix instructions (AMX / AVX512-BF16), else fp32",
                          choices=("auto", "bf16", "fp32"))
     teacher_dtype: str = opt("float32", "dtype the teacher is loaded in", choices=("float32", "bfloat16"))
-    grad_checkpointing: bool = opt(False, "recompute student activations in backward to save memory "
-                                  "(baselines kd/scratch/prune-kd; not yet for lrc)")
+    grad_checkpointing: bool = opt(False, "recompute student layers in backward to save activation memory")
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")

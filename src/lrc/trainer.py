@@ -164,11 +164,6 @@ def build_method(cfg: RunConfig, teacher, calibration=None):
 
     weights = cfg.loss_weights()
     info: dict = {}
-    if cfg.method == "lrc" and cfg.grad_checkpointing:
-        # The student runs through functional_call on a meta-device shell; transformers' per-layer
-        # checkpointing recomputes outside that call and would meet the meta weights.
-        raise UserError("--grad-checkpointing is not supported for --method lrc yet; drop it or lower "
-                        "--batch-size and raise --grad-accum")
     if cfg.method == "lrc":
         model = LowRankClone(teacher, cfg.hidden_size, rms_norm_eps=cfg.rms_norm_eps, loss_weights=weights,
                              chunk_size=cfg.chunk_size)
@@ -177,6 +172,8 @@ def build_method(cfg: RunConfig, teacher, calibration=None):
                 info = init_pca(model, calibration())
             else:
                 init_random(model, generator=torch.Generator().manual_seed(cfg.seed))
+        if cfg.grad_checkpointing:
+            model.enable_gradient_checkpointing()
         return model, info
     weights.clone = 0.0
     if cfg.method == "scratch":
