@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="end-to-end demo on Shakespeare, on CPU, no downloads",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("--out", default="demo-out", help="output directory (report.md, plot, exported student)")
-    m.add_argument("--quick", action="store_true", help="smaller settings, same steps (about 2.5 minutes on 2 CPU cores)")
+    m.add_argument("--quick", action="store_true",
+                   help="smaller settings, same steps (about 2.5 minutes on 2 CPU cores)")
     m.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds; for tests
     m.set_defaults(fn=cmd_demo)
 
