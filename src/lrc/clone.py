@@ -85,6 +85,19 @@ def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
     return head is embed or head.data_ptr() == embed.data_ptr()
 
 
+def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None):
+    """The student's config: the teacher's, with hidden_size = d_S, an explicit head_dim, tied only when the
+    teacher's head is its embedding, and the student RMSNorm epsilon (default: the teacher's).
+
+    The one architecture every method trains (lrc exports it; kd/scratch/prune-kd train it directly)."""
+    cfg = copy.deepcopy(teacher.config)
+    cfg.head_dim = teacher_head_dim(teacher.config)
+    cfg.hidden_size = hidden_size
+    cfg.tie_word_embeddings = _is_tied(teacher, family_for(teacher.config))
+    cfg.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else teacher.config.rms_norm_eps)
+    return cfg
+
+
 class FactoredLinear(nn.Module):
     """A student linear applied without forming its matrix: W_T (P^T x) on the input side, P^T (W_T x) on
     the output side. Lives in the meta-device student shell; functional_call supplies its tensors."""
@@ -245,13 +258,8 @@ class LowRankClone(nn.Module):
             )
 
     def student_config(self):
-        """The exported model's config: the teacher's, with hidden_size = d_S and an explicit head_dim."""
-        cfg = copy.deepcopy(self.teacher.config)
-        cfg.head_dim = teacher_head_dim(self.teacher.config)
-        cfg.hidden_size = self.d_s
-        cfg.tie_word_embeddings = self.tied
-        cfg.rms_norm_eps = self.rms_norm_eps
-        return cfg
+        """The exported model's config (see `student_config`)."""
+        return student_config(self.teacher, self.d_s, self.rms_norm_eps)
 
     # ------------------------------------------------------------------ weights
     def teacher_weight(self, i: int, role: str) -> nn.Linear:
@@ -383,11 +391,8 @@ class LowRankClone(nn.Module):
                 input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
             )
         finally:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                self.__dict__["_live_hooks"] = handles
-            else:
-                for h in handles:
-                    h.remove()
+            for h in handles:
+                h.remove()
         return out.last_hidden_state, acts
 
     def _term_modules(self, layer: nn.Module, terms):

@@ -47,11 +47,10 @@ import numpy as np
 import torch
 
 from lrc.errors import UserError
+from lrc.losses import IGNORE_INDEX  # label with no target (cross_entropy's default ignore_index)
 
 logger = logging.getLogger(__name__)
 
-# Label value ignored by torch.nn.functional.cross_entropy (its default ignore_index).
-IGNORE_INDEX = -100
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)

@@ -9,16 +9,15 @@ d_S most energetic residual channels, then CE + KL). Every method exposes the sa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lrc.clone import CloneOutput, LossWeights, LowRankClone
+from lrc.clone import CloneOutput, LossWeights, LowRankClone, next_token_labels, student_config
 from lrc.errors import UserError
-from lrc.export import build_student_model, export_student
+from lrc.export import build_student_model
 from lrc.families import family_for
 from lrc.init import residual_second_moment
 from lrc.losses import kd_lm_loss
@@ -72,8 +71,6 @@ class DirectStudent(nn.Module):
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None,
                 ce_denominator=None, scale: float = 1.0) -> CloneOutput:
-        from lrc.clone import next_token_labels
-
         w = self.loss_weights
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
@@ -115,14 +112,10 @@ class DirectStudent(nn.Module):
             tokenizer.save_pretrained(out_dir)
 
 
-def student_architecture(teacher, hidden_size: int):
-    """Config of the LRC student of `teacher` at `hidden_size` (the architecture every method trains)."""
-    return LowRankClone(teacher, hidden_size).student_config()
-
-
 def random_student(teacher, hidden_size: int, seed: int):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(student_architecture(teacher, hidden_size), dtype=torch.float32)
+    # From the config alone: building a LowRankClone here would allocate every projection for nothing.
+    return AutoModelForCausalLM.from_config(student_config(teacher, hidden_size), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -145,12 +138,3 @@ def pruned_student(teacher, hidden_size: int, calibration_batches) -> tuple[nn.M
         layer.post_attention_norm.copy_(t_layer.get_submodule(fam.post_attention_norm).weight[keep])
     clone.final_norm.copy_(clone.t_base.get_submodule(fam.final_norm).weight[keep])
     return build_student_model(clone).train(), keep.tolist()
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
-__all__ = ["DirectStudent", "METHODS", "load_teacher", "pruned_student", "random_student", "export_student"]

@@ -44,9 +44,8 @@ from lrc.distributed import (
     wrap_data_parallel,
 )
 from lrc.errors import UserError
+from lrc.losses import IGNORE_INDEX
 from lrc.schedule import lr_factor
-
-IGNORE_INDEX = -100
 
 
 def print0(info: DistInfo, *args, **kw):
@@ -114,7 +113,7 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
     return cfg, None
 
 
-def prepare(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Prepared:
+def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     cfg, resume_from = resolve_config(cfg, explicit, resume)
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
@@ -329,7 +328,7 @@ def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = Fal
 
 
 def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Path:
-    prep = prepare(cfg, explicit, resume, info)
+    prep = prepare(cfg, explicit, resume)
     cfg, run_dir, device = prep.cfg, prep.run_dir, info.device
     prep.teacher.to(device)
     steps = total_steps(cfg, info.world_size)
