@@ -297,11 +297,19 @@ def test_sigkill_then_resume_matches(tmp_path, teacher, datasets, cache_dir, str
 # ------------------------------------------------------------------------------------------- torchrun
 
 
-def test_torchrun_two_processes_match_one(tmp_path, teacher, datasets, cache_dir):
-    steps = ("--max-steps", "4", "--save-every", "2", "--eval-every", "2")
+PARALLEL = {
+    "ddp": (),
+    # The teacher sharded with FSDP2, the generated weights reused over two micro-batches.
+    "fsdp": ("--parallel", "fsdp", "--grad-accum", "2"),
+}
+
+
+@pytest.mark.parametrize("parallel", sorted(PARALLEL))
+def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, datasets, cache_dir):
+    steps = ("--max-steps", "4", "--save-every", "2", "--eval-every", "2", *PARALLEL[parallel])
     single = distill(teacher, datasets["txt"], tmp_path / "single", "--batch-size", "8", *steps)
 
-    out = tmp_path / "ddp"
+    out = tmp_path / parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "lrc", *distill_cmd(teacher, datasets["txt"], out, *steps), "--batch-size", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(cache_dir), timeout=300)
@@ -324,3 +332,6 @@ def test_torchrun_two_processes_match_one(tmp_path, teacher, datasets, cache_dir
     assert len(keys) == len(set(keys)) == len(records(single, "train")) + len(records(single, "val")) + 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    for k, v in last_weights(single).items():
+        assert torch.allclose(last_weights(out)[k], v, rtol=1e-3, atol=1e-5), k
+

@@ -158,6 +158,12 @@ def test_hidden_size_equal_to_teacher_is_allowed(capsys, tmp_path, teacher, data
     assert (out / "checkpoints" / "step-00000000" / "trainable.safetensors").is_file()
 
 
+def test_fsdp_with_a_baseline_method(capsys, tmp_path, teacher, data):
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(teacher, data, out, "--method", "kd", "--parallel", "fsdp"),
+                      "--parallel fsdp", "--parallel ddp", untouched=out)
+
+
 # ------------------------------------------------------------------------------------------- data
 
 

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from lrc.errors import UserError
 from lrc.families import INPUT_SIDE, ROLES, Family, family_for
 from lrc.losses import IGNORE_INDEX, kd_lm_loss, masked_mse, reference_kd_lm_loss
+from lrc.sharding import gathered, is_sharded, project_input, project_output
 
 # clone term -> the teacher/student module whose output it compares (relative to a decoder layer)
 CLONE_TERMS = ("q", "k", "v", "attn_out", "gate", "up", "ffn_out")
@@ -82,7 +83,9 @@ def teacher_head_dim(config) -> int:
 def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
     head = teacher.get_submodule(family.head).weight
     embed = teacher.get_submodule(f"{family.base}.{family.embed}").weight
-    return head is embed or head.data_ptr() == embed.data_ptr()
+    if head is embed:
+        return True
+    return not is_sharded(head) and head.data_ptr() == embed.data_ptr()
 
 
 def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None):
@@ -246,16 +249,26 @@ class LowRankClone(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Projections and norms only: what a checkpoint holds."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+        # Not self.state_dict(): that would also walk the (possibly sharded) teacher.
+        state = {}
+        for name, child in self.named_children():
+            if name != "teacher":
+                state.update(child.state_dict(prefix=f"{name}."))
+        state.update({name: p.detach() for name, p in self.named_parameters(recurse=False)})
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or wrong:
             raise UserError(
-                f"checkpoint does not match this student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                "it was written for another teacher or hidden size"
+                f"checkpoint does not match this student (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shape {sorted(wrong)[:3]}); it was written for another teacher or hidden size"
             )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
 
     def student_config(self):
         """The exported model's config (see `student_config`)."""
@@ -268,11 +281,11 @@ class LowRankClone(nn.Module):
     def student_head(self) -> torch.Tensor:
         """(V, d_S) student LM head: H_T @ P_head (= E_T @ P_emb when tied)."""
         if self.tied:
-            return self.t_base.get_submodule(self.family.embed).weight @ self.embed
-        return self.teacher.get_submodule(self.family.head).weight @ self.head
+            return self.student_embedding()
+        return project_input(self.teacher.get_submodule(self.family.head).weight, self.head)
 
     def student_embedding(self) -> torch.Tensor:
-        return self.t_base.get_submodule(self.family.embed).weight @ self.embed
+        return project_input(self.t_base.get_submodule(self.family.embed).weight, self.embed)
 
     def generate_weights(self, all_generated: bool = False) -> dict[str, torch.Tensor]:
         """Every student decoder weight, named as in the student's base model (`layers.0.self_attn.q_proj.weight`).
@@ -291,23 +304,24 @@ class LowRankClone(nn.Module):
                 lin = self.teacher_weight(i, role)
                 p = getattr(proj, role)
                 path = f"{prefix}.{fam.linear_path(role)}"
+                bias = gathered(lin.bias) if lin.bias is not None else None
                 if role in self.factored and not all_generated:
-                    out[f"{path}.teacher_weight"] = lin.weight
+                    out[f"{path}.teacher_weight"] = gathered(lin.weight)
                     out[f"{path}.proj"] = p
-                    if lin.bias is not None:
-                        out[f"{path}.bias"] = lin.bias
+                    if bias is not None:
+                        out[f"{path}.bias"] = bias
                 elif role in INPUT_SIDE:
-                    out[f"{path}.weight"] = lin.weight @ p
-                    if lin.bias is not None:
-                        out[f"{path}.bias"] = lin.bias
+                    out[f"{path}.weight"] = project_input(lin.weight, p)
+                    if bias is not None:
+                        out[f"{path}.bias"] = bias
                 else:  # o, down: compress the output side
-                    out[f"{path}.weight"] = p.t() @ lin.weight
-                    if lin.bias is not None:
-                        out[f"{path}.bias"] = lin.bias @ p
+                    out[f"{path}.weight"] = project_output(lin.weight, p)
+                    if bias is not None:
+                        out[f"{path}.bias"] = bias @ p
             out[f"{prefix}.{fam.input_norm}.weight"] = proj.input_norm
             out[f"{prefix}.{fam.post_attention_norm}.weight"] = proj.post_attention_norm
             for norm in fam.qk_norms:
-                out[f"{prefix}.{fam.attn}.{norm}.weight"] = t_layer.get_submodule(f"{fam.attn}.{norm}").weight
+                out[f"{prefix}.{fam.attn}.{norm}.weight"] = gathered(t_layer.get_submodule(f"{fam.attn}.{norm}").weight)
         out[f"{fam.final_norm}.weight"] = self.final_norm
         return out
 
@@ -349,7 +363,7 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _run_student(self, input_ids, position_ids, attention_mask, weights, hooks=None):
-        embeds = F.embedding(input_ids, self.t_base.get_submodule(self.family.embed).weight) @ self.embed
+        embeds = F.embedding(input_ids, gathered(self.t_base.get_submodule(self.family.embed).weight)) @ self.embed
         params = dict(weights)
         params.update(dict(self.t_base.named_buffers()))  # RoPE inv_freq: the student keeps the teacher's
         # Hooks of the previous call stay registered through its backward when layers are recomputed there
@@ -444,14 +458,14 @@ class LowRankClone(nn.Module):
 
         s_hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks)
         head = student_head if student_head is not None else self.student_head()
-        t_head = self.teacher.get_submodule(self.family.head).weight
+        t_head = gathered(self.teacher.get_submodule(self.family.head).weight) if w.kl != 0.0 else None
         kl_mask = valid.reshape(-1) if valid is not None else torch.ones_like(labels.reshape(-1), dtype=torch.bool)
         loss_fn = kd_lm_loss if self.fused_loss else reference_kd_lm_loss
         lm, ce, kl = loss_fn(
             s_hidden.reshape(-1, self.d_s),
             head,
             t_hidden.reshape(-1, self.d_t) if w.kl != 0.0 else None,
-            t_head if w.kl != 0.0 else None,
+            t_head,
             labels.reshape(-1),
             kl_mask,
             ce_weight=w.ce,

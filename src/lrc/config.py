@@ -79,6 +79,9 @@ class RunConfig:
     grad_checkpointing: bool = opt(False, "recompute student layers in backward to save activation memory")
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    parallel: str = opt("ddp", "under torchrun: ddp (every process holds the whole teacher) or fsdp (the teacher "
+                        "is sharded over the processes with FSDP2, for teachers too big for one device; lrc only)",
+                        choices=("ddp", "fsdp"))
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
     # logging and checkpoints
     log_every: int = opt(10, "steps between progress lines and metrics.jsonl records")
@@ -104,7 +107,7 @@ class RunConfig:
 
 # Options that may differ when resuming a run; everything else must match the saved run.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
-                     "keep_checkpoints", "device", "out", "cache_dir", "data", "val_data"}
+                     "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data"}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 

@@ -12,6 +12,7 @@ from lrc.data import PackedDataset, build_packed_dataset, collate, resolve_data_
 from lrc.errors import UserError
 from lrc.families import family_for
 from lrc.losses import IGNORE_INDEX, kd_lm_loss
+from lrc.sharding import gathered
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
                precision: str = "fp32") -> dict:
     """Mean next-token CE (nats per labelled token) of a HF causal LM over packed sequences."""
     fam = family_for(model.config)
-    base, head = model.get_submodule(fam.base), model.get_submodule(fam.head).weight
+    base, head = model.get_submodule(fam.base), gathered(model.get_submodule(fam.head).weight)
     ce_sum, n_lab = 0.0, 0
     n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
     from lrc.distributed import resolve_precision

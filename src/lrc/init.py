@@ -20,6 +20,7 @@ import torch
 
 from lrc.clone import LowRankClone
 from lrc.families import ROLES
+from lrc.sharding import gathered
 
 INIT_METHODS = ("pca", "random", "identity")
 
@@ -37,13 +38,13 @@ def init_random(clone: LowRankClone, std: float = 0.02, generator: torch.Generat
 def _teacher_gains(clone: LowRankClone, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     fam = clone.family
     layer = clone.t_layer(i)
-    g_in = layer.get_submodule(fam.input_norm).weight.detach().float()
-    g_post = layer.get_submodule(fam.post_attention_norm).weight.detach().float()
+    g_in = gathered(layer.get_submodule(fam.input_norm).weight).detach().float()
+    g_post = gathered(layer.get_submodule(fam.post_attention_norm).weight).detach().float()
     return g_in, g_post
 
 
 def _final_gain(clone: LowRankClone) -> torch.Tensor:
-    return clone.t_base.get_submodule(clone.family.final_norm).weight.detach().float()
+    return gathered(clone.t_base.get_submodule(clone.family.final_norm).weight).detach().float()
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from lrc.distributed import (
 from lrc.errors import UserError
 from lrc.losses import IGNORE_INDEX
 from lrc.schedule import lr_factor
+from lrc.sharding import average_gradients
 
 
 def print0(info: DistInfo, *args, **kw):
@@ -126,6 +127,8 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     for name in ("batch_size", "grad_accum", "seq_len"):
         if getattr(cfg, name) < 1 or (name == "seq_len" and cfg.seq_len < 2):
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    if cfg.parallel == "fsdp" and cfg.method != "lrc":
+        raise UserError("--parallel fsdp shards the teacher for --method lrc only; use --parallel ddp for baselines")
     train_files = resolve_data_files(cfg.data)
     val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
 
@@ -209,8 +212,12 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(method, val: PackedDataset, cfg: RunConfig, device, info: DistInfo, max_batches: int) -> dict:
-    """Held-out CE (nats/token) and KL of the student, over this rank's share, averaged over ranks."""
+def evaluate(method, val: PackedDataset, cfg: RunConfig, device, info: DistInfo, max_batches: int,
+             lockstep: bool = False) -> dict:
+    """Held-out CE (nats/token) and KL of the student, over this rank's share, averaged over ranks.
+
+    lockstep: every rank runs as many forwards as rank 0 (which has the most), repeating a batch without
+    counting it, because a sharded teacher's forward is a collective operation."""
     if val is None or len(val) == 0:
         return {}
     method.eval()
@@ -218,12 +225,19 @@ def evaluate(method, val: PackedDataset, cfg: RunConfig, device, info: DistInfo,
     kl_sum = torch.zeros((), dtype=torch.float64)
     n_lab = torch.zeros((), dtype=torch.float64)
     n_tok = torch.zeros((), dtype=torch.float64)
-    n = len(val)
-    indices = list(range(info.rank, n, info.world_size))[: max_batches * cfg.batch_size]
-    for start in range(0, len(indices), cfg.batch_size):
-        batch = _to(collate([val.get(i) for i in indices[start:start + cfg.batch_size]]), device)
+    n, bs = len(val), cfg.batch_size
+    share = lambda rank: list(range(rank, n, info.world_size))[: max_batches * bs]  # noqa: E731
+    indices = share(info.rank)
+    batches = [(indices[s:s + bs], True) for s in range(0, len(indices), bs)]
+    if lockstep:
+        most = math.ceil(len(share(0)) / bs)
+        batches += [(share(0)[:bs], False)] * (most - len(batches))
+    for chosen, counted in batches:
+        batch = _to(collate([val.get(i) for i in chosen]), device)
         with _autocast(cfg, device):
             out = method(**batch)
+        if not counted:
+            continue
         labels = (batch["labels"] != IGNORE_INDEX).sum().double().cpu()
         ce_sum += out.terms["ce"].double().cpu() * labels
         kl_sum += out.terms["kl"].double().cpu() * batch["input_ids"].numel()
@@ -330,7 +344,14 @@ def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = Fal
 def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Path:
     prep = prepare(cfg, explicit, resume)
     cfg, run_dir, device = prep.cfg, prep.run_dir, info.device
-    prep.teacher.to(device)
+    # fsdp: the teacher (loaded on the CPU) is sharded and only each rank's shard moves to the device.
+    sharded = cfg.parallel == "fsdp" and info.enabled
+    if sharded:
+        from lrc.sharding import shard_teacher
+
+        shard_teacher(prep.teacher, device)
+    else:
+        prep.teacher.to(device)
     steps = total_steps(cfg, info.world_size)
     torch.manual_seed(cfg.seed)
 
@@ -370,14 +391,15 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, info.is_main, truncate_after=step if resume else None)
-    model = wrap_data_parallel(method, info)
-    # Generate the student once per optimizer step and reuse it across micro-batches (single process:
-    # under DDP gradients must reach the parameters inside each backward for the all-reduce hooks).
+    # fsdp keeps the trainable parameters whole on every rank and averages their gradients itself.
+    model = method if sharded else wrap_data_parallel(method, info)
+    # Generate the student once per optimizer step and reuse it across micro-batches (not under DDP:
+    # there gradients must reach the parameters inside each backward for the all-reduce hooks).
     from lrc.clone import LowRankClone
 
-    reuse_weights = isinstance(method, LowRankClone) and not info.enabled
+    reuse_weights = isinstance(method, LowRankClone) and (not info.enabled or sharded)
     plan = None
-    if isinstance(method, LowRankClone):
+    if isinstance(method, LowRankClone) and not sharded:  # factored roles would hold whole teacher matrices
         reuse = cfg.grad_accum if reuse_weights else 1
         plan = method.plan_projections(cfg.batch_size * cfg.seq_len, reuse=reuse)
     n_params = sum(p.numel() for p in params)
@@ -398,12 +420,12 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                              state, keep=cfg.keep_checkpoints)
 
     t0 = time.time()
-    if prep.val is not None and info.is_main and prep.resume_from is None and step == 0:
+    if prep.val is not None and (info.is_main or sharded) and prep.resume_from is None and step == 0:
         tv = teacher_val_loss(prep.teacher, prep.val, cfg, device, cfg.eval_batches)
         log.write({"split": "val_teacher", "step": 0, **tv, "eval_tokens": tv["tokens"], "tokens": 0})
         print0(info, f"teacher held-out loss {tv['loss']:.4f} (ppl {tv['perplexity']:.2f})")
     if prep.val is not None and step == 0 and prep.resume_from is None:
-        ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches)
+        ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches, lockstep=sharded)
         log.write({"split": "val", "step": 0, **ev, "eval_tokens": ev["tokens"], "tokens": 0})
         print0(info, f"step 0 held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")
     if steps == 0 and prep.resume_from is None:
@@ -425,7 +447,7 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
             for j, b in enumerate(micro):
                 b = _to(b, device)
                 sync = contextlib.nullcontext()
-                if info.enabled and j < len(micro) - 1:
+                if info.enabled and not sharded and j < len(micro) - 1:
                     sync = model.no_sync()
                 with sync:
                     with _autocast(cfg, device):
@@ -438,6 +460,8 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                     sums[k] = sums.get(k, 0.0) + float(v) * w
             if finish is not None:
                 finish()
+            if sharded:
+                average_gradients(params)
             keys = sorted(sums)
             vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
             terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}
@@ -474,7 +498,7 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                 window_t, window_tok = now, 0
             if prep.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 eval_start = time.time()
-                ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches)
+                ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches, lockstep=sharded)
                 window_t += time.time() - eval_start  # tokens/s counts training time only
                 log.write({"split": "val", "step": step, **ev, "eval_tokens": ev["tokens"], "tokens": tokens})
                 print0(info, f"step {step} held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")

@@ -1,0 +1,99 @@
+"""A frozen teacher sharded across processes with FSDP2 (`--parallel fsdp`), for teachers too big for one device.
+
+Every decoder layer and the base model are `fully_shard`-ed, so the teacher's forward all-gathers one layer
+at a time through FSDP2's own hooks and frees it again. LRC also reads teacher matrices outside any forward
+to generate the student's weights; `gathered` and the `project_*` functions do that with an explicit
+all-gather. `project_*` gather a second time in backward rather than keep the full matrix alive from the
+forward to the backward (the gradient of P in W_T @ P needs W_T), so at most one teacher matrix is whole at a
+time. With an unsharded teacher they are plain matrix products.
+
+The trainable projections stay whole on every rank (small next to the teacher); `average_gradients`
+averages their gradients once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an all-gather for a sharded teacher tensor, `t` itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+    """Shard `teacher` (a supported *ForCausalLM, frozen) over all ranks of the default process group.
+
+    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lrc.families import family_for
+
+    fam = family_for(teacher.config)
+    base = teacher.get_submodule(fam.base)
+    head_layer, embed_module = teacher.get_submodule(fam.head), base.get_submodule(fam.embed)
+    tied = head_layer.weight is embed_module.weight
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # reshard_after_forward=True also for the root: its default keeps the root's tensors (the embedding)
+    # gathered after forward, expecting a backward that never comes for a frozen teacher.
+    for layer in base.get_submodule(fam.layers):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(base, mesh=mesh, reshard_after_forward=True)
+    if tied:  # point the head at the embedding's shards (the old whole tensor is then freed)
+        head_layer.weight = embed_module.weight
+    else:  # read only through `gathered`; never run as a module during training
+        fully_shard(head_layer, mesh=mesh, reshard_after_forward=True)
+
+
+class _ProjectSharded(torch.autograd.Function):
+    """W_T @ P (input side) or P^T @ W_T (output side) for a sharded W_T, gathering W_T again in backward."""
+
+    @staticmethod
+    def forward(ctx, p, gather, input_side: bool):
+        ctx.gather, ctx.input_side = gather, input_side
+        ctx.save_for_backward(p)
+        w = gather()
+        return w @ p if input_side else p.t() @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        w = ctx.gather().to(grad.dtype)
+        grad_p = w.t() @ grad if ctx.input_side else w @ grad.t()
+        return grad_p.to(p.dtype), None, None
+
+
+def project_input(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """W_T @ P: (out, d_T) x (d_T, d_S) -> (out, d_S); keeps the output dimension, shrinks the input."""
+    if isinstance(w, DTensor):
+        return _ProjectSharded.apply(p, w.full_tensor, True)
+    return w @ p
+
+
+def project_output(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """P^T @ W_T: (d_S, d_T) x (d_T, in) -> (d_S, in); shrinks the output dimension."""
+    if isinstance(w, DTensor):
+        return _ProjectSharded.apply(p, w.full_tensor, False)
+    return p.t() @ w
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of replicated parameters over all ranks with one all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
