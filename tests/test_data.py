@@ -15,11 +15,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lrc.data import (
+    HubDataset,
     PackedDataset,
     SequenceSampler,
     build_packed_dataset,
     collate,
     iter_documents,
+    parse_hub_id,
     resolve_data_files,
     split_holdout,
 )
@@ -343,6 +345,98 @@ def test_user_error_for_tokenizer_without_eos(tmp_path):
         build_packed_dataset, [str(data)], no_eos, 4, cache_dir=tmp_path / "c"
     )
     assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------------------- hub datasets
+
+
+def test_parse_hub_id():
+    assert parse_hub_id("wikitext") == HubDataset("wikitext", None, "train")
+    assert parse_hub_id("roneneldan/TinyStories") == HubDataset("roneneldan/TinyStories", None, "train")
+    assert parse_hub_id("wikitext:wikitext-103-raw-v1") == HubDataset("wikitext", "wikitext-103-raw-v1", "train")
+    assert parse_hub_id("owner/name@validation") == HubDataset("owner/name", None, "validation")
+    full = parse_hub_id("owner/name-1.0:en@train[:10%]")
+    assert full == HubDataset("owner/name-1.0", "en", "train[:10%]")
+    assert str(full) == "owner/name-1.0:en@train[:10%]" and parse_hub_id(str(full)) == full
+    assert str(parse_hub_id("wikitext")) == "wikitext@train"
+    # Paths, and names that look like data files, are not hub ids.
+    for text in ("corpus.jsonl", "data/train.parquet", "./corpus", "/abs/corpus", "~/corpus", "a/b/c", "a b", ""):
+        assert parse_hub_id(text) is None, text
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """Offline mode with an empty datasets cache: a hub id can only fail, and nothing touches the network."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read these variables once, at import: set what they read too.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
+def test_unavailable_hub_dataset_is_a_user_error(hub_offline, tmp_path, tokenizer, monkeypatch):
+    name = "lrc-test/no-such-dataset:cfg@validation"
+    message = _user_error(resolve_data_files, [name])
+    assert message.startswith(f"cannot load hub dataset {name}: ")
+    assert message.endswith(
+        f"; check the name, go online, or pass existing local files (there is no local path {name} either)"
+    )
+    # The same error comes from a build, before a cache folder is made.
+    cache = tmp_path / "cache"
+    assert "cannot load hub dataset wikitext@train" in _user_error(
+        build_packed_dataset, ["wikitext"], tokenizer, 8, cache_dir=cache
+    )
+    assert not cache.exists()
+    # A missing local file keeps its own error, also when given as a relative name.
+    monkeypatch.chdir(tmp_path)
+    assert "data path corpus.jsonl does not exist" in _user_error(resolve_data_files, ["corpus.jsonl"])
+
+
+def test_hub_dataset_is_read_and_cached(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    calls = []
+    rows = {"id": [0, 1, -1, 2, 3, 4, 5], "text": DOCS[:2] + ["  "] + DOCS[2:]}
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    sources = resolve_data_files(["owner/tiny:en"])
+    assert sources == [HubDataset("owner/tiny", "en", "train")] and calls == [("owner/tiny", "en", "train")]
+    assert list(iter_documents(sources)) == DOCS
+
+    cache = tmp_path / "cache"
+    first = build_packed_dataset(["owner/tiny:en"], tokenizer, seq_len=8, cache_dir=cache)
+    want_tokens, want_starts = _expected_stream(tokenizer, DOCS)
+    np.testing.assert_array_equal(first.tokens, want_tokens)
+    np.testing.assert_array_equal(first.doc_starts, want_starts)
+    files = _cache_files(cache)
+    assert len(files) == 2
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tokenizer), "__call__", no_tokenising)
+        again = build_packed_dataset(["owner/tiny:en@train"], tokenizer, seq_len=8, cache_dir=cache)
+    np.testing.assert_array_equal(again.tokens, first.tokens)
+    assert _cache_files(cache) == files
+
+    # New content (a new fingerprint) or another split is a new cache entry.
+    rows["text"] = DOCS[::-1] + [VOCAB_TEXT[-1]]
+    build_packed_dataset(["owner/tiny:en"], tokenizer, seq_len=8, cache_dir=cache)
+    assert len(_cache_files(cache)) == 4
+    build_packed_dataset(["owner/tiny:en@validation"], tokenizer, seq_len=8, cache_dir=cache)
+    assert len(_cache_files(cache)) == 6
+
+    message = _user_error(build_packed_dataset, ["owner/tiny"], tokenizer, 8, text_field="body")
+    assert "hub dataset owner/tiny@train has no field 'body'; pass --text-field NAME (fields: id, text)" in message
 
 
 # ----------------------------------------------------------------------------------------------- holdout

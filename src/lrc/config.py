@@ -30,7 +30,8 @@ class RunConfig:
     # what to distil
     teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
     data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet, save_to_disk folders, "
-                                  "or folders of them")
+                                  "or folders of them; or, when online, a hub dataset [owner/]name[:config][@split] "
+                                  "(split default train), e.g. roneneldan/TinyStories or wikitext:wikitext-2-raw-v1")
     val_data: list[str] = opt([], "held-out data (default: hold out --val-fraction of --data)")
     val_fraction: float = opt(0.02, "share of the training sequences held out when --val-data is not given")
     text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/datasets data")

@@ -1,5 +1,9 @@
 """Data pipeline for distillation: raw text files -> one packed token stream -> fixed-length sequences.
 
+The text comes from local files and folders, or from a Hugging Face hub dataset named as
+``[owner/]name[:config][@split]`` (see `parse_hub_id`), which `datasets.load_dataset` downloads into its
+own cache when the machine is online.
+
 The trainer sees the corpus as `PackedDataset`: every document is tokenised, followed by the tokenizer's
 EOS token, and concatenated into one flat int32 array, which is cut into back-to-back sequences of
 `seq_len` tokens. Nothing is padded, so every token in a batch is real training signal.
@@ -24,6 +28,10 @@ Other trade-offs:
 * The cache is keyed on file paths, sizes and modification times, not on file contents: hashing a large
   corpus on every start would cost as much as re-reading it. An edit that keeps both size and mtime
   unchanged is not noticed. Stale cache files are never deleted automatically.
+* A hub dataset is keyed on its id, config, split and the fingerprint `datasets` gives the loaded split
+  (a hash of its cache folder's name, which changes with a new revision of the dataset). It is loaded
+  when the paths are resolved, so that a missing one fails early, and again (from `datasets`' cache)
+  when `build_packed_dataset` resolves the same paths.
 * The key does not include `seq_len`: the token stream does not depend on it, so changing the sequence
   length reuses the cache.
 * The tail of the stream that does not fill a whole sequence is dropped.
@@ -37,9 +45,10 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +75,13 @@ _SUPPORTED_DESCRIPTION = (
 )
 # Bump when the cache file layout or the tokenisation recipe changes, so old caches are not reused.
 _CACHE_FORMAT = "lrc-packed-tokens-v1"
+# [owner/]name[:config][@split]; repo names follow the hub's rules (letters, digits, "-", "_", "."), a split
+# may carry datasets' slicing syntax ("train[:10%]", "train+validation").
+_HUB_ID = re.compile(
+    r"(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?"
+)
+# A missing "corpus.jsonl" is a mistyped file, not a hub dataset: keep the plain "does not exist" error.
+_FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES + (".csv", ".tsv", ".gz", ".zst", ".arrow")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,6 +162,55 @@ class PackedDataset:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """One split of a Hugging Face hub dataset; `str()` gives it back as ``owner/name[:config]@split``.
+
+    `dataset` holds the loaded `datasets.Dataset` once `resolve_data_files` has loaded it (not part of
+    equality, so the same split named twice is read once).
+    """
+
+    repo: str
+    config: str | None = None
+    split: str = "train"
+    dataset: Any = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.repo + (f":{self.config}" if self.config else "") + f"@{self.split}"
+
+
+# A resolved data source: a local file or folder, or a hub dataset split.
+DataSource = Path | HubDataset
+
+
+def parse_hub_id(text: str) -> HubDataset | None:
+    """Read ``[owner/]name[:config][@split]`` (split "train" by default), or None if `text` is not of that form.
+
+    Names ending in a data-file extension (``corpus.jsonl``) are not taken for hub ids, nor is anything
+    starting with ".", "/" or "~" or holding more than one "/".
+    """
+    match = _HUB_ID.fullmatch(text)
+    if match is None or match["repo"].lower().endswith(_FILE_LIKE_SUFFIXES):
+        return None
+    return HubDataset(match["repo"], match["config"], match["split"] or "train")
+
+
+def _load_hub_dataset(source: HubDataset, raw: str | None = None) -> HubDataset:
+    """`source` with its split loaded by `datasets.load_dataset` (which downloads and caches it)."""
+    import datasets  # imported lazily: it is slow to import and only needed for this source
+
+    try:
+        loaded = datasets.load_dataset(source.repo, source.config, split=source.split)
+    except Exception as err:  # datasets raises many unrelated types: offline, unknown name, config or split
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        not_local = f" (there is no local path {raw} either)" if raw is not None else ""
+        raise UserError(
+            f"cannot load hub dataset {source}: {reason}; "
+            f"check the name, go online, or pass existing local files{not_local}"
+        ) from err
+    return replace(source, dataset=loaded)
+
+
 def _is_save_to_disk_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in SAVE_TO_DISK_MARKERS)
 
@@ -168,7 +233,7 @@ def _walk_folder(folder: Path, found: list[Path], skipped: list[Path]) -> None:
                 skipped.append(entry)
 
 
-def resolve_data_files(paths: list[str]) -> list[Path]:
+def resolve_data_files(paths: list[str]) -> list[DataSource]:
     """Expand user-given data paths into the list of data files to read, in a deterministic order.
 
     Each path may be a data file (.txt, .md, .text, .jsonl, .json, .parquet), a folder written by
@@ -179,20 +244,28 @@ def resolve_data_files(paths: list[str]) -> list[Path]:
     order given, without duplicates (a file named twice, or named and also inside a named folder, is
     read once).
 
+    A path that does not exist but reads as a hub dataset id (see `parse_hub_id`) is loaded with
+    `datasets.load_dataset` here, so that an unavailable dataset fails before anything is written; it is
+    returned as a `HubDataset` holding the loaded split.
+
     Raises:
-        UserError: a path does not exist, a named file has an unsupported extension, or no usable file
-            was found.
+        UserError: a path does not exist (and is no loadable hub dataset), a named file has an unsupported
+            extension, or no usable file was found.
     """
     if not paths:
         raise UserError("no data paths given: pass at least one data file or folder")
-    found: list[Path] = []
+    found: list[DataSource] = []
     skipped: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
-            raise UserError(
-                f"data path {raw} does not exist: check the spelling, or pass an existing file or folder"
-            )
+            hub = parse_hub_id(raw)
+            if hub is None:
+                raise UserError(
+                    f"data path {raw} does not exist: check the spelling, or pass an existing file or folder"
+                )
+            found.append(_load_hub_dataset(hub, raw))
+            continue
         if path.is_dir():
             if _is_save_to_disk_folder(path):
                 found.append(path)
@@ -206,10 +279,10 @@ def resolve_data_files(paths: list[str]) -> list[Path]:
                 f"supported are {_SUPPORTED_DESCRIPTION}"
             )
 
-    unique: list[Path] = []
-    seen: set[Path] = set()
+    unique: list[DataSource] = []
+    seen: set[DataSource] = set()
     for path in found:
-        resolved = path.resolve()
+        resolved = path if isinstance(path, HubDataset) else path.resolve()
         if resolved not in seen:
             seen.add(resolved)
             unique.append(resolved)
@@ -360,17 +433,22 @@ def _iter_saved_dataset(path: Path, text_field: str, batch_rows: int = 1024) -> 
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]
         where = f"{path} (split '{split}')"
-    if text_field not in loaded.column_names:
-        raise _missing_field(where, text_field, loaded.column_names)
+    yield from _iter_dataset_text(loaded, where, text_field, batch_rows)
+
+
+def _iter_dataset_text(dataset: Any, where: str, text_field: str, batch_rows: int = 1024) -> Iterator[str]:
+    """The non-blank texts of column `text_field` of a `datasets.Dataset`."""
+    if text_field not in dataset.column_names:
+        raise _missing_field(where, text_field, dataset.column_names)
     # Arrow files are memory-mapped by datasets; iterating in batches keeps Python objects bounded.
-    for batch in loaded.select_columns([text_field]).iter(batch_size=batch_rows):
+    for batch in dataset.select_columns([text_field]).iter(batch_size=batch_rows):
         for value in batch[text_field]:
             text = _as_text(value, where, text_field)
             if text is not None:
                 yield text
 
 
-def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]:
+def iter_documents(paths: list[DataSource], text_field: str = "text") -> Iterator[str]:
     """Yield the documents of `paths` (as returned by `resolve_data_files`) one at a time, in order.
 
     * .txt / .md / .text: the whole file is one document (read one file at a time);
@@ -378,7 +456,8 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]
     * .json: a JSON list of objects (loaded whole), or JSON lines under a .json name;
     * .parquet: column `text_field`, read in record batches;
     * a save_to_disk folder: column `text_field` of the dataset (of the "train" split of a
-      DatasetDict, or its first split when there is no "train").
+      DatasetDict, or its first split when there is no "train");
+    * a `HubDataset`: column `text_field` of its split (loaded now if it was not yet).
 
     Null, empty and whitespace-only documents are skipped. Files are opened lazily, so an error in a
     later file is raised only when iteration reaches it.
@@ -388,6 +467,10 @@ def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]
             text, or a file cannot be parsed.
     """
     for path in paths:
+        if isinstance(path, HubDataset):
+            loaded = path.dataset if path.dataset is not None else _load_hub_dataset(path).dataset
+            yield from _iter_dataset_text(loaded, f"hub dataset {path}", text_field)
+            continue
         suffix = path.suffix.lower()
         if path.is_dir():
             yield from _iter_saved_dataset(path, text_field)
@@ -421,10 +504,16 @@ def _describe(paths: list[str]) -> str:
     return f"the data ({len(paths)} paths: {shown})"
 
 
-def _file_fingerprints(files: list[Path]) -> list[list[Any]]:
-    """(path, size, mtime_ns) of every data file; a save_to_disk folder contributes each file inside it."""
+def _file_fingerprints(files: list[DataSource]) -> list[list[Any]]:
+    """(path, size, mtime_ns) of every data file; a save_to_disk folder contributes each file inside it.
+
+    A hub dataset contributes ("hub", its id, config, split, the loaded split's `datasets` fingerprint).
+    """
     rows: list[list[Any]] = []
     for path in files:
+        if isinstance(path, HubDataset):
+            rows.append(["hub", path.repo, path.config, path.split, getattr(path.dataset, "_fingerprint", None)])
+            continue
         members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for member in members:
             stat = member.stat()
@@ -454,7 +543,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _cache_key(files: list[Path], tokenizer: Any, text_field: str) -> str:
+def _cache_key(files: list[DataSource], tokenizer: Any, text_field: str) -> str:
     material = {
         "format": _CACHE_FORMAT,
         "files": _file_fingerprints(files),
@@ -560,8 +649,9 @@ def build_packed_dataset(
     `tokenizer.eos_token_id`; documents that produce no tokens are dropped.
 
     With `cache_dir`, the token stream is stored there under a name derived from a hash of the resolved
-    data files (with their sizes and modification times), the tokenizer (name, vocabulary size, EOS id
-    and a hash of its serialised backend) and `text_field`. It is written in chunks to a temporary file
+    data files (with their sizes and modification times; for a hub dataset its id, config, split and
+    `datasets` fingerprint), the tokenizer (name, vocabulary size, EOS id and a hash of its serialised
+    backend) and `text_field`. It is written in chunks to a temporary file
     and renamed into place only when complete, so an interrupted or failed run leaves no partial cache
     (and removes a cache folder it created); a later call with the same inputs memory-maps the file
     without tokenising again. Without `cache_dir` the stream is kept in memory.
