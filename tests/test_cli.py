@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +316,9 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, datasets,
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(cache_dir), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("done: 4 steps") == 1, proc.stdout  # rank 0 prints, rank 1 does not
+    if parallel == "fsdp":  # each process holds half of the teacher (up to padding of odd shapes)
+        held, whole = (float(x) for x in re.search(r"([\d.,]+) MiB of ([\d.,]+) MiB", proc.stdout).groups())
+        assert held == pytest.approx(whole / 2, rel=0.02), proc.stdout
 
     a, b = records(single), records(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -28,10 +28,11 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+def shard_teacher(teacher: nn.Module, device: torch.device) -> tuple[int, int]:
     """Shard `teacher` (a supported *ForCausalLM, frozen) over all ranks of the default process group.
 
-    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`."""
+    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`.
+    Returns (bytes of teacher parameters this rank holds, bytes of the whole teacher)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -51,6 +52,12 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
         head_layer.weight = embed_module.weight
     else:  # read only through `gathered`; never run as a module during training
         fully_shard(head_layer, mesh=mesh, reshard_after_forward=True)
+    held = whole = 0
+    for p in teacher.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        held += local.numel() * local.element_size()
+        whole += p.numel() * p.element_size()
+    return held, whole
 
 
 class _ProjectSharded(torch.autograd.Function):

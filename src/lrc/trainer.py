@@ -349,7 +349,9 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
     if sharded:
         from lrc.sharding import shard_teacher
 
-        shard_teacher(prep.teacher, device)
+        held, whole = shard_teacher(prep.teacher, device)
+        print0(info, f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
+                     f"{whole / 2**20:.4g} MiB of its weights on each")
     else:
         prep.teacher.to(device)
     steps = total_steps(cfg, info.world_size)
