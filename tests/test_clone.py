@@ -164,9 +164,10 @@ def test_unsupported_family_lists_supported():
         LowRankClone(model, 16)
 
 
-def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients():
-    """Optimised path (weights generated once per step, fused chunked loss) == naive path (generated per
-    micro-batch, full logits), for two accumulated micro-batches, fp32."""
+@pytest.mark.parametrize("factored", [(), ("head",), ("q", "gate", "down", "head")])
+def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients(factored):
+    """Optimised path (weights generated once per step, some roles and the head factored, fused chunked loss)
+    == naive path (generated per micro-batch, full logits), for two accumulated micro-batches, fp32."""
     teacher = make_teacher("qwen2", False)
     batches = [packed_batch(seed=s) for s in (1, 2)]
     grads, losses = {}, {}
@@ -176,6 +177,7 @@ def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients()
         init_random(clone, generator=torch.Generator().manual_seed(0))
         extra, finish = {}, None
         if variant == "optimised":
+            clone.set_factored(factored)
             weights, head, finish = clone.step_weights()
             extra = {"student_weights": weights, "student_head": head}
         total = 0.0
@@ -193,15 +195,16 @@ def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients()
         assert (grads["naive"][n] - grads["optimised"][n]).abs().max() <= 1e-5, n
 
 
-def test_factored_projections_equal_generated_and_export_generates(tmp_path):
-    teacher = make_teacher("qwen2", False)  # biases on q/k/v
+@pytest.mark.parametrize("tied", [False, True])
+def test_factored_projections_equal_generated_and_export_generates(tmp_path, tied):
+    teacher = make_teacher("qwen2", tied)  # biases on q/k/v
     ids, pos = packed_batch()
     grads, losses = {}, {}
     for variant in ("generated", "factored"):
         clone = LowRankClone(teacher, 40)
         init_random(clone, generator=torch.Generator().manual_seed(0))
         if variant == "factored":
-            clone.set_factored(["q", "k", "v", "o", "gate", "up", "down"])
+            clone.set_factored(["q", "k", "v", "o", "gate", "up", "down", "head"])
         out = clone(ids, position_ids=pos)
         out.loss.backward()
         losses[variant] = out.loss.item()

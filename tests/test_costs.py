@@ -12,3 +12,9 @@ def test_crossover_is_where_the_costs_meet():
 
 def test_reuse_lowers_the_crossover():
     assert factored_crossover_tokens(8192, 3072, 1536, reuse=4) < factored_crossover_tokens(8192, 3072, 1536) / 3.9
+
+
+def test_a_wide_head_at_full_width_is_always_cheaper_factored():
+    # out > 3 d_T at d_S = d_T: the generated form's (out x d_S) weight gradient alone costs more
+    assert factored_crossover_tokens(4 * 256, 256, 256) == float("inf")
+    assert factored_flops(10**6, 4 * 256, 256, 256) < generated_flops(10**6, 4 * 256, 256, 256, reuse=10**9)

@@ -186,7 +186,7 @@ class LowRankClone(nn.Module):
         base = shell.get_submodule(self.family.base)
         for i in range(self.num_layers):
             layer = base.get_submodule(f"{self.family.layers}.{i}")
-            for role in self.factored:
+            for role in self.factored - {"head"}:
                 block, name = self.family.linear_path(role).split(".")
                 has_bias = self.teacher_weight(i, role).bias is not None
                 setattr(layer.get_submodule(block), name,
@@ -204,12 +204,15 @@ class LowRankClone(nn.Module):
             self._build_shell()
 
     def set_factored(self, roles) -> None:
-        """Apply these roles' student matrices in factored form during training (export always generates)."""
+        """Apply these roles' student matrices in factored form during training (export always generates).
+
+        Roles: those of `ROLES` and "head" (logits as (h P_head^T) H_T^T, never forming the student head)."""
         roles = frozenset(roles)
-        if roles - set(ROLES):
-            raise ValueError(f"unknown roles {sorted(roles - set(ROLES))}")
-        if roles != self.factored:
-            self.factored = roles
+        if roles - {*ROLES, "head"}:
+            raise ValueError(f"unknown roles {sorted(roles - {*ROLES, 'head'})}")
+        rebuild = (roles - {"head"}) != (self.factored - {"head"})
+        self.factored = roles
+        if rebuild:
             self._build_shell()
 
     def plan_projections(self, tokens_per_micro_batch: int, reuse: int = 1) -> dict[str, str]:
@@ -220,11 +223,12 @@ class LowRankClone(nn.Module):
         head_dim = teacher_head_dim(cfg)
         outs = {"q": cfg.num_attention_heads * head_dim, "k": cfg.num_key_value_heads * head_dim,
                 "v": cfg.num_key_value_heads * head_dim, "o": cfg.num_attention_heads * head_dim,
-                "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size}
+                "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size,
+                "head": cfg.vocab_size}
         factored = {r for r, out in outs.items()
                     if tokens_per_micro_batch < factored_crossover_tokens(out, self.d_t, self.d_s, reuse)}
         self.set_factored(factored)
-        return {r: ("factored" if r in factored else "generated") for r in ROLES}
+        return {r: ("factored" if r in factored else "generated") for r in outs}
 
     # ------------------------------------------------------------------ structure
     @property
@@ -333,7 +337,7 @@ class LowRankClone(nn.Module):
         tensors back through the generation (one W_T^T @ dL/dW per projection instead of one per micro-batch).
         """
         weights = self.generate_weights()
-        head = self.student_head()
+        head = None if "head" in self.factored else self.student_head()
         reused, pairs = {}, []
         for name, w in weights.items():
             if w.requires_grad and not w.is_leaf:
@@ -342,8 +346,10 @@ class LowRankClone(nn.Module):
                 pairs.append((w, leaf))
             else:  # parameters (norm gains) and frozen teacher tensors pass through unchanged
                 reused[name] = w
-        head_leaf = head.detach().requires_grad_()
-        pairs.append((head, head_leaf))
+        head_leaf = None
+        if head is not None:
+            head_leaf = head.detach().requires_grad_()
+            pairs.append((head, head_leaf))
 
         def finish():
             live = [(w, leaf.grad) for w, leaf in pairs if leaf.grad is not None]
@@ -456,13 +462,18 @@ class LowRankClone(nn.Module):
                     handles.append(module.register_forward_hook(self._clone_hook(losses, t_acts, i, term, valid)))
             return handles
 
-        s_hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks)
-        head = student_head if student_head is not None else self.student_head()
-        t_head = gathered(self.teacher.get_submodule(self.family.head).weight) if w.kl != 0.0 else None
+        s_hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
+        if student_head is None and "head" in self.factored:
+            # logits = (h P^T) H_T^T: the loss sees a d_T-wide hidden state and the frozen teacher head
+            s_hidden = s_hidden @ (self.embed if self.tied else self.head).t()
+            head = self._teacher_head_matrix()
+        else:
+            head = student_head if student_head is not None else self.student_head()
+        t_head = self._teacher_head_matrix() if w.kl != 0.0 else None
         kl_mask = valid.reshape(-1) if valid is not None else torch.ones_like(labels.reshape(-1), dtype=torch.bool)
         loss_fn = kd_lm_loss if self.fused_loss else reference_kd_lm_loss
         lm, ce, kl = loss_fn(
-            s_hidden.reshape(-1, self.d_s),
+            s_hidden,
             head,
             t_hidden.reshape(-1, self.d_t) if w.kl != 0.0 else None,
             t_head,
@@ -484,6 +495,10 @@ class LowRankClone(nn.Module):
             for t in terms:
                 out_terms[f"clone/{t}"] = sum(v.detach() for (_, tt), v in losses.items() if tt == t)
         return CloneOutput(loss=total, terms=out_terms)
+
+    def _teacher_head_matrix(self) -> torch.Tensor:
+        """(V, d_T) teacher head (the embedding when tied), whole."""
+        return gathered(self.teacher.get_submodule(self.family.head).weight)
 
     def _clone_hook(self, losses, t_acts, i, term, valid):
         proj = self.layers[i]

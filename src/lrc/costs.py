@@ -1,31 +1,42 @@
-"""The cost model of spec section 5: generated vs factored student matrices.
+"""The cost model of spec section 5: generated vs factored student matrices, in training FLOPs.
 
-A student matrix W_S = W_T @ P (out x d_S) can be *generated* once (2 * out * d_T * d_S FLOPs) and then
-applied to N tokens (2 * N * out * d_S), or applied *factored* as W_T (P x) without ever forming it
-(2 * N * d_T * (d_S + out)). Backward roughly doubles both sides alike, so the forward counts decide.
-Generation is shared by every micro-batch of an optimizer step (`LowRankClone.step_weights`), so with
-`reuse` micro-batches its cost is divided by `reuse`.
+A student matrix W_S = W_T @ P (out x d_S, W_T frozen) can be *generated* once per optimizer step and then
+applied to N tokens, or applied *factored* as W_T (P x) without ever forming it. Counting forward and
+backward (multiply-adds x 2):
+
+- generated: forming W_S (2 out d_T d_S) and sending its gradient back to P (2 out d_T d_S), shared by the
+  `reuse` micro-batches of a step (`LowRankClone.step_weights`); per micro-batch the ordinary
+  6 N out d_S of a trained linear (forward, input gradient, weight gradient).
+- factored: through the frozen W_T only forward and input gradient (4 N out d_T: no weight gradient), and
+  6 N d_T d_S through P.
+
+The same holds for the output-side roles (o, down: W_S = P^T W_T) with `out` the width of their input, and
+for the LM head (out = vocabulary). A wide head is often cheaper factored at any token count: generating it
+needs the (V x d_S) weight gradient over all tokens, the factored form only the narrow (N x d_T) one.
 """
 
 from __future__ import annotations
 
 
 def generated_flops(n_tokens: int, out: int, d_t: int, d_s: int, reuse: int = 1) -> float:
-    return 2.0 * out * d_t * d_s / reuse + 2.0 * n_tokens * out * d_s
+    return 4.0 * out * d_t * d_s / reuse + 6.0 * n_tokens * out * d_s
 
 
 def factored_flops(n_tokens: int, out: int, d_t: int, d_s: int) -> float:
-    return 2.0 * n_tokens * d_t * (d_s + out)
+    return 4.0 * n_tokens * out * d_t + 6.0 * n_tokens * d_t * d_s
 
 
 def factored_crossover_tokens(out: int, d_t: int, d_s: int, reuse: int = 1) -> float:
-    """Tokens per micro-batch below which the factored form is cheaper than generating the matrix."""
-    # out*d_T*d_S/reuse + N*out*d_S = N*d_T*(d_S+out)  =>  N = out*d_T*d_S / (reuse * (d_T*d_S + out*(d_T-d_S)))
-    return out * d_t * d_s / (reuse * (d_t * d_s + out * (d_t - d_s)))
+    """Tokens per micro-batch below which the factored form is cheaper (inf: it always is)."""
+    # 4 out d_T d_S / reuse = N (4 out d_T + 6 d_T d_S - 6 out d_S)
+    per_token = 4.0 * out * d_t + 6.0 * d_t * d_s - 6.0 * out * d_s
+    if per_token <= 0:
+        return float("inf")
+    return 4.0 * out * d_t * d_s / (reuse * per_token)
 
 
 def crossover_table(d_t: int, d_s: int, ffn: int, q_out: int, kv_out: int, vocab: int) -> dict[str, float]:
-    """Crossover token counts per role (o and down compress the output side: out and d_T swap roles)."""
+    """Crossover token counts per role (o and down compress the output side: out is their input width)."""
     return {
         "q": factored_crossover_tokens(q_out, d_t, d_s),
         "k/v": factored_crossover_tokens(kv_out, d_t, d_s),

@@ -98,8 +98,9 @@ class _FusedKDLMLoss(torch.autograd.Function):
         # What the CE sum is divided by in the loss (the logged CE is always the local mean).
         ce_den = n_ce if ce_den is None else torch.as_tensor(ce_den, dtype=acc)
         want_grad = s_hidden.requires_grad or s_head.requires_grad
-        grad_h = torch.zeros_like(s_hidden, dtype=acc) if want_grad else None
-        grad_w = torch.zeros_like(s_head, dtype=acc) if want_grad else None
+        # A frozen head (the teacher's, for a factored student head) needs no (V x d) gradient.
+        grad_h = torch.zeros_like(s_hidden, dtype=acc) if s_hidden.requires_grad else None
+        grad_w = torch.zeros_like(s_head, dtype=acc) if s_head.requires_grad else None
         ce_total = s_hidden.new_zeros((), dtype=acc)
         kl_total = s_hidden.new_zeros((), dtype=acc)
         use_kl = kl_w != 0.0 and t_hidden is not None
@@ -118,8 +119,10 @@ class _FusedKDLMLoss(torch.autograd.Function):
             kl_total += kl_sum
             if dz is not None:
                 dz = dz.to(h.dtype)
-                grad_h[sl] = dz @ s_head
-                grad_w += dz.t() @ h
+                if grad_h is not None:
+                    grad_h[sl] = dz @ s_head
+                if grad_w is not None:
+                    grad_w += dz.t() @ h
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (s_hidden.dtype, s_head.dtype)
         ce = ce_total / n_ce
