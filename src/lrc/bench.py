@@ -116,6 +116,17 @@ def _setup(shape_name: str, accum: int, variants, precision: str = "auto"):
     return {v: make(v) for v in variants}, sync, info
 
 
+def cost_floor(shape_name: str, accum: int) -> float:
+    """The cost model's lowest possible overhead for this shape (`lrc.costs.lrc_step_floor`)."""
+    from lrc.costs import lrc_step_floor
+
+    s = SHAPES[shape_name]
+    head_dim = s["hidden"] // s["heads"]
+    q, kv = s["heads"] * head_dim, s["kv"] * head_dim
+    outs = [q, kv, kv, q, s["ffn"], s["ffn"], s["ffn"]]
+    return lrc_step_floor(s["batch"] * s["seq"], s["hidden"], s["d_s"], outs, s["vocab"], s["layers"], reuse=accum)
+
+
 def measure(shape_name: str, accum: int, variant: str, steps: int, precision: str = "auto") -> dict:
     """Median step time and peak memory of one variant alone (run it in a fresh process for the memory)."""
     steps_by_variant, sync, info = _setup(shape_name, accum, [variant], precision)
@@ -175,12 +186,14 @@ def run_bench(shapes=("small", "large"), steps: int = 3, accums=(1, 4)) -> list[
                 row[f"{v}_s"] = res[v]["seconds"]
                 row[f"{v}_peak_mib"] = res[v]["peak_bytes"] / 2**20
             row["overhead"] = res["lrc"]["seconds"] / base
+            row["floor"] = cost_floor(shape, accum)
             row["overhead_naive"] = res["lrc_naive"]["seconds"] / base
             row["lrc_tokens_per_s"] = row["tokens"] / res["lrc"]["seconds"]
             row["naive_tokens_per_s"] = row["tokens"] / res["lrc_naive"]["seconds"]
             row["student_tokens_per_s"] = row["tokens"] / res["student_step"]["seconds"]
             rows.append(row)
-            print(f"{shape:5s} accum {accum}: overhead {row['overhead']:.2f} (naive {row['overhead_naive']:.2f}) | "
+            print(f"{shape:5s} accum {accum}: overhead {row['overhead']:.2f} (naive {row['overhead_naive']:.2f}, "
+                  f"FLOP floor {row['floor']:.2f}) | "
                   f"LRC {row['lrc_tokens_per_s']:,.0f} tok/s (naive {row['naive_tokens_per_s']:,.0f}), plain "
                   f"student step {row['student_tokens_per_s']:,.0f} tok/s | teacher fwd {row['teacher_fwd_s']:.3f}s "
                   f"+ student step {row['student_step_s']:.3f}s vs LRC {row['lrc_s']:.3f}s | peak MiB: LRC "

@@ -45,3 +45,19 @@ def crossover_table(d_t: int, d_s: int, ffn: int, q_out: int, kv_out: int, vocab
         "down": factored_crossover_tokens(ffn, d_t, d_s),
         "head": factored_crossover_tokens(vocab, d_t, d_s),
     }
+
+
+def lrc_step_floor(n_tokens: int, d_t: int, d_s: int, role_outs: list[int], vocab: int, layers: int,
+                   reuse: int = 1, projected_clone_terms: int = 2) -> float:
+    """The overhead an LRC step cannot go below by this model: matrix-product FLOPs of (teacher forward +
+    the cheaper form of every student matrix + teacher outputs projected as clone targets) over those of
+    (teacher forward + ordinary training step of the student). Attention scores and element-wise work are
+    left out of both sides. role_outs: the `out` of each of a layer's seven roles (see module docstring)."""
+    teacher = 2.0 * n_tokens * d_t * (layers * sum(role_outs) + vocab)
+    student = 6.0 * n_tokens * d_s * (layers * sum(role_outs) + vocab)
+    matrices = layers * sum(min(generated_flops(n_tokens, o, d_t, d_s, reuse), factored_flops(n_tokens, o, d_t, d_s))
+                            for o in role_outs)
+    head = min(generated_flops(n_tokens, vocab, d_t, d_s, reuse), factored_flops(n_tokens, vocab, d_t, d_s))
+    # attention / FFN outputs of the teacher @ P_o / P_down: forward and the gradient to P
+    targets = layers * projected_clone_terms * 4.0 * n_tokens * d_t * d_s
+    return (teacher + matrices + head + targets) / (teacher + student)
