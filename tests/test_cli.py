@@ -298,9 +298,9 @@ def test_sigkill_then_resume_matches(tmp_path, teacher, datasets, cache_dir, str
 # ------------------------------------------------------------------------------------------- torchrun
 
 
-PARALLEL = {
-    "ddp": (),
-    # The teacher sharded with FSDP2, the generated weights reused over two micro-batches.
+PARALLEL = {  # both with the generated weights reused over two micro-batches
+    "ddp": ("--grad-accum", "2"),
+    # the teacher sharded with FSDP2
     "fsdp": ("--parallel", "fsdp", "--grad-accum", "2"),
 }
 
@@ -324,7 +324,7 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, datasets,
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["tokens"] for r in b] == [r["tokens"] for r in a]
     for ra, rb in zip(a, b, strict=True):
-        for k in ("loss", "ce", "kl", "clone"):
+        for k in ("loss", "ce", "kl", "clone", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4), (rb["step"], k)
     for ra, rb in zip(records(single, "val"), records(out, "val"), strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)

@@ -1,7 +1,9 @@
 """Process-group set-up for torchrun, kept apart from the model and the loop.
 
 One process without torchrun is rank 0 of 1. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) we join the
-group (NCCL on CUDA, gloo on CPU) and wrap the model in DDP; only rank 0 writes files and prints.
+group (NCCL on CUDA, gloo on CPU); baselines are wrapped in DDP, while the LRC trainables are kept in step
+by hand (`broadcast_from_rank0`, `average_gradients`) because their gradients arrive only at the end of an
+optimizer step. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -70,6 +72,25 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def broadcast_from_rank0(params: list[torch.Tensor], info: DistInfo) -> None:
+    """Make replicated parameters identical on every rank (rank 0's values), as DDP does when it wraps."""
+    if info.enabled:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p, src=0)
+
+
+def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
+    """Average the gradients of replicated parameters over all ranks, in place (no flat copy: for a large
+    teacher the projections' gradients run to gigabytes)."""
+    if not info.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+        work.wait()
+    torch._foreach_div_(grads, float(info.world_size))
 
 
 def wrap_data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:

@@ -7,8 +7,8 @@ all-gather. `project_*` gather a second time in backward rather than keep the fu
 forward to the backward (the gradient of P in W_T @ P needs W_T), so at most one teacher matrix is whole at a
 time. With an unsharded teacher they are plain matrix products.
 
-The trainable projections stay whole on every rank (small next to the teacher); `average_gradients`
-averages their gradients once per optimizer step.
+The trainable projections stay whole on every rank (small next to the teacher); the trainer averages
+their gradients once per optimizer step (`distributed.average_gradients`), as it does under ddp.
 """
 
 from __future__ import annotations
@@ -90,17 +90,3 @@ def project_output(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     if isinstance(w, DTensor):
         return _ProjectSharded.apply(p, w.full_tensor, False)
     return p.t() @ w
-
-
-def average_gradients(params: list[torch.Tensor]) -> None:
-    """Average the gradients of replicated parameters over all ranks with one all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()

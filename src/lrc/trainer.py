@@ -38,6 +38,8 @@ from lrc.data import (
 from lrc.distributed import (
     DistInfo,
     all_reduce_sum,
+    average_gradients,
+    broadcast_from_rank0,
     cleanup,
     init_distributed,
     resolve_precision,
@@ -46,7 +48,6 @@ from lrc.distributed import (
 from lrc.errors import UserError
 from lrc.losses import IGNORE_INDEX
 from lrc.schedule import lr_factor
-from lrc.sharding import average_gradients
 
 
 def print0(info: DistInfo, *args, **kw):
@@ -393,17 +394,19 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, info.is_main, truncate_after=step if resume else None)
-    # fsdp keeps the trainable parameters whole on every rank and averages their gradients itself.
-    model = method if sharded else wrap_data_parallel(method, info)
-    # Generate the student once per optimizer step and reuse it across micro-batches (not under DDP:
-    # there gradients must reach the parameters inside each backward for the all-reduce hooks).
+    # LRC generates the student once per optimizer step and reuses it across micro-batches, so gradients
+    # reach the projections only when the step's last backward has run: DDP's per-backward hooks cannot
+    # serve, and `average_gradients` averages them over ranks instead (ddp and fsdp alike). The baselines
+    # are ordinary models under DDP.
     from lrc.clone import LowRankClone
 
-    reuse_weights = isinstance(method, LowRankClone) and (not info.enabled or sharded)
+    is_lrc = isinstance(method, LowRankClone)
+    model = method if is_lrc else wrap_data_parallel(method, info)
+    if is_lrc:
+        broadcast_from_rank0(params, info)
     plan = None
-    if isinstance(method, LowRankClone) and not sharded:  # factored roles would hold whole teacher matrices
-        reuse = cfg.grad_accum if reuse_weights else 1
-        plan = method.plan_projections(cfg.batch_size * cfg.seq_len, reuse=reuse)
+    if is_lrc and not sharded:  # factored roles would hold whole teacher matrices
+        plan = method.plan_projections(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum)
     n_params = sum(p.numel() for p in params)
     print0(info, f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
                  f"hidden {cfg.hidden_size}; {n_params:,} trainable parameters; {len(prep.train):,} training "
@@ -442,14 +445,14 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
             n_lab = float(all_reduce_sum(torch.tensor(float(n_lab_local), device=device), info))
             sums: dict[str, float] = {}
             extra, finish = {}, None
-            if reuse_weights and len(micro) > 1:
+            if is_lrc and len(micro) > 1:
                 with _autocast(cfg, device):
                     weights, head, finish = method.step_weights()
                 extra = {"student_weights": weights, "student_head": head}
             for j, b in enumerate(micro):
                 b = _to(b, device)
                 sync = contextlib.nullcontext()
-                if info.enabled and not sharded and j < len(micro) - 1:
+                if model is not method and j < len(micro) - 1:
                     sync = model.no_sync()
                 with sync:
                     with _autocast(cfg, device):
@@ -462,8 +465,8 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
                     sums[k] = sums.get(k, 0.0) + float(v) * w
             if finish is not None:
                 finish()
-            if sharded:
-                average_gradients(params)
+            if is_lrc:
+                average_gradients(params, info)
             keys = sorted(sums)
             vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
             terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}
