@@ -410,6 +410,7 @@ def test_hub_dataset_is_read_and_cached(tmp_path, tokenizer, monkeypatch):
     sources = resolve_data_files(["owner/tiny:en"])
     assert sources == [HubDataset("owner/tiny", "en", "train")] and calls == [("owner/tiny", "en", "train")]
     assert list(iter_documents(sources)) == DOCS
+    assert build_packed_dataset(sources, tokenizer, seq_len=8).tokens.size and len(calls) == 1  # not reloaded
 
     cache = tmp_path / "cache"
     first = build_packed_dataset(["owner/tiny:en"], tokenizer, seq_len=8, cache_dir=cache)

@@ -30,8 +30,8 @@ Other trade-offs:
   unchanged is not noticed. Stale cache files are never deleted automatically.
 * A hub dataset is keyed on its id, config, split and the fingerprint `datasets` gives the loaded split
   (a hash of its cache folder's name, which changes with a new revision of the dataset). It is loaded
-  when the paths are resolved, so that a missing one fails early, and again (from `datasets`' cache)
-  when `build_packed_dataset` resolves the same paths.
+  when the paths are resolved, so that a missing one fails early; `build_packed_dataset` given the
+  resolved sources reads the loaded split instead of loading it again.
 * The key does not include `seq_len`: the token stream does not depend on it, so changing the sequence
   length reuses the cache.
 * The tail of the stream that does not fill a whole sequence is dropped.
@@ -233,7 +233,7 @@ def _walk_folder(folder: Path, found: list[Path], skipped: list[Path]) -> None:
                 skipped.append(entry)
 
 
-def resolve_data_files(paths: list[str]) -> list[DataSource]:
+def resolve_data_files(paths: list[str | DataSource]) -> list[DataSource]:
     """Expand user-given data paths into the list of data files to read, in a deterministic order.
 
     Each path may be a data file (.txt, .md, .text, .jsonl, .json, .parquet), a folder written by
@@ -257,6 +257,9 @@ def resolve_data_files(paths: list[str]) -> list[DataSource]:
     found: list[DataSource] = []
     skipped: list[Path] = []
     for raw in paths:
+        if isinstance(raw, HubDataset):  # resolved before (e.g. by the trainer's checks): not loaded twice
+            found.append(raw if raw.dataset is not None else _load_hub_dataset(raw))
+            continue
         path = Path(raw).expanduser()
         if not path.exists():
             hub = parse_hub_id(raw)
@@ -635,7 +638,7 @@ def _check_stream(
 
 
 def build_packed_dataset(
-    paths: list[str],
+    paths: list[str | DataSource],
     tokenizer: Any,
     seq_len: int,
     cache_dir: Path | None = None,

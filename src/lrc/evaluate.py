@@ -73,7 +73,7 @@ def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_
     files = resolve_data_files(data)
     model, tokenizer, run_seq_len = load_for_eval(path, device)
     seq_len = seq_len or run_seq_len or 512
-    ds = build_packed_dataset([str(f) for f in files], tokenizer, seq_len, cache_dir=cache_dir,
+    ds = build_packed_dataset(files, tokenizer, seq_len, cache_dir=cache_dir,
                               text_field=text_field)
     result = model_loss(model, ds, batch_size=batch_size, device=device)
     result["parameters"] = sum(p.numel() for p in model.parameters())

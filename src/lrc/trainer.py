@@ -147,10 +147,10 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the teacher's tokenizer from {cfg.teacher}: {str(e).splitlines()[0]}") from None
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    ds = build_packed_dataset([str(p) for p in train_files], tokenizer, cfg.seq_len, cache_dir=cache,
+    ds = build_packed_dataset(train_files, tokenizer, cfg.seq_len, cache_dir=cache,
                               text_field=cfg.text_field)
     if val_files:
-        train, val = ds, build_packed_dataset([str(p) for p in val_files], tokenizer, cfg.seq_len,
+        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len,
                                               cache_dir=cache, text_field=cfg.text_field)
     elif cfg.val_fraction > 0:
         train, val = split_holdout(ds, cfg.val_fraction)
