@@ -72,3 +72,18 @@ def test_lrc_ablations_switch_terms_off():
     terms = model(ids, position_ids=pos).terms
     assert "clone/q" in terms and not {"clone/gate", "clone/up", "clone/ffn_out"} & set(terms)
     assert terms["kl"] == 0
+
+
+def test_held_out_batches_in_lockstep_for_a_sharded_teacher():
+    from lrc.distributed import DistInfo
+    from lrc.trainer import eval_batches
+
+    # 7 sequences, 2 ranks, batches of 2: rank 0 has 4 sequences (2 batches), rank 1 has 3 (2 batches),
+    # with 5 sequences rank 1 has 2 (1 batch) and must run one more, uncounted, forward in lockstep.
+    r0, r1 = DistInfo(rank=0, world_size=2), DistInfo(rank=1, world_size=2)
+    assert eval_batches(7, 2, 10, r0) == [([0, 2], True), ([4, 6], True)]
+    assert eval_batches(7, 2, 10, r1) == [([1, 3], True), ([5], True)]
+    assert eval_batches(5, 2, 10, r1) == [([1, 3], True)]
+    assert eval_batches(5, 2, 10, r1, lockstep=True) == [([1, 3], True), ([0, 2], False)]
+    assert len(eval_batches(5, 2, 10, r0, lockstep=True)) == 2
+    assert eval_batches(100, 2, 1, r1, lockstep=True) == [([1, 3], True)]  # max_batches caps both ranks

@@ -212,6 +212,20 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def eval_batches(n: int, batch_size: int, max_batches: int, info: DistInfo, lockstep: bool = False):
+    """(sequence indices, counted) of this rank's held-out batches: every world_size-th sequence from its
+    rank, at most max_batches batches. lockstep: pad with uncounted repeats up to rank 0's count."""
+    def share(rank):
+        return list(range(rank, n, info.world_size))[: max_batches * batch_size]
+
+    indices = share(info.rank)
+    batches = [(indices[s:s + batch_size], True) for s in range(0, len(indices), batch_size)]
+    if lockstep:
+        most = math.ceil(len(share(0)) / batch_size)
+        batches += [(share(0)[:batch_size], False)] * (most - len(batches))
+    return batches
+
+
 @torch.no_grad()
 def evaluate(method, val: PackedDataset, cfg: RunConfig, device, info: DistInfo, max_batches: int,
              lockstep: bool = False) -> dict:
@@ -226,14 +240,7 @@ def evaluate(method, val: PackedDataset, cfg: RunConfig, device, info: DistInfo,
     kl_sum = torch.zeros((), dtype=torch.float64)
     n_lab = torch.zeros((), dtype=torch.float64)
     n_tok = torch.zeros((), dtype=torch.float64)
-    n, bs = len(val), cfg.batch_size
-    share = lambda rank: list(range(rank, n, info.world_size))[: max_batches * bs]  # noqa: E731
-    indices = share(info.rank)
-    batches = [(indices[s:s + bs], True) for s in range(0, len(indices), bs)]
-    if lockstep:
-        most = math.ceil(len(share(0)) / bs)
-        batches += [(share(0)[:bs], False)] * (most - len(batches))
-    for chosen, counted in batches:
+    for chosen, counted in eval_batches(len(val), cfg.batch_size, max_batches, info, lockstep):
         batch = _to(collate([val.get(i) for i in chosen]), device)
         with _autocast(cfg, device):
             out = method(**batch)
