@@ -298,15 +298,23 @@ def test_sigkill_then_resume_matches(tmp_path, teacher, datasets, cache_dir, str
 # ------------------------------------------------------------------------------------------- torchrun
 
 
-PARALLEL = {  # both with the generated weights reused over two micro-batches
+PARALLEL = {  # all with the generated weights reused over two micro-batches
     "ddp": ("--grad-accum", "2"),
-    # the teacher sharded with FSDP2
+    # the teacher sharded with FSDP2: untied Llama, and tied Qwen3 (head = embedding shards, q/k norms)
     "fsdp": ("--parallel", "fsdp", "--grad-accum", "2"),
+    "fsdp-qwen3-tied": ("--parallel", "fsdp", "--grad-accum", "2"),
 }
 
 
+@pytest.fixture(scope="module")
+def qwen3_tied_teacher(tmp_path_factory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "qwen3", "qwen3", tied=True)
+
+
 @pytest.mark.parametrize("parallel", sorted(PARALLEL))
-def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, datasets, cache_dir):
+def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, qwen3_tied_teacher, datasets, cache_dir):
+    if parallel == "fsdp-qwen3-tied":
+        teacher = qwen3_tied_teacher
     steps = ("--max-steps", "4", "--save-every", "2", "--eval-every", "2", *PARALLEL[parallel])
     single = distill(teacher, datasets["txt"], tmp_path / "single", "--batch-size", "8", *steps)
 
@@ -316,7 +324,7 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, datasets,
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(cache_dir), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("done: 4 steps") == 1, proc.stdout  # rank 0 prints, rank 1 does not
-    if parallel == "fsdp":  # each process holds half of the teacher (up to padding of odd shapes)
+    if parallel.startswith("fsdp"):  # each process holds half of the teacher (up to padding of odd shapes)
         held, whole = (float(x) for x in re.search(r"([\d.,]+) MiB of ([\d.,]+) MiB", proc.stdout).groups())
         assert held == pytest.approx(whole / 2, rel=0.02), proc.stdout
 
