@@ -26,6 +26,8 @@ import torch
 SHAPES = {
     "small": dict(hidden=256, layers=4, heads=4, kv=4, ffn=768, vocab=4096, seq=256, d_s=128, batch=4),
     "large": dict(hidden=1024, layers=8, heads=16, kv=4, ffn=2816, vocab=32000, seq=512, d_s=512, batch=1),
+    # the large shape at 8 sequences per micro-batch: how the overhead falls with tokens per micro-batch
+    "large-b8": dict(hidden=1024, layers=8, heads=16, kv=4, ffn=2816, vocab=32000, seq=512, d_s=512, batch=8),
     # for the loss-memory benchmark: a small model whose memory is dominated by the vocabulary
     "vocab32k": dict(hidden=128, layers=2, heads=4, kv=2, ffn=384, vocab=32000, seq=2048, d_s=64, batch=1),
     "vocab128k": dict(hidden=128, layers=2, heads=4, kv=2, ffn=384, vocab=128256, seq=2048, d_s=64, batch=1),

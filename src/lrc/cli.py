@@ -81,8 +81,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lrc.bench import run_bench
+    from lrc.bench import SHAPES, run_bench
 
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        raise UserError(f"unknown bench shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    if args.steps < 1 or any(a < 1 for a in args.accum):
+        raise UserError("--steps and --accum must be positive integers")
     rows = run_bench(shapes=args.shapes, steps=args.steps, accums=args.accum)
     if args.json:
         print(json.dumps(rows))
@@ -136,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="overhead of an LRC step against teacher forward + plain training",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--shapes", nargs="+", default=["small", "large"], help="shapes to measure")
+    b.add_argument("--shapes", nargs="+", default=["small", "large"],
+                   help="shapes to measure: small, large, large-b8 (see lrc.bench.SHAPES)")
     b.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (median)")
     b.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="gradient-accumulation settings")
     b.add_argument("--json", action="store_true", help="also print all rows as JSON")
