@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 python -m pip install -q --upgrade pip >/dev/null
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    python -m pip install -q "torch>=2.4"
+    python -m pip install -q "torch>=2.6"
   else
     # torch alone from pip's find-links (no index): fails fast where no such wheel lies on disk; its
     # dependencies come with the package install below.
