@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support: nothing is ever sharded
+
+    class DTensor:  # type: ignore[no-redef]
+        pass
 
 
 def is_sharded(t: torch.Tensor) -> bool:
