@@ -463,13 +463,17 @@ class LowRankClone(nn.Module):
             return handles
 
         s_hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
-        if student_head is None and "head" in self.factored:
+        factored_head = student_head is None and "head" in self.factored
+        # (V, d_T) teacher head (the embedding when tied), gathered once when sharded
+        teacher_head = (gathered(self.teacher.get_submodule(self.family.head).weight)
+                        if factored_head or w.kl != 0.0 else None)
+        if factored_head:
             # logits = (h P^T) H_T^T: the loss sees a d_T-wide hidden state and the frozen teacher head
             s_hidden = s_hidden @ (self.embed if self.tied else self.head).t()
-            head = self._teacher_head_matrix()
+            head = teacher_head
         else:
             head = student_head if student_head is not None else self.student_head()
-        t_head = self._teacher_head_matrix() if w.kl != 0.0 else None
+        t_head = teacher_head if w.kl != 0.0 else None
         kl_mask = valid.reshape(-1) if valid is not None else torch.ones_like(labels.reshape(-1), dtype=torch.bool)
         loss_fn = kd_lm_loss if self.fused_loss else reference_kd_lm_loss
         lm, ce, kl = loss_fn(
@@ -495,10 +499,6 @@ class LowRankClone(nn.Module):
             for t in terms:
                 out_terms[f"clone/{t}"] = sum(v.detach() for (_, tt), v in losses.items() if tt == t)
         return CloneOutput(loss=total, terms=out_terms)
-
-    def _teacher_head_matrix(self) -> torch.Tensor:
-        """(V, d_T) teacher head (the embedding when tied), whole."""
-        return gathered(self.teacher.get_submodule(self.family.head).weight)
 
     def _clone_hook(self, losses, t_acts, i, term, valid):
         proj = self.layers[i]

@@ -35,18 +35,6 @@ def factored_crossover_tokens(out: int, d_t: int, d_s: int, reuse: int = 1) -> f
     return 4.0 * out * d_t * d_s / (reuse * per_token)
 
 
-def crossover_table(d_t: int, d_s: int, ffn: int, q_out: int, kv_out: int, vocab: int) -> dict[str, float]:
-    """Crossover token counts per role (o and down compress the output side: out is their input width)."""
-    return {
-        "q": factored_crossover_tokens(q_out, d_t, d_s),
-        "k/v": factored_crossover_tokens(kv_out, d_t, d_s),
-        "gate/up": factored_crossover_tokens(ffn, d_t, d_s),
-        "o": factored_crossover_tokens(q_out, d_t, d_s),
-        "down": factored_crossover_tokens(ffn, d_t, d_s),
-        "head": factored_crossover_tokens(vocab, d_t, d_s),
-    }
-
-
 def lrc_step_floor(n_tokens: int, d_t: int, d_s: int, role_outs: list[int], vocab: int, layers: int,
                    reuse: int = 1, projected_clone_terms: int = 2) -> float:
     """The overhead an LRC step cannot go below by this model: matrix-product FLOPs of (teacher forward +
