@@ -115,7 +115,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 
     with pytest.raises(SystemExit):
         main(["export", "--help"])
-    assert "(default: float32)" in capsys.readouterr().out
+    assert "(default: the dtype the teacher is stored in)" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -303,6 +303,8 @@ PARALLEL = {  # all with the generated weights reused over two micro-batches
     # the teacher sharded with FSDP2: untied Llama, and tied Qwen3 (head = embedding shards, q/k norms)
     "fsdp": ("--parallel", "fsdp", "--grad-accum", "2"),
     "fsdp-qwen3-tied": ("--parallel", "fsdp", "--grad-accum", "2"),
+    # a teacher stored in bf16 computing in fp32: FSDP2's mixed-precision policy casts each gathered layer
+    "fsdp-bf16-teacher": ("--parallel", "fsdp", "--grad-accum", "2", "--teacher-dtype", "bfloat16"),
 }
 
 

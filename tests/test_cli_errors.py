@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from helpers import corpus, save_teacher, write_data
 
 from lrc.cli import main
+from lrc.config import FIELDS, RANGES, RunConfig, _parse_type, validate
 
 COMMON = ["--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1"]
@@ -136,6 +138,112 @@ def test_teacher_of_unsupported_family(capsys, tmp_path, data):
     assert_user_error(capsys, distill_argv(path, data, out), "'gpt2'", "not supported", untouched=out)
 
 
+# ------------------------------------------------------------------------------------------- damaged teacher files
+
+
+def damaged_copy(teacher: Path, tmp_path: Path, name: str, damage) -> tuple[Path, Path]:
+    """A copy of the saved teacher whose file `name` was passed through `damage(bytes) -> bytes`."""
+    path = tmp_path / "teacher"
+    shutil.copytree(teacher, path)
+    f = path / name
+    f.write_bytes(damage(f.read_bytes()))
+    return path, f
+
+
+DAMAGE = {
+    "truncated": lambda b: b[: len(b) // 2],  # an interrupted download
+    "tail-cut": lambda b: b[:-8],
+    "garbage": lambda b: b"\x00garbage" * 64,
+    "empty": lambda b: b"",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_teacher_safetensors(capsys, tmp_path, teacher, data, damage):
+    path, f = damaged_copy(teacher, tmp_path, "model.safetensors", DAMAGE[damage])
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), str(f), "damaged", "download or save the model again",
+                      untouched=out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_teacher_pytorch_bin(capsys, tmp_path, teacher, data, damage):
+    # torch.load's failures: RuntimeError (zip reader), UnpicklingError (weights-only unpickler), EOFError
+    import torch
+    from safetensors.torch import load_file
+
+    path = tmp_path / "teacher"
+    shutil.copytree(teacher, path)
+    torch.save(load_file(str(path / "model.safetensors")), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    f = path / "pytorch_model.bin"
+    f.write_bytes(DAMAGE[damage](f.read_bytes()))
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), "cannot load teacher weights", str(f),
+                      untouched=out)
+
+
+def test_teacher_weights_of_another_model(capsys, tmp_path, teacher, data):
+    # transformers would fill the missing tensors with random values and only warn: a random teacher
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "teacher"
+    shutil.copytree(teacher, path)
+    save_file({"encoder.weight": torch.zeros(4, 4)}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), str(path), "do not match its config.json",
+                      "missing tensors", untouched=out)
+
+
+def test_sharded_teacher_with_a_missing_shard(capsys, tmp_path, teacher, data):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "teacher"
+    shutil.copytree(teacher, path)
+    (path / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(teacher).save_pretrained(path, max_shard_size="50KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), str(shards[1]), "missing",
+                      "model.safetensors.index.json", untouched=out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_teacher_config(capsys, tmp_path, teacher, data, damage):
+    path, f = damaged_copy(teacher, tmp_path, "config.json", DAMAGE[damage])
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), str(f), "not valid JSON", untouched=out)
+
+
+@pytest.mark.parametrize("name,damage", [("tokenizer.json", "truncated"), ("tokenizer.json", "garbage"),
+                                         ("tokenizer_config.json", "truncated")])
+def test_damaged_teacher_tokenizer(capsys, tmp_path, teacher, data, name, damage):
+    path, f = damaged_copy(teacher, tmp_path, name, DAMAGE[damage])
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), str(f), "tokenizer", "damaged", untouched=out)
+
+
+def test_tokenizer_json_of_the_wrong_shape(capsys, tmp_path, teacher, data):
+    # valid JSON, but not a tokenizer: the tokenizers library's own error, still one line
+    path, f = damaged_copy(teacher, tmp_path, "tokenizer.json", lambda b: b'{"version": "1.0"}')
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), "cannot load the teacher's tokenizer", str(path),
+                      untouched=out)
+
+
+def test_teacher_without_tokenizer_files(capsys, tmp_path, teacher, data):
+    path = tmp_path / "teacher"
+    shutil.copytree(teacher, path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(path, data, out), str(path), "has no tokenizer files",
+                      "copy the teacher's tokenizer", untouched=out)
+
+
 # ------------------------------------------------------------------------------------------- sizes
 
 
@@ -162,6 +270,97 @@ def test_fsdp_with_a_baseline_method(capsys, tmp_path, teacher, data):
     out = tmp_path / "out"
     assert_user_error(capsys, distill_argv(teacher, data, out, "--method", "kd", "--parallel", "fsdp"),
                       "--parallel fsdp", "--parallel ddp", untouched=out)
+
+
+# ------------------------------------------------------------------------------------------- numeric options
+
+# (option, bad value, the message's text): every numeric option of `lrc distill` out of its range, as typed.
+BAD_VALUES = [
+    ("--lr", "-1", "--lr must be > 0 (got -1.0)"),
+    ("--lr", "0", "--lr must be > 0 (got 0.0)"),
+    ("--lr", "nan", "--lr must be a finite number > 0 (got nan)"),
+    ("--lr", "inf", "--lr must be a finite number > 0 (got inf)"),
+    ("--warmup-ratio", "-0.1", "--warmup-ratio must be in [0, 1] (got -0.1)"),
+    ("--warmup-ratio", "1.5", "--warmup-ratio must be in [0, 1] (got 1.5)"),
+    ("--min-lr-ratio", "2", "--min-lr-ratio must be in [0, 1] (got 2.0)"),
+    ("--val-fraction", "1", "--val-fraction must be in [0, 1) (got 1.0)"),
+    ("--val-fraction", "-0.5", "--val-fraction must be in [0, 1) (got -0.5)"),
+    ("--adam-beta1", "1", "--adam-beta1 must be in [0, 1) (got 1.0)"),
+    ("--adam-beta2", "-0.1", "--adam-beta2 must be in [0, 1) (got -0.1)"),
+    ("--adam-beta2", "nan", "--adam-beta2 must be in [0, 1) (got nan)"),
+    ("--weight-decay", "-0.01", "--weight-decay must be >= 0 (got -0.01)"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number >= 0 (got inf)"),
+    ("--grad-clip", "-1", "--grad-clip must be >= 0 (got -1.0)"),
+    ("--grad-clip", "nan", "--grad-clip must be a finite number >= 0 (got nan)"),
+    ("--kl-temperature", "0", "--kl-temperature must be > 0 (got 0.0)"),
+    ("--kl-temperature", "-2", "--kl-temperature must be > 0 (got -2.0)"),
+    ("--ce-weight", "-1", "--ce-weight must be >= 0 (got -1.0)"),
+    ("--kl-weight", "nan", "--kl-weight must be a finite number >= 0 (got nan)"),
+    ("--clone-weight", "-0.2", "--clone-weight must be >= 0 (got -0.2)"),
+    *[(f"--clone-{term}", "-1", f"--clone-{term} must be >= 0 (got -1.0)")
+      for term in ("q", "k", "v", "attn-out", "gate", "up", "ffn-out")],
+    ("--clone-q", "inf", "--clone-q must be a finite number >= 0 (got inf)"),
+    ("--rms-norm-eps", "0", "--rms-norm-eps must be > 0 (got 0.0)"),
+    ("--rms-norm-eps", "-0.000001", "--rms-norm-eps must be > 0 (got -1e-06)"),  # argparse takes -1e-6 for an option
+    ("--batch-size", "0", "--batch-size must be a positive integer (got 0)"),
+    ("--batch-size", "-4", "--batch-size must be a positive integer (got -4)"),
+    ("--grad-accum", "0", "--grad-accum must be a positive integer (got 0)"),
+    ("--calib-batches", "0", "--calib-batches must be a positive integer (got 0)"),
+    ("--log-every", "0", "--log-every must be a positive integer (got 0)"),
+    ("--save-every", "0", "--save-every must be a positive integer (got 0)"),
+    ("--eval-batches", "0", "--eval-batches must be a positive integer (got 0)"),
+    ("--eval-every", "-1", "--eval-every must be >= 0 (got -1)"),
+    ("--keep-checkpoints", "-1", "--keep-checkpoints must be >= 0 (got -1)"),
+    ("--max-steps", "-1", "--max-steps must be >= 0 (got -1)"),
+    ("--max-tokens", "-5", "--max-tokens must be >= 0 (got -5)"),
+    ("--seq-len", "1", "--seq-len must be >= 2 (got 1)"),
+    ("--seq-len", "0", "--seq-len must be >= 2 (got 0)"),
+    ("--chunk-size", "-1", "--chunk-size must be >= 0 (got -1)"),
+    ("--seed", "-1", "--seed must be in [0, 18446744073709551615] (got -1)"),
+    ("--hidden-size", "-8", "--hidden-size must be a positive integer (got -8)"),
+]
+
+
+@pytest.mark.parametrize("option,value,message", BAD_VALUES, ids=[f"{o}={v}" for o, v, _ in BAD_VALUES])
+def test_numeric_option_out_of_range(capsys, tmp_path, teacher, data, option, value, message):
+    out = tmp_path / "out"
+    line = assert_user_error(capsys, distill_argv(teacher, data, out, option, value), message, untouched=out)
+    assert line == f"lrc: error: {message}"
+
+
+def test_every_numeric_option_has_a_range_and_a_bad_value_above():
+    numeric = {name for name in FIELDS if _parse_type(name) in (int, float)}
+    assert numeric == set(RANGES), "a numeric option without a range in lrc.config.RANGES (or a stale entry)"
+    swept = {option[2:].replace("-", "_") for option, _, _ in BAD_VALUES}
+    assert swept == numeric, f"options without a bad value in BAD_VALUES: {sorted(numeric - swept)}"
+
+
+def test_defaults_are_in_range():
+    validate(RunConfig())  # hidden_size, max_steps, ... None: not checked here
+
+
+def test_out_of_range_option_in_a_config_file(capsys, tmp_path, teacher, data):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: -1e-3\nwarmup_ratio: 0.01\n")
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(teacher, data, out, "--config", cfg), "--lr must be > 0 (got -0.001)",
+                      untouched=out)
+
+
+def test_out_of_range_option_on_resume(capsys, run_copy):
+    assert_user_error(capsys, ["distill", "--out", run_copy, "--resume", "--max-steps", "-4"],
+                      "--max-steps must be >= 0 (got -4)", untouched=run_copy)
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--lr", "abc", "invalid float value: 'abc'"),
+    ("--batch-size", "1.5", "invalid int value: '1.5'"),
+    ("--precision", "fp8", "invalid choice: 'fp8'"),
+    ("--learning-rate", "1e-3", "unrecognized arguments: --learning-rate"),
+])
+def test_unparseable_option_is_one_line(capsys, tmp_path, teacher, data, option, value, needle):
+    out = tmp_path / "out"
+    assert_user_error(capsys, distill_argv(teacher, data, out, option, value), needle, "--help`", untouched=out)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -261,6 +460,54 @@ def test_export_of_a_directory_that_is_not_a_run(capsys, tmp_path, teacher):
     model = tmp_path / "model"
     assert_user_error(capsys, ["export", teacher, "--out", model], str(teacher), "not an lrc run directory",
                       untouched=model)
+
+
+# ------------------------------------------------------------------------------------------- export and eval options
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16", ""])
+def test_export_with_an_unknown_dtype(capsys, run_copy, tmp_path, dtype):
+    model = tmp_path / "model"
+    assert_user_error(capsys, ["export", run_copy, "--out", model, "--dtype", dtype], "--dtype",
+                      "invalid choice", "'float32', 'bfloat16', 'float16'", untouched=model)
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--batch-size", "0", "--batch-size must be a positive integer (got 0)"),
+    ("--batch-size", "-1", "--batch-size must be a positive integer (got -1)"),
+    ("--seq-len", "1", "--seq-len must be >= 2 (got 1)"),
+    ("--seq-len", "-32", "--seq-len must be >= 2 (got -32)"),
+    ("--seq-len", "x", "argument --seq-len: invalid int value: 'x'"),
+    ("--device", "gpu", "auto, cpu, cuda or cuda:N"),
+])
+def test_eval_option_out_of_range(capsys, tmp_path, teacher, data, option, value, needle):
+    cache = tmp_path / "lrc-cache"  # nothing is tokenised (or cached) before the options are checked
+    assert_user_error(capsys, ["eval", teacher, "--data", data, option, value], needle, untouched=cache)
+    assert snapshot(teacher) is not None
+
+
+def test_eval_on_cuda_without_cuda(capsys, tmp_path, teacher, data):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_user_error(capsys, ["eval", teacher, "--data", data, "--device", "cuda"], "--device cuda",
+                      "CUDA is not available", untouched=tmp_path / "lrc-cache")
+
+
+def test_eval_of_a_model_with_damaged_weights(capsys, tmp_path, teacher, data):
+    path, f = damaged_copy(teacher, tmp_path, "model.safetensors", DAMAGE["truncated"])
+    assert_user_error(capsys, ["eval", path, "--data", data, "--device", "cpu"], str(f), "damaged",
+                      untouched=tmp_path / "lrc-cache")
+
+
+def test_eval_of_a_model_without_tokenizer(capsys, tmp_path, teacher, data):
+    path = tmp_path / "model"
+    shutil.copytree(teacher, path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    assert_user_error(capsys, ["eval", path, "--data", data, "--device", "cpu"], str(path),
+                      "has no tokenizer files", "lrc export", untouched=tmp_path / "lrc-cache")
 
 
 # ------------------------------------------------------------------------------------------- real process

@@ -61,7 +61,8 @@ def _teacher(shape):
 def _setup(shape_name: str, accum: int, variants, precision: str = "auto"):
     """One shared teacher and a step function per variant (closures over their own optimizer state)."""
     from lrc.clone import LowRankClone
-    from lrc.distributed import pick_device, resolve_precision
+    from lrc.distributed import pick_device
+    from lrc.precision import resolve_precision
     from lrc.students import DirectStudent, random_student
 
     shape = SHAPES[shape_name]

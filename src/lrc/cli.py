@@ -43,21 +43,27 @@ def cmd_export(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new --out")
     cfg, method, tokenizer, teacher = load_run(run, "cpu")
-    dtype = DTYPES[args.dtype]
+    # Default: the dtype the teacher is stored in (a bf16 teacher gives a bf16 student).
+    dtype = DTYPES[args.dtype] if hasattr(args, "dtype") else next(teacher.parameters()).dtype
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     with torch.no_grad():
         if cfg.method == "lrc":
             export_student(method, out, dtype=dtype, tokenizer=tokenizer,
                            generation_config=teacher.generation_config)
         else:
             method.export(out, dtype=dtype, tokenizer=tokenizer, generation_config=teacher.generation_config)
-    print(f"exported {cfg.method} student (hidden {cfg.hidden_size}, {args.dtype}) to {out}")
+    print(f"exported {cfg.method} student (hidden {cfg.hidden_size}, {dtype_name}) to {out}")
     return 0
 
 
 def cmd_eval(args) -> int:
+    from lrc.config import check_option
     from lrc.distributed import pick_device
     from lrc.evaluate import evaluate_path, lm_eval_tasks
 
+    check_option("batch_size", args.batch_size)
+    if args.seq_len is not None:
+        check_option("seq_len", args.seq_len)
     device = pick_device(args.device)
     result = evaluate_path(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                            device=device, text_field=args.text_field)
@@ -94,10 +100,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (an unknown option, `--lr abc`, `--dtype int8`) are UserErrors like any other
+    bad input: one line on stderr and exit status 2. Subcommand parsers inherit the class."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lrc.config import add_config_arguments
 
-    p = argparse.ArgumentParser(prog="lrc", description="Low-Rank Clone: distil a Hugging Face causal LM "
+    p = _Parser(prog="lrc", description="Low-Rank Clone: distil a Hugging Face causal LM "
                                 "into a smaller one whose weights are generated from the teacher's.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("run_dir", help="the --out of `lrc distill`")
     e.add_argument("--out", required=True, help="model directory to write (must be new or empty)")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weight dtype")
+    e.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (default: the dtype the teacher is stored in)")
     e.set_defaults(fn=cmd_export)
 
     v = sub.add_parser("eval", help="held-out loss and perplexity of a model, run or teacher",
@@ -152,11 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress lines are enough
     try:
+        args = parser.parse_args(argv)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress lines are enough
         return args.fn(args)
     except UserError as e:
         msg = " ".join(str(e).split())

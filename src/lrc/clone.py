@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from lrc.errors import UserError
 from lrc.families import INPUT_SIDE, ROLES, Family, family_for
 from lrc.losses import IGNORE_INDEX, kd_lm_loss, masked_mse, reference_kd_lm_loss
+from lrc.precision import for_product
 from lrc.sharding import gathered, is_sharded, project_input, project_output
 
 # clone term -> the teacher/student module whose output it compares (relative to a decoder layer)
@@ -114,9 +115,32 @@ class FactoredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.side == "input":  # (.., d_S) -> (.., d_T) -> (.., out)
-            return F.linear(F.linear(x, self.proj), self.teacher_weight, self.bias)
+            h = F.linear(x, self.proj)
+            return frozen_linear(h, self.teacher_weight, self.bias)
         # (.., in) -> (.., d_T) (+ teacher bias) -> (.., d_S)
-        return F.linear(F.linear(x, self.teacher_weight, self.bias), self.proj.t())
+        return F.linear(frozen_linear(x, self.teacher_weight, self.bias), self.proj.t())
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T (+ b) for a frozen W stored in another dtype than x: W is cast for the product and cast again in
+    backward instead of keeping the cast copy alive until then (W itself needs no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(w)
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad @ w.to(grad.dtype), None, None
+
+
+def frozen_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with a frozen teacher weight, computing in x's dtype where autocast does not decide."""
+    if for_product(w, x) is w:
+        return F.linear(x, w, b)
+    return _FrozenLinear.apply(x, w, b)
 
 
 class LayerProjections(nn.Module):
@@ -156,6 +180,13 @@ class LowRankClone(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.tied = _is_tied(teacher, self.family)
         self.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else cfg.rms_norm_eps)
+        if self.family.qk_norms and self.rms_norm_eps != cfg.rms_norm_eps:
+            # The exported config has one rms_norm_eps for every norm, the teacher's frozen q/k norms included:
+            # a student epsilon would change those too (and the student would no longer equal its export).
+            raise UserError(
+                f"--rms-norm-eps cannot differ from the teacher's ({cfg.rms_norm_eps}) for a {cfg.model_type} "
+                "teacher: its frozen q/k norms share the one rms_norm_eps of the exported config; drop the option"
+            )
         self.loss_weights = loss_weights or LossWeights()
         self.chunk_size = chunk_size
         # False: full-vocabulary logits through plain autograd (the naive path, for benchmarks and tests)
@@ -194,8 +225,18 @@ class LowRankClone(nn.Module):
         if self.grad_checkpointing:
             for i in range(self.num_layers):
                 _checkpoint_layer(base.get_submodule(f"{self.family.layers}.{i}"))
+        shell.train(self.training)
         # Kept out of the module tree: it lives on the meta device and only lends its forward().
         self.__dict__["_shell"] = shell
+
+    def train(self, mode: bool = True):
+        """The student shell follows `mode` (dropout, where the config has any); the frozen teacher stays in
+        eval mode always, so its logits and activations (the targets) carry no dropout noise."""
+        super().train(mode)
+        self.teacher.eval()
+        if "_shell" in self.__dict__:
+            self._shell.train(mode)
+        return self
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each student layer in backward instead of keeping its activations."""
@@ -308,7 +349,7 @@ class LowRankClone(nn.Module):
                 lin = self.teacher_weight(i, role)
                 p = getattr(proj, role)
                 path = f"{prefix}.{fam.linear_path(role)}"
-                bias = gathered(lin.bias) if lin.bias is not None else None
+                bias = for_product(gathered(lin.bias), p) if lin.bias is not None else None
                 if role in self.factored and not all_generated:
                     out[f"{path}.teacher_weight"] = gathered(lin.weight)
                     out[f"{path}.proj"] = p
@@ -325,7 +366,8 @@ class LowRankClone(nn.Module):
             out[f"{prefix}.{fam.input_norm}.weight"] = proj.input_norm
             out[f"{prefix}.{fam.post_attention_norm}.weight"] = proj.post_attention_norm
             for norm in fam.qk_norms:
-                out[f"{prefix}.{fam.attn}.{norm}.weight"] = gathered(t_layer.get_submodule(f"{fam.attn}.{norm}").weight)
+                qk_norm = gathered(t_layer.get_submodule(f"{fam.attn}.{norm}").weight)
+                out[f"{prefix}.{fam.attn}.{norm}.weight"] = for_product(qk_norm, self.final_norm)
         out[f"{fam.final_norm}.weight"] = self.final_norm
         return out
 
@@ -341,18 +383,18 @@ class LowRankClone(nn.Module):
         reused, pairs = {}, []
         for name, w in weights.items():
             if w.requires_grad and not w.is_leaf:
-                leaf = w.detach().requires_grad_()
+                leaf = _reuse_leaf(w)
                 reused[name] = leaf
                 pairs.append((w, leaf))
             else:  # parameters (norm gains) and frozen teacher tensors pass through unchanged
                 reused[name] = w
         head_leaf = None
         if head is not None:
-            head_leaf = head.detach().requires_grad_()
+            head_leaf = _reuse_leaf(head)
             pairs.append((head, head_leaf))
 
         def finish():
-            live = [(w, leaf.grad) for w, leaf in pairs if leaf.grad is not None]
+            live = [(w, leaf.grad.to(w.dtype)) for w, leaf in pairs if leaf.grad is not None]
             if live:
                 torch.autograd.backward([w for w, _ in live], [g for _, g in live])
 
@@ -369,7 +411,8 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _run_student(self, input_ids, position_ids, attention_mask, weights, hooks=None):
-        embeds = F.embedding(input_ids, gathered(self.t_base.get_submodule(self.family.embed).weight)) @ self.embed
+        rows = F.embedding(input_ids, gathered(self.t_base.get_submodule(self.family.embed).weight))
+        embeds = for_product(rows, self.embed) @ self.embed
         params = dict(weights)
         params.update(dict(self.t_base.named_buffers()))  # RoPE inv_freq: the student keeps the teacher's
         # Hooks of the previous call stay registered through its backward when layers are recomputed there
@@ -465,7 +508,7 @@ class LowRankClone(nn.Module):
         s_hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
         factored_head = student_head is None and "head" in self.factored
         # (V, d_T) teacher head (the embedding when tied), gathered once when sharded
-        teacher_head = (gathered(self.teacher.get_submodule(self.family.head).weight)
+        teacher_head = (for_product(gathered(self.teacher.get_submodule(self.family.head).weight), self.embed)
                         if factored_head or w.kl != 0.0 else None)
         if factored_head:
             # logits = (h P^T) H_T^T: the loss sees a d_T-wide hidden state and the frozen teacher head
@@ -507,9 +550,9 @@ class LowRankClone(nn.Module):
             student = output[0] if isinstance(output, tuple) else output
             teacher = t_acts[(i, term)]
             if term == "attn_out":
-                teacher = teacher @ proj.o  # compare in student space through P_o (alignment-free)
+                teacher = for_product(teacher, proj.o) @ proj.o  # compare in student space through P_o
             elif term == "ffn_out":
-                teacher = teacher @ proj.down
+                teacher = for_product(teacher, proj.down) @ proj.down
             # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
             losses[(i, term)] = masked_mse(student, teacher, valid)
 
@@ -552,6 +595,13 @@ def _checkpoint_layer(layer: nn.Module) -> None:
         return checkpoint(run, tensors, *args, use_reentrant=False)
 
     layer.forward = forward
+
+
+def _reuse_leaf(w: torch.Tensor) -> torch.Tensor:
+    """A generated weight as the leaf that a step's micro-batches share: fp32 always, so that its gradient
+    accumulates over the micro-batches in fp32 (under autocast the generated weight is bf16; each micro-batch's
+    product casts the leaf back, exactly, since its values are bf16 ones)."""
+    return w.detach().float().requires_grad_()
 
 
 def _store(acts, key):

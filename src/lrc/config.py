@@ -7,6 +7,7 @@ Every field's docstring-like `help` becomes its `--help` text. A run directory s
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -76,7 +77,10 @@ class RunConfig:
     precision: str = opt("auto", "bf16 autocast (fp32 master weights), fp32, or auto: bf16 on CUDA and on "
                          "CPUs with bf16 matrix instructions (AMX / AVX512-BF16), else fp32",
                          choices=("auto", "bf16", "fp32"))
-    teacher_dtype: str = opt("float32", "dtype the teacher is loaded in", choices=("float32", "bfloat16"))
+    teacher_dtype: str = opt("auto", "dtype the teacher's weights are stored in: auto (the checkpoint's own, "
+                             "e.g. bfloat16 for published models), float32, bfloat16 or float16; under --precision "
+                             "fp32 a lower-precision teacher still computes in fp32",
+                             choices=("auto", "float32", "bfloat16", "float16"))
     grad_checkpointing: bool = opt(False, "recompute student layers in backward to save activation memory")
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
@@ -110,6 +114,103 @@ class RunConfig:
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data"}
 FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: a finite number between `lo` and `hi` (None: unbounded), each
+    bound included unless `lo_open` / `hi_open`."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self, integer: bool = False) -> str:
+        if integer and self.lo == 1 and not self.lo_open and self.hi is None:
+            return "a positive integer"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+def _at_least(lo) -> Range:
+    return Range(lo=lo)
+
+
+def _above(lo) -> Range:
+    return Range(lo=lo, lo_open=True)
+
+
+# The valid range of every numeric option, checked by `validate` before a run loads or writes anything.
+# Every int/float field of RunConfig must have an entry (tests/test_cli_errors.py checks); None, where a
+# field allows it (max_steps, max_tokens, rms_norm_eps; hidden_size is required elsewhere), is not checked.
+RANGES: dict[str, Range] = {
+    "val_fraction": Range(0, 1, hi_open=True),
+    "hidden_size": _at_least(1),
+    "calib_batches": _at_least(1),
+    "max_steps": _at_least(0),
+    "max_tokens": _at_least(0),
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "seq_len": _at_least(2),  # a sequence of one token has nothing to predict
+    "lr": _above(0),
+    "warmup_ratio": Range(0, 1),
+    "min_lr_ratio": Range(0, 1),
+    "weight_decay": _at_least(0),
+    "adam_beta1": Range(0, 1, hi_open=True),
+    "adam_beta2": Range(0, 1, hi_open=True),
+    "grad_clip": _at_least(0),  # 0: off
+    "seed": Range(0, 2**64 - 1),  # numpy and torch generators take non-negative 64-bit seeds
+    "ce_weight": _at_least(0),
+    "kl_weight": _at_least(0),
+    "kl_temperature": _above(0),
+    "clone_weight": _at_least(0),
+    "clone_q": _at_least(0),
+    "clone_k": _at_least(0),
+    "clone_v": _at_least(0),
+    "clone_attn_out": _at_least(0),
+    "clone_gate": _at_least(0),
+    "clone_up": _at_least(0),
+    "clone_ffn_out": _at_least(0),
+    "rms_norm_eps": _above(0),
+    "chunk_size": _at_least(0),  # 0: auto
+    "log_every": _at_least(1),
+    "eval_every": _at_least(0),  # 0: only at the end
+    "eval_batches": _at_least(1),
+    "save_every": _at_least(1),
+    "keep_checkpoints": _at_least(0),  # 0: keep all
+}
+
+
+def check_option(name: str, value, flag: str | None = None) -> None:
+    """UserError unless `value` is valid for option `name` (RunConfig field or an eval option with the same
+    meaning): the right type and inside RANGES[name]. `flag` names the option in the message."""
+    flag = flag or "--" + name.replace("_", "-")
+    integer = _parse_type(name) is int if name in FIELDS else isinstance(value, int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise UserError(f"{flag} must be {'an integer' if integer else 'a number'} (got {value!r})")
+    allowed = RANGES[name]
+    if value not in allowed:
+        finite = "" if integer or allowed.hi is not None or math.isfinite(value) else "a finite number "
+        raise UserError(f"{flag} must be {finite}{allowed.describe(integer)} (got {value!r})")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every numeric option against RANGES; UserError (one line) naming the first one out of range."""
+    for name in RANGES:
+        value = getattr(cfg, name)
+        if value is not None:
+            check_option(name, value)
 
 
 def _base_type(tp):

@@ -4,21 +4,46 @@ The text comes from local files and folders, or from a Hugging Face hub dataset 
 ``[owner/]name[:config][@split]`` (see `parse_hub_id`), which `datasets.load_dataset` downloads into its
 own cache when the machine is online.
 
-The trainer sees the corpus as `PackedDataset`: every document is tokenised, followed by the tokenizer's
-EOS token, and concatenated into one flat int32 array, which is cut into back-to-back sequences of
-`seq_len` tokens. Nothing is padded, so every token in a batch is real training signal.
+The trainer sees the corpus as `PackedDataset`: every document is tokenised the way the teacher's own
+tokenizer frames a text (see `DocumentTemplate`): the special tokens it puts before a text when called with
+``add_special_tokens=True`` (its BOS where it adds one: Llama 3's ``<|begin_of_text|>``, Mistral's ``<s>``;
+nothing for Qwen), then the text tokens, then exactly one EOS. A teacher fed documents without the BOS it
+was trained with sees unfamiliar input, and its logits (the distillation target) on each document's first
+tokens are off. The documents are concatenated into one flat int32 array, which is cut into back-to-back
+sequences of `seq_len` tokens. Nothing is padded, so every token in a batch is real training signal.
 
 Packing means a sequence may hold the end of one document and the start of the next, and may start in
 the middle of a document. Two per-token tensors keep documents apart:
 
 * ``position_ids`` count from the real start of the token's document (not from the start of the
-  sequence), so a document split across two sequences gets the same positions as if it were whole;
+  sequence): 0 on the document's first token (its BOS where there is one), and a sequence cut from the
+  middle of a document continues counting (e.g. 37, 38, ...), so a document split across two sequences
+  gets the same positions as if it were whole;
 * ``labels`` are -100 wherever the next token belongs to another document, so the model is never
   trained to predict the first token of an unrelated document from the previous one's EOS.
 
+Why continuation sequences keep counting instead of restarting at 0: with rotary embeddings (the default
+and llama3 RoPE of the supported families) the attention score of two tokens depends only on the offset
+between their positions, so shifting a whole window by a constant changes nothing; a continuation
+sequence is attended exactly like its tokens alone with positions from 0 (it cannot see the document's
+earlier tokens, which lie in another sequence: that is inherent to packing). Keeping the positions the
+document had when whole makes them independent of where the sequence cuts fall, and leaves 0 as the one
+mark of a document start.
+
 Attention stays inside each document too: given these ``position_ids``, no attention mask and no KV
-cache, transformers detects the packed documents and builds a block-diagonal causal mask (its
-``find_packed_sequence_indices``), on every attention backend.
+cache, transformers' masking code (``find_packed_sequence_indices`` in masking_utils, used for the
+eager, sdpa and flex backends) starts a new document wherever a position is not the previous one plus 1
+and builds a block-diagonal causal mask. It compares each position with the one before only, so a first
+segment that starts above 0 (a continuation) is one document like any other. The flash-attention
+backends do not use that code (transformers 5.x): at batch size > 1 they do not separate packed documents
+at all, and at batch size 1 they take the positions equal to the smallest one as the document starts,
+which leaves out a first segment that does not start at 0. These batches are meant for the eager, sdpa
+and flex backends.
+
+Caveat: positions of a document longer than the teacher's context go past its
+``max_position_embeddings``. That is harmless for default and llama3 RoPE (fixed frequencies, relative
+offsets only); RoPE variants that choose their frequencies from the largest position id ("dynamic",
+"longrope") would see such a sequence as a long one.
 
 Other trade-offs:
 
@@ -32,6 +57,8 @@ Other trade-offs:
   (a hash of its cache folder's name, which changes with a new revision of the dataset). It is loaded
   when the paths are resolved, so that a missing one fails early; `build_packed_dataset` given the
   resolved sources reads the loaded split instead of loading it again.
+* The key also holds the tokenizer (its serialised form) and the document template detected from it, so
+  a tokenizer that frames documents differently, or a cache of an older format, is never reused.
 * The key does not include `seq_len`: the token stream does not depend on it, so changing the sequence
   length reuses the cache.
 * The tail of the stream that does not fill a whole sequence is dropped.
@@ -74,7 +101,7 @@ _SUPPORTED_DESCRIPTION = (
     "or a folder written by datasets' save_to_disk"
 )
 # Bump when the cache file layout or the tokenisation recipe changes, so old caches are not reused.
-_CACHE_FORMAT = "lrc-packed-tokens-v1"
+_CACHE_FORMAT = "lrc-packed-tokens-v2"  # v2: documents framed as the tokenizer frames a text
 # [owner/]name[:config][@split]; repo names follow the hub's rules (letters, digits, "-", "_", "."), a split
 # may carry datasets' slicing syntax ("train[:10%]", "train+validation").
 _HUB_ID = re.compile(
@@ -95,8 +122,10 @@ class PackedDataset:
 
     Attributes:
         tokens: 1-D int32 array (a read-only `np.memmap` when it comes from the cache): all documents
-            concatenated, each followed by EOS.
-        doc_starts: 1-D int64 array, sorted: the offset in `tokens` of the first token of each document.
+            concatenated, each framed as the tokenizer frames a text (see `DocumentTemplate`) and ending
+            with one EOS.
+        doc_starts: 1-D int64 array, sorted: the offset in `tokens` of the first token of each document
+            (its BOS where the tokenizer adds one).
             The first entry may be negative: a dataset cut out of a larger stream (see `split_holdout`)
             keeps the real start of the document it begins in, so that position ids stay correct.
         seq_len: tokens per sequence.
@@ -129,6 +158,21 @@ class PackedDataset:
         document, even when that start lies in an earlier sequence) and "labels" (the next token, or
         -100 at the last position and wherever the next token starts another document; the EOS ends
         its own document, so the label before EOS is EOS and the label at EOS is -100).
+
+        Position 0 is a document's first token (its BOS where the tokenizer adds one) and nothing else. A
+        sequence that starts in the middle of a document continues that document's count (say 37, 38, ...)
+        rather than restarting at 0, because:
+
+        * RoPE attention depends only on the offset between two positions, so the window is attended
+          exactly as its tokens alone would be with positions from 0; the numbers equal those the
+          document had when whole, whatever the cut points;
+        * transformers finds packed documents where a position is not the previous one plus 1
+          (``find_packed_sequence_indices``), so a first segment that starts above 0 is still one document,
+          and 0 stays the one mark of a document start (used for the labels here and by the trainer).
+
+        A document longer than the teacher's context gets positions past ``max_position_embeddings``:
+        harmless for default and llama3 RoPE, not for variants that pick frequencies from the largest
+        position (see the module docstring).
         """
         if not 0 <= index < len(self):
             raise IndexError(f"sequence index {index} out of range for {len(self)} sequences")
@@ -524,6 +568,68 @@ def _file_fingerprints(files: list[DataSource]) -> list[list[Any]]:
     return rows
 
 
+# A short plain text: encoded with and without special tokens, it shows what a tokenizer puts around a text.
+_PROBE_TEXT = "Hello world"
+
+
+@dataclass(frozen=True)
+class DocumentTemplate:
+    """The token ids put around every document's text tokens, so the teacher sees documents as in training.
+
+    Attributes:
+        prefix: what the tokenizer itself puts before a text with ``add_special_tokens=True``: its BOS
+            where it adds one (Llama 3, Mistral), nothing where it does not (Qwen).
+        suffix: what it puts after the text, followed by EOS unless that already ends with EOS, so a
+            document always ends with exactly one EOS, which separates it from the next.
+
+    The text tokens themselves are encoded with ``add_special_tokens=False`` and the ids added around
+    them, which is what ``add_special_tokens=True`` gives for one text, at the speed of batch encoding.
+    """
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+    def frame(self, text_ids: list[int]) -> Iterator[int]:
+        """The ids of one document: prefix + text + suffix."""
+        return itertools.chain(self.prefix, text_ids, self.suffix)
+
+
+def _split_around(with_special: list[int], plain: list[int]) -> tuple[list[int], list[int]] | None:
+    """(before, after) with ``with_special == before + plain + after``, or None if `plain` is not in it."""
+    n = len(plain)
+    for i in range(len(with_special) - n + 1):
+        if with_special[i : i + n] == plain:
+            return with_special[:i], with_special[i + n :]
+    return None
+
+
+def detect_document_template(tokenizer: Any, eos_id: int) -> DocumentTemplate:
+    """Find the special tokens `tokenizer` puts around a text, by encoding a probe with and without them.
+
+    Detected, not looked up by model name: the tokenizer's own post-processor (or, for a slow tokenizer,
+    its `build_inputs_with_special_tokens`) is what the teacher was trained with. Uses `tokenizer.encode`,
+    once per build.
+
+    Raises:
+        UserError: the tokenizer's special tokens do not just wrap the text (the probe's plain encoding is
+            not a contiguous part of its encoding with special tokens), so no template can be told.
+    """
+    plain = list(tokenizer.encode(_PROBE_TEXT, add_special_tokens=False))
+    with_special = list(tokenizer.encode(_PROBE_TEXT, add_special_tokens=True))
+    parts = _split_around(with_special, plain) if plain else None
+    if parts is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise UserError(
+            f"cannot tell which special tokens tokenizer {name} adds around a text: {_PROBE_TEXT!r} encodes to "
+            f"{plain} without special tokens and to {with_special} with them; use a tokenizer whose special "
+            "tokens only wrap the text"
+        )
+    prefix, suffix = parts
+    if not suffix or suffix[-1] != eos_id:
+        suffix = suffix + [eos_id]
+    return DocumentTemplate(prefix=tuple(int(i) for i in prefix), suffix=tuple(int(i) for i in suffix))
+
+
 def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     """What identifies a tokenizer's output: name, vocabulary sizes, EOS id and its full serialised form."""
     backend_hash = None
@@ -546,11 +652,17 @@ def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _cache_key(files: list[DataSource], tokenizer: Any, text_field: str) -> str:
+def _cache_key(files: list[DataSource], tokenizer: Any, text_field: str, template: DocumentTemplate) -> str:
+    """Hash of everything the token stream depends on.
+
+    The template is in the key as well as the tokenizer's serialised form: a fast tokenizer's post-processor
+    is part of that form, but a slow tokenizer is fingerprinted by its vocabulary only.
+    """
     material = {
         "format": _CACHE_FORMAT,
         "files": _file_fingerprints(files),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "template": {"prefix": list(template.prefix), "suffix": list(template.suffix)},
         "text_field": text_field,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()[:32]
@@ -592,27 +704,27 @@ def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
 
 
 def _tokenize_stream(
-    documents: Iterator[str], tokenizer: Any, eos_id: int, batch_size: int, sink: Any
+    documents: Iterator[str], tokenizer: Any, template: DocumentTemplate, batch_size: int, sink: Any
 ) -> tuple[np.ndarray, int]:
     """Tokenise documents batch by batch, passing each packed chunk (int32) to `sink`.
 
-    Returns (doc_starts, total number of tokens).
+    Each document's text is encoded with ``add_special_tokens=False`` (batch encoding, fast) and framed by
+    `template` (prefix + text + suffix ending with EOS). Returns (doc_starts, total number of tokens).
     """
     start_chunks: list[np.ndarray] = []
     total = 0
+    extra = len(template.prefix) + len(template.suffix)
     for texts in _batched(documents, batch_size):
         # verbose=False: the "sequence longer than model_max_length" warning is irrelevant when packing.
         batch_ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        # A document that tokenises to nothing would be a lone EOS: no signal, so it is dropped.
+        # A document that tokenises to nothing would be only special tokens: no signal, so it is dropped.
         batch_ids = [ids for ids in batch_ids if len(ids)]
         if not batch_ids:
             continue
-        lengths = np.fromiter((len(ids) + 1 for ids in batch_ids), dtype=np.int64, count=len(batch_ids))
+        lengths = np.fromiter((len(ids) + extra for ids in batch_ids), dtype=np.int64, count=len(batch_ids))
         count = int(lengths.sum())
         flat = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(ids, (eos_id,)) for ids in batch_ids),
-            dtype=np.int32,
-            count=count,
+            itertools.chain.from_iterable(template.frame(ids) for ids in batch_ids), dtype=np.int32, count=count
         )
         # Start of each document = running total before it.
         start_chunks.append(total + np.concatenate(([0], np.cumsum(lengths[:-1]))))
@@ -648,21 +760,24 @@ def build_packed_dataset(
     """Tokenise and pack the documents found under `paths` into a `PackedDataset`.
 
     Documents are tokenised `batch_size` at a time with
-    ``tokenizer(texts, add_special_tokens=False)["input_ids"]`` and each is followed by
-    `tokenizer.eos_token_id`; documents that produce no tokens are dropped.
+    ``tokenizer(texts, add_special_tokens=False)["input_ids"]`` and each is framed as the tokenizer frames a
+    text: the special tokens it adds before a text (its BOS, if any), the text tokens, the special tokens it
+    adds after a text and `tokenizer.eos_token_id` unless those already end with it (see
+    `detect_document_template`, run once here). Documents whose text produces no tokens are dropped.
 
     With `cache_dir`, the token stream is stored there under a name derived from a hash of the resolved
     data files (with their sizes and modification times; for a hub dataset its id, config, split and
     `datasets` fingerprint), the tokenizer (name, vocabulary size, EOS id and a hash of its serialised
-    backend) and `text_field`. It is written in chunks to a temporary file
+    backend), the detected document template and `text_field`. It is written in chunks to a temporary file
     and renamed into place only when complete, so an interrupted or failed run leaves no partial cache
     (and removes a cache folder it created); a later call with the same inputs memory-maps the file
     without tokenising again. Without `cache_dir` the stream is kept in memory.
 
     Raises:
         UserError: bad paths or formats (see `resolve_data_files` / `iter_documents`), a tokenizer
-            without EOS token, no text at all, fewer than `seq_len` tokens, or a `cache_dir` that is a
-            file. All are raised before a cache file is committed.
+            without EOS token or with special tokens that do not just wrap a text, no text at all, fewer
+            than `seq_len` tokens, or a `cache_dir` that is a file. All are raised before a cache file is
+            committed.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise UserError(f"sequence length must be an integer >= 2, got {seq_len!r}; pass --seq-len N")
@@ -677,11 +792,13 @@ def build_packed_dataset(
             "use a tokenizer whose config sets eos_token"
         )
     eos_id = int(eos_id)
+    template = detect_document_template(tokenizer, eos_id)
+    logger.info("documents are framed as %s + text + %s", list(template.prefix), list(template.suffix))
 
     if cache_dir is None:
         chunks: list[np.ndarray] = []
         doc_starts, total = _tokenize_stream(
-            iter_documents(files, text_field), tokenizer, eos_id, batch_size, chunks.append
+            iter_documents(files, text_field), tokenizer, template, batch_size, chunks.append
         )
         _check_stream(doc_starts, total, seq_len, paths, text_field)
         tokens = np.concatenate(chunks)
@@ -691,7 +808,7 @@ def build_packed_dataset(
     cache_dir = Path(cache_dir)
     if cache_dir.exists() and not cache_dir.is_dir():
         raise UserError(f"cache path {cache_dir} is a file, not a folder; pass a folder for the token cache")
-    tokens_path, docs_path = _cache_paths(cache_dir, _cache_key(files, tokenizer, text_field))
+    tokens_path, docs_path = _cache_paths(cache_dir, _cache_key(files, tokenizer, text_field, template))
     cached = _load_cache(tokens_path, docs_path)
     if cached is not None:
         tokens, doc_starts = cached
@@ -716,7 +833,7 @@ def build_packed_dataset(
             doc_starts, total = _tokenize_stream(
                 iter_documents(files, text_field),
                 tokenizer,
-                eos_id,
+                template,
                 batch_size,
                 lambda chunk: out.write(chunk.tobytes()),
             )

@@ -9,10 +9,13 @@ optimizer step. Only rank 0 writes files and prints.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from lrc.errors import UserError
 
 
 @dataclass
@@ -31,27 +34,49 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(spec)
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has bf16 matrix instructions; elsewhere bf16 matmuls are emulated and ~100x slower."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+def pick_device(spec: str, local_rank: int = 0, local_processes: int = 1) -> torch.device:
+    """This process's device for `--device spec`; `local_rank` and `local_processes` (torchrun's LOCAL_RANK
+    and LOCAL_WORLD_SIZE: the processes sharing this machine's GPUs) are 0 and 1 without torchrun.
 
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    auto: cuda:LOCAL_RANK where CUDA is available, else cpu. cuda: cuda:LOCAL_RANK (cuda:0 in one process).
+    cuda:N: that GPU in one process; with several processes on the machine only N == LOCAL_RANK, since two
+    processes must not share a GPU. cpu: cpu. Anything else, cuda without CUDA, or a GPU the machine does
+    not have: a one-line UserError.
+    """
+    s = str(spec).strip().lower()
+    if s == "cpu":
+        return torch.device("cpu")
+    if s == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        s = "cuda"
+    named = re.fullmatch(r"cuda:(\d+)", s, flags=re.ASCII)
+    if s == "cuda":
+        index = local_rank
+    elif named:
+        index = int(named.group(1))
+        if local_processes > 1 and index != local_rank:
+            raise UserError(
+                f"--device {spec}: {local_processes} processes share this machine and each needs a GPU of its own, "
+                f"but this one (LOCAL_RANK {local_rank}) would use cuda:{index}; pass --device cuda (process i "
+                f"takes cuda:i) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    else:
+        raise UserError(f"--device {spec!r} is not a device; use {DEVICE_FORMS} (auto: cuda:LOCAL_RANK where "
+                        f"CUDA is available, else cpu)")
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UserError(f"--device {spec}: CUDA is not available ({why}); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if index >= count:
+        if named and local_processes <= 1:
+            raise UserError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        raise UserError(f"--device {spec}: this process has LOCAL_RANK {local_rank} but the machine has only "
+                        f"{count} CUDA device(s); start at most {count} processes per machine "
+                        f"(torchrun --nproc-per-node {count})")
+    return torch.device("cuda", index)
 
 
 def init_distributed(device_spec: str = "auto") -> DistInfo:
@@ -59,7 +84,7 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
     if world <= 1:
         return DistInfo(device=pick_device(device_spec))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_spec, local_rank)
+    device = pick_device(device_spec, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

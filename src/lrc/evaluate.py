@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from lrc.data import PackedDataset, build_packed_dataset, collate, resolve_data_
 from lrc.errors import UserError
 from lrc.families import family_for
 from lrc.losses import IGNORE_INDEX, kd_lm_loss
+from lrc.precision import autocast
 from lrc.sharding import gathered
 
 
@@ -23,11 +23,8 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
     base, head = model.get_submodule(fam.base), gathered(model.get_submodule(fam.head).weight)
     ce_sum, n_lab = 0.0, 0
     n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
-    from lrc.distributed import resolve_precision
-
     device = torch.device(device)
-    cast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) \
-        if resolve_precision(precision, device) == "bf16" else contextlib.nullcontext()
+    cast = autocast(precision, device)
     for start in range(0, n, batch_size):
         batch = collate([data.get(i) for i in range(start, min(n, start + batch_size))])
         b = {k: v.to(device) for k, v in batch.items()}
@@ -45,8 +42,6 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
 
 def load_for_eval(path: str, device="cpu"):
     """(model, tokenizer, default seq_len) for an exported/HF model directory or an lrc run directory."""
-    from transformers import AutoTokenizer
-
     p = Path(path)
     if (p / "config.yaml").is_file():
         from lrc.export import build_student_model
@@ -58,13 +53,11 @@ def load_for_eval(path: str, device="cpu"):
         else:
             model = method.model
         return model.eval(), tokenizer, cfg.seq_len
-    from lrc.students import load_teacher
+    from lrc.students import load_teacher, load_tokenizer
 
     model = load_teacher(path).to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        raise UserError(f"{path} has no tokenizer; export with `lrc export` (it copies the teacher's)") from None
+    tokenizer = load_tokenizer(path, whose="the model's",
+                               if_missing="export with `lrc export` (it copies the teacher's)")
     return model, tokenizer, None
 
 
@@ -75,7 +68,7 @@ def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_
     seq_len = seq_len or run_seq_len or 512
     ds = build_packed_dataset(files, tokenizer, seq_len, cache_dir=cache_dir,
                               text_field=text_field)
-    result = model_loss(model, ds, batch_size=batch_size, device=device)
+    result = model_loss(model, ds, batch_size=batch_size, device=device, precision="auto")
     result["parameters"] = sum(p.numel() for p in model.parameters())
     return result
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lrc.precision import for_product
+
 IGNORE_INDEX = -100
 
 
@@ -169,9 +171,11 @@ def kd_lm_loss(
     count in the first output (pass global labels / world size) and `kl_scale` multiplies the KL there
     (pass 1 / micro-steps).
     """
+    # A head stored in bf16 (a teacher's) meets fp32 hidden states where autocast is off: one cast per call.
+    s_head = for_product(s_head, s_hidden)
     if t_hidden is not None:
         t_hidden = t_hidden.detach()
-        t_head = t_head.detach()
+        t_head = for_product(t_head.detach(), t_hidden)
     return _FusedKDLMLoss.apply(
         s_hidden, s_head, t_hidden, t_head, labels, kl_mask, float(ce_weight), float(kl_weight),
         float(temperature), int(chunk_size), ce_denominator, float(kl_scale),

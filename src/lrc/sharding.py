@@ -5,7 +5,7 @@ at a time through FSDP2's own hooks and frees it again. LRC also reads teacher m
 to generate the student's weights; `gathered` and the `project_*` functions do that with an explicit
 all-gather. `project_*` gather a second time in backward rather than keep the full matrix alive from the
 forward to the backward (the gradient of P in W_T @ P needs W_T), so at most one teacher matrix is whole at a
-time. With an unsharded teacher they are plain matrix products.
+time. With an unsharded teacher of the projections' dtype (or under autocast) they are plain matrix products.
 
 The trainable projections stay whole on every rank (small next to the teacher); the trainer averages
 their gradients once per optimizer step (`distributed.average_gradients`), as it does under ddp.
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lrc.precision import for_product
 
 try:
     from torch.distributed.tensor import DTensor
@@ -34,13 +36,16 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device) -> tuple[int, int]:
+def shard_teacher(teacher: nn.Module, device: torch.device,
+                  compute_dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """Shard `teacher` (a supported *ForCausalLM, frozen) over all ranks of the default process group.
 
-    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`.
+    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`. Each gathered layer
+    computes in `compute_dtype` (FSDP2's mixed-precision policy casts it after the all-gather), so a bf16
+    teacher under fp32 precision needs no other cast in its forward.
     Returns (bytes of teacher parameters this rank holds, bytes of the whole teacher)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lrc.families import family_for
 
@@ -49,11 +54,13 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> tuple[int, int]:
     head_layer, embed_module = teacher.get_submodule(fam.head), base.get_submodule(fam.embed)
     tied = head_layer.weight is embed_module.weight
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    stored = next(teacher.parameters()).dtype
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != stored else None)
     # reshard_after_forward=True also for the root: its default keeps the root's tensors (the embedding)
     # gathered after forward, expecting a backward that never comes for a frozen teacher.
     for layer in base.get_submodule(fam.layers):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
-    fully_shard(base, mesh=mesh, reshard_after_forward=True)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    fully_shard(base, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     if tied:  # point the head at the embedding's shards (the old whole tensor is then freed)
         head_layer.weight = embed_module.weight
     else:  # read only through `gathered`; never run as a module during training
@@ -66,33 +73,40 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> tuple[int, int]:
     return held, whole
 
 
-class _ProjectSharded(torch.autograd.Function):
-    """W_T @ P (input side) or P^T @ W_T (output side) for a sharded W_T, gathering W_T again in backward."""
+class _Project(torch.autograd.Function):
+    """W_T @ P (input side) or P^T @ W_T (output side) for a frozen teacher matrix W_T that is fetched again in
+    backward instead of being kept: `fetch` gathers a sharded W_T and casts a bf16 one for an fp32 product, so
+    neither a whole gathered matrix nor an fp32 copy of it stays alive from the forward to the backward (the
+    gradient of P needs W_T). At most one such matrix is whole at a time."""
 
     @staticmethod
-    def forward(ctx, p, gather, input_side: bool):
-        ctx.gather, ctx.input_side = gather, input_side
+    def forward(ctx, p, fetch, input_side: bool):
+        ctx.fetch, ctx.input_side = fetch, input_side
         ctx.save_for_backward(p)
-        w = gather()
+        w = fetch()
         return w @ p if input_side else p.t() @ w
 
     @staticmethod
     def backward(ctx, grad):
         (p,) = ctx.saved_tensors
-        w = ctx.gather().to(grad.dtype)
+        w = ctx.fetch().to(grad.dtype)
         grad_p = w.t() @ grad if ctx.input_side else w @ grad.t()
         return grad_p.to(p.dtype), None, None
 
 
+def _fetcher(w: torch.Tensor, p: torch.Tensor):
+    return lambda: for_product(gathered(w), p)
+
+
 def project_input(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """W_T @ P: (out, d_T) x (d_T, d_S) -> (out, d_S); keeps the output dimension, shrinks the input."""
-    if isinstance(w, DTensor):
-        return _ProjectSharded.apply(p, w.full_tensor, True)
+    if isinstance(w, DTensor) or for_product(w, p) is not w:
+        return _Project.apply(p, _fetcher(w, p), True)
     return w @ p
 
 
 def project_output(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """P^T @ W_T: (d_S, d_T) x (d_T, in) -> (d_S, in); shrinks the output dimension."""
-    if isinstance(w, DTensor):
-        return _ProjectSharded.apply(p, w.full_tensor, False)
+    if isinstance(w, DTensor) or for_product(w, p) is not w:
+        return _Project.apply(p, _fetcher(w, p), False)
     return p.t() @ w

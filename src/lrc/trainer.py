@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from lrc import checkpoint as ckpt
-from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, save_config
+from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, save_config, validate
 from lrc.data import (
     PackedDataset,
     SequenceSampler,
@@ -42,11 +41,11 @@ from lrc.distributed import (
     broadcast_from_rank0,
     cleanup,
     init_distributed,
-    resolve_precision,
     wrap_data_parallel,
 )
 from lrc.errors import UserError
 from lrc.losses import IGNORE_INDEX
+from lrc.precision import autocast, compute_dtype
 from lrc.schedule import lr_factor
 
 
@@ -121,31 +120,26 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
     if not cfg.data:
         raise UserError("--data is required: one or more text/jsonl/json/parquet files or folders")
-    if cfg.hidden_size is None or cfg.hidden_size <= 0:
-        raise UserError(f"--hidden-size must be a positive integer (got {cfg.hidden_size})")
+    if cfg.hidden_size is None:
+        raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
+                        "teacher's")
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise UserError("give a training budget: --max-steps N or --max-tokens N")
-    for name in ("batch_size", "grad_accum", "seq_len"):
-        if getattr(cfg, name) < 1 or (name == "seq_len" and cfg.seq_len < 2):
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
     if cfg.parallel == "fsdp" and cfg.method != "lrc":
         raise UserError("--parallel fsdp shards the teacher for --method lrc only; use --parallel ddp for baselines")
     train_files = resolve_data_files(cfg.data)
     val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
 
-    from lrc.students import load_teacher
+    from lrc.students import load_teacher, load_tokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
-    teacher = load_teacher(cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.hidden_size > teacher.config.hidden_size:
         raise UserError(
             f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "
             f"{teacher.config.hidden_size}; choose at most that"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the teacher's tokenizer from {cfg.teacher}: {str(e).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     ds = build_packed_dataset(train_files, tokenizer, cfg.seq_len, cache_dir=cache,
                               text_field=cfg.text_field)
@@ -203,9 +197,7 @@ def total_steps(cfg: RunConfig, world: int) -> int:
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
-    if resolve_precision(cfg.precision, device) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(cfg.precision, device)
 
 
 def _to(batch: dict, device) -> dict:
@@ -357,7 +349,7 @@ def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -
     if sharded:
         from lrc.sharding import shard_teacher
 
-        held, whole = shard_teacher(prep.teacher, device)
+        held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.precision, device))
         print0(info, f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
                      f"{whole / 2**20:.4g} MiB of its weights on each")
     else:
@@ -541,12 +533,11 @@ def load_run(run_dir: str | Path, device="cpu"):
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
         raise UserError(f"{run_dir} has no checkpoint yet; run `lrc distill` on it first")
-    from lrc.students import load_teacher
+    from lrc.students import load_teacher, load_tokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
-    teacher = load_teacher(cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device)
+    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
     method, _ = build_method(cfg, teacher, calibration=None)
     trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
     method.load_trainable_state_dict(trainable)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     return cfg, method.to(device), tokenizer, teacher
