@@ -25,7 +25,8 @@ import torch
 
 from lrc.config import RunConfig
 from lrc.demo import FULL, QUICK, build_teacher, play_files
-from lrc.trainer import default_cache_dir, distill
+from lrc.run import default_cache_dir
+from lrc.trainer import distill
 
 VARIANTS = {
     "lrc (pca init)": dict(method="lrc", init="pca"),

@@ -10,10 +10,13 @@ import torch
 from conftest import make_teacher, packed_batch
 from transformers import AutoModelForCausalLM
 
-from lrc.clone import LossWeights, LowRankClone
+from lrc.clone import LowRankClone
 from lrc.errors import UserError
 from lrc.export import export_student
 from lrc.init import init_identity, init_pca, init_random
+from lrc.losses import LossWeights
+from lrc.methods import LRC, build_method
+from lrc.weights import StepWeights
 
 
 def teacher_logits(teacher, ids, pos):
@@ -65,14 +68,14 @@ def test_pca_half_width_keeps_most_energy_and_beats_random():
     ids, pos = packed_batch(batch=4, seq=32)
     kl = {}
     for init in ("pca", "random"):
-        clone = LowRankClone(teacher, 32, loss_weights=LossWeights(clone=0))
+        clone = LowRankClone(teacher, 32)
         if init == "pca":
             info = init_pca(clone, [{"input_ids": ids, "position_ids": pos}])
             assert 0.5 < info["energy_kept"] < 1.0
         else:
             init_random(clone, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            kl[init] = clone(ids, position_ids=pos).terms["kl"].item()
+            kl[init] = LRC(clone, LossWeights(clone=0))(ids, position_ids=pos).terms["kl"].item()
     # a random teacher's next-token CE is near log V for any student; its distribution is what pca keeps
     assert kl["pca"] < 0.5 * kl["random"]
 
@@ -81,7 +84,7 @@ def _train_a_few_steps(clone, ids, pos, steps=3):
     opt = torch.optim.AdamW([p for p in clone.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
-        clone(ids, position_ids=pos).loss.backward()
+        LRC(clone)(ids, position_ids=pos).loss.backward()
         opt.step()
 
 
@@ -128,10 +131,10 @@ def test_zero_weight_clone_terms_are_not_computed():
     teacher = make_teacher("llama", False)
     ids, pos = packed_batch()
     w = LossWeights(q=0.0, k=0.0, attn_out=0.0)
-    out = LowRankClone(teacher, 32, loss_weights=w)(ids, position_ids=pos)
+    out = LRC(LowRankClone(teacher, 32), w)(ids, position_ids=pos)
     assert {"clone/v", "clone/gate", "clone/up", "clone/ffn_out"} <= set(out.terms)
     assert not {"clone/q", "clone/k", "clone/attn_out"} & set(out.terms)
-    out = LowRankClone(teacher, 32, loss_weights=LossWeights(clone=0.0, kl=0.0))(ids, position_ids=pos)
+    out = LRC(LowRankClone(teacher, 32), LossWeights(clone=0.0, kl=0.0))(ids, position_ids=pos)
     assert set(out.terms) == {"ce", "kl"} and out.terms["kl"] == 0
     assert out.loss.item() == pytest.approx(out.terms["ce"].item())
 
@@ -141,7 +144,7 @@ def test_clone_terms_vanish_for_identity_clone():
     clone = LowRankClone(teacher, 64)
     init_identity(clone)
     ids, pos = packed_batch()
-    out = clone(ids, position_ids=pos)
+    out = LRC(clone)(ids, position_ids=pos)
     for k, v in out.terms.items():
         if k.startswith("clone") or k == "kl":
             assert abs(v.item()) < 1e-8, k
@@ -173,20 +176,20 @@ def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients(f
     grads, losses = {}, {}
     for variant in ("naive", "optimised"):
         torch.manual_seed(0)
-        clone = LowRankClone(teacher, 40, fused_loss=variant == "optimised", chunk_size=7)
+        clone = LowRankClone(teacher, 40)
+        method = LRC(clone, fused_loss=variant == "optimised", chunk_size=7)
         init_random(clone, generator=torch.Generator().manual_seed(0))
-        extra, finish = {}, None
+        step = None
         if variant == "optimised":
             clone.set_factored(factored)
-            weights, head, finish = clone.step_weights()
-            extra = {"student_weights": weights, "student_head": head}
+            step = StepWeights(clone)
         total = 0.0
         for ids, pos in batches:
-            out = clone(ids, position_ids=pos, scale=0.5, ce_denominator=80.0, **extra)
+            out = method(ids, position_ids=pos, scale=0.5, ce_denominator=80.0, step=step)
             out.loss.backward()
             total += out.loss.item()
-        if finish:
-            finish()
+        if step:
+            step.finish()
         losses[variant] = total
         grads[variant] = {n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None}
     assert losses["naive"] == pytest.approx(losses["optimised"], abs=1e-5)
@@ -205,7 +208,7 @@ def test_factored_projections_equal_generated_and_export_generates(tmp_path, tie
         init_random(clone, generator=torch.Generator().manual_seed(0))
         if variant == "factored":
             clone.set_factored(["q", "k", "v", "o", "gate", "up", "down", "head"])
-        out = clone(ids, position_ids=pos)
+        out = LRC(clone)(ids, position_ids=pos)
         out.loss.backward()
         losses[variant] = out.loss.item()
         grads[variant] = {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
@@ -231,7 +234,6 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(method):
     """LRC layers are recomputed in backward with this call's generated weights, and the clone hooks re-run
     there; two steps in a row check that a previous step's hooks do not leak into the next."""
     from lrc.config import RunConfig
-    from lrc.trainer import build_method
 
     teacher = make_teacher("qwen3", False)
     ids, pos = packed_batch()

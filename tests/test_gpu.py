@@ -116,7 +116,7 @@ def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_resume_matches_a_straight_run_and_export_matches_the_student(tmp_path, teacher, data, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lrc.trainer import load_run
+    from lrc.run import load_run
 
     # A constant schedule, as in tests/test_cli.py: a run planned for 4 steps and extended to 8 follows the
     # schedule of an 8-step run only when the schedule does not depend on --max-steps.
@@ -151,7 +151,7 @@ def test_bf16_resume_matches_a_straight_run_and_export_matches_the_student(tmp_p
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(DEVICE).eval()
         assert next(model.parameters()).dtype == getattr(torch, dtype)
         with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            ref = method.student_logits(ids, pos).float()
+            ref = method.clone.student_logits(ids, pos).float()
         with torch.no_grad():
             got = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
         assert got.shape == ref.shape and torch.isfinite(got).all()

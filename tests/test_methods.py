@@ -8,8 +8,8 @@ from conftest import make_teacher, packed_batch
 
 from lrc.clone import LowRankClone
 from lrc.config import RunConfig
-from lrc.students import DirectStudent, pruned_student
-from lrc.trainer import build_method
+from lrc.methods import Direct, build_method
+from lrc.students import pruned_student
 
 
 def _cfg(method, **kw):
@@ -22,7 +22,7 @@ def test_baselines_train_only_the_student_and_leave_the_teacher(method):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     ids, pos = packed_batch()
     model, _ = build_method(_cfg(method), teacher, calibration=lambda: [{"input_ids": ids, "position_ids": pos}])
-    assert isinstance(model, DirectStudent)
+    assert isinstance(model, Direct)
     teacher_ids = {id(p) for p in teacher.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and not any(id(p) in teacher_ids for p in trainable)
@@ -76,7 +76,7 @@ def test_lrc_ablations_switch_terms_off():
 
 def test_held_out_batches_in_lockstep_for_a_sharded_teacher():
     from lrc.distributed import DistInfo
-    from lrc.trainer import eval_batches
+    from lrc.evaluate import eval_batches
 
     # 7 sequences, 2 ranks, batches of 2: rank 0 has 4 sequences (2 batches), rank 1 has 3 (2 batches),
     # with 5 sequences rank 1 has 2 (1 batch) and must run one more, uncounted, forward in lockstep.

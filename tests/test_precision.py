@@ -12,7 +12,9 @@ from conftest import make_teacher, packed_batch
 from lrc.clone import LowRankClone
 from lrc.errors import UserError
 from lrc.init import init_identity, init_pca
+from lrc.methods import LRC
 from lrc.precision import checkpoint_dtype, upcast_frozen_modules
+from lrc.weights import StepWeights, generate_weights
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,7 +67,7 @@ def test_identity_clone_of_a_bf16_teacher_equals_it_in_fp32(family, tied):
         clone = LowRankClone(low, low.config.hidden_size)
         init_identity(clone)
         clone.set_factored(factored)
-        out = clone(ids, position_ids=pos)  # the training forward, factored roles included
+        out = LRC(clone)(ids, position_ids=pos)  # the training forward, factored roles included
         assert torch.isfinite(out.loss)
         assert out.terms["kl"] <= 1e-6 and out.terms["clone"] <= 1e-9
         assert (clone.student_logits(ids, pos) - want).abs().max() <= 1e-4
@@ -74,13 +76,13 @@ def test_identity_clone_of_a_bf16_teacher_equals_it_in_fp32(family, tied):
 def gradients(clone, ids, pos, accum: int, precision: str):
     """Gradients of one optimizer step of `accum` micro-batches (the trainer's protocol)."""
     clone.zero_grad(set_to_none=True)
+    method = LRC(clone)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        weights, head, finish = clone.step_weights()
-        dtypes = {w.dtype for w in weights.values() if w.requires_grad} | {head.dtype}
+        step = StepWeights(clone)
+        dtypes = {w.dtype for w in step.weights.values() if w.requires_grad} | {step.head.dtype}
         for j in range(accum):
-            clone(ids[j::accum], position_ids=pos[j::accum], student_weights=weights, student_head=head,
-                  scale=1.0 / accum).loss.backward()
-    finish()
+            method(ids[j::accum], position_ids=pos[j::accum], step=step, scale=1.0 / accum).loss.backward()
+    step.finish()
     return {n: p.grad.clone() for n, p in clone.named_parameters() if p.requires_grad}, dtypes
 
 
@@ -127,7 +129,7 @@ def test_generation_keeps_no_fp32_copy_of_teacher_matrices():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        clone.generate_weights()
+        generate_weights(clone)
     teacher_shapes = {tuple(p.shape) for p in low.parameters()}
     big_fp32 = [t for t in saved if t.dtype == torch.float32 and tuple(t.shape) in teacher_shapes
                 and t.numel() > 64 * 64]
@@ -155,16 +157,17 @@ def test_evaluation_is_deterministic_with_attention_dropout():
     clone = LowRankClone(teacher, 32)
     ids, pos = packed_batch()
     init_pca(clone, [{"input_ids": ids, "position_ids": pos}])
-    clone.eval()
+    method = LRC(clone)
+    method.eval()
     with torch.no_grad():
-        a, b = clone(ids, position_ids=pos), clone(ids, position_ids=pos)
+        a, b = method(ids, position_ids=pos), method(ids, position_ids=pos)
     assert a.loss == b.loss
-    clone.train()
+    method.train()
     assert not teacher.training and clone._shell.training
     with torch.no_grad():
         t1 = teacher(input_ids=ids, position_ids=pos, use_cache=False).logits
         t2 = teacher(input_ids=ids, position_ids=pos, use_cache=False).logits
-        c, d = clone(ids, position_ids=pos), clone(ids, position_ids=pos)
+        c, d = method(ids, position_ids=pos), method(ids, position_ids=pos)
     assert torch.equal(t1, t2)
     assert c.loss != d.loss  # the student itself trains with the config's dropout
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lrc.cli import main
-from lrc.students import load_teacher
-from lrc.trainer import load_run
+from lrc.loading import load_teacher
+from lrc.run import load_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3",
@@ -76,7 +76,7 @@ def student_and_export_logits(run_dir: Path, model_dir: Path, ids: torch.Tensor)
     cfg, method, _, _ = load_run(run_dir)
     method.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        student = method.student_logits(ids).float()
+        student = method.clone.student_logits(ids).float()
     exported = load_teacher(str(model_dir))  # stored in the export dtype, computing in fp32
     with torch.no_grad():
         got = exported(input_ids=ids).logits.float()

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from lrc.losses import next_token_labels
+
 SHAPES = {
     "small": dict(hidden=256, layers=4, heads=4, kv=4, ffn=768, vocab=4096, seq=256, d_s=128, batch=4),
     "large": dict(hidden=1024, layers=8, heads=16, kv=4, ffn=2816, vocab=32000, seq=512, d_s=512, batch=1),
@@ -61,55 +63,42 @@ def _teacher(shape):
 def _setup(shape_name: str, accum: int, variants, precision: str = "auto"):
     """One shared teacher and a step function per variant (closures over their own optimizer state)."""
     from lrc.clone import LowRankClone
-    from lrc.distributed import pick_device
+    from lrc.distributed import DistInfo, pick_device
+    from lrc.methods import LRC, Direct
     from lrc.precision import resolve_precision
-    from lrc.students import DirectStudent, random_student
+    from lrc.students import random_student
+    from lrc.trainer import train_step
 
     shape = SHAPES[shape_name]
     device = pick_device("auto")
     prec = resolve_precision(precision, device)
-
-    def cast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
-
     teacher = _teacher(shape).to(device)
     g = torch.Generator().manual_seed(0)
     b, t = shape["batch"], shape["seq"]
-    micro = [torch.randint(0, shape["vocab"], (b, t), generator=g).to(device) for _ in range(accum)]
-    pos = torch.arange(t, device=device).expand(b, t)
+    pos = torch.arange(t).expand(b, t)
+    micro = []
+    for _ in range(accum):
+        ids = torch.randint(0, shape["vocab"], (b, t), generator=g)
+        micro.append({"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)})
 
     def make(variant):
         if variant == "teacher_fwd":
-            def step():
-                with torch.no_grad(), cast():
-                    for ids in micro:
-                        teacher(input_ids=ids, position_ids=pos, use_cache=False)  # with logits, as KL needs
-            return step
+            def forward():
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
+                    for m in micro:  # with logits, as KL needs
+                        teacher(input_ids=m["input_ids"].to(device), position_ids=pos.to(device), use_cache=False)
+            return forward
         if variant == "student_step":
-            method = DirectStudent(random_student(teacher, shape["d_s"], 0)).to(device)
-        else:
-            method = LowRankClone(teacher, shape["d_s"], fused_loss=variant == "lrc").to(device)
-            if variant == "lrc":  # the naive path generates every matrix per micro-batch, like the official code
-                method.plan_projections(b * t, reuse=accum)
-        params = [p for p in method.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        reuse = variant == "lrc" and accum > 1
-
-        def step():
-            extra, finish = {}, None
-            if reuse:
-                with cast():
-                    w, h, finish = method.step_weights()
-                extra = {"student_weights": w, "student_head": h}
-            for ids in micro:
-                with cast():
-                    out = method(ids, position_ids=pos, scale=1.0 / accum, **extra)
-                out.loss.backward()
-            if finish:
-                finish()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+            method = Direct(random_student(teacher, shape["d_s"], 0))
+        else:  # the naive path generates every matrix per micro-batch, like the official code
+            naive = variant == "lrc_naive"
+            method = LRC(LowRankClone(teacher, shape["d_s"]), fused_loss=not naive, reuse_weights=not naive)
+            if not naive:
+                method.prepare(b * t, reuse=accum, sharded=False)
+        method.to(device)
+        opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-4)
+        # the trainer's own step (no clipping, as before: the plain student step pays none either)
+        return lambda: train_step(method, micro, opt, device=device, precision=prec, info=DistInfo(device=device))
 
     def sync():
         if device.type == "cuda":

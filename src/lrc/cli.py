@@ -33,8 +33,9 @@ def cmd_distill(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from lrc.export import DTYPES, export_student
-    from lrc.trainer import load_run
+    from lrc.export import save_student
+    from lrc.precision import DTYPES, dtype_name
+    from lrc.run import load_run
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file():
@@ -45,14 +46,9 @@ def cmd_export(args) -> int:
     cfg, method, tokenizer, teacher = load_run(run, "cpu")
     # Default: the dtype the teacher is stored in (a bf16 teacher gives a bf16 student).
     dtype = DTYPES[args.dtype] if hasattr(args, "dtype") else next(teacher.parameters()).dtype
-    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     with torch.no_grad():
-        if cfg.method == "lrc":
-            export_student(method, out, dtype=dtype, tokenizer=tokenizer,
-                           generation_config=teacher.generation_config)
-        else:
-            method.export(out, dtype=dtype, tokenizer=tokenizer, generation_config=teacher.generation_config)
-    print(f"exported {cfg.method} student (hidden {cfg.hidden_size}, {dtype_name}) to {out}")
+        save_student(method.student_model(dtype), out, tokenizer, teacher.generation_config)
+    print(f"exported {cfg.method} student (hidden {cfg.hidden_size}, {dtype_name(dtype)}) to {out}")
     return 0
 
 

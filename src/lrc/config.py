@@ -101,7 +101,7 @@ class RunConfig:
         return asdict(self)
 
     def loss_weights(self):
-        from lrc.clone import LossWeights
+        from lrc.losses import LossWeights
 
         return LossWeights(
             ce=self.ce_weight, kl=self.kl_weight, kl_temperature=self.kl_temperature, clone=self.clone_weight,

@@ -106,10 +106,11 @@ def build_teacher(s: DemoSettings, train: list[Path], val: list[Path], cache: Pa
                       batch_size=s.batch, seq_len=s.seq_len, lr=s.teacher_lr, warmup_ratio=0.05,
                       eval_every=s.eval_every * 2, eval_batches=s.eval_batches, save_every=10**9,
                       log_every=10, cache_dir=str(cache / "tokens")))
-    from lrc.trainer import load_run
+    from lrc.export import save_student
+    from lrc.run import load_run
 
     _, method, tokenizer, _ = load_run(run)
-    method.export(model_dir, tokenizer=tokenizer)
+    save_student(method.student_model(), model_dir, tokenizer)
     shutil.copy(run / "metrics.jsonl", metrics)
     shutil.rmtree(run)
     return model_dir, metrics, time.time() - t0
@@ -158,7 +159,9 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     from lrc.config import RunConfig
     from lrc.data import build_packed_dataset
     from lrc.evaluate import model_loss
-    from lrc.trainer import default_cache_dir, distill, load_run
+    from lrc.export import save_student
+    from lrc.run import default_cache_dir, load_run
+    from lrc.trainer import distill
 
     s = TINY if tiny else QUICK if quick else FULL
     out = Path(out)
@@ -191,13 +194,8 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     exported = {}
     for method, run in runs.items():
         cfg, m, tokenizer, _ = load_run(run)
-        target = out / ("student" if method == "lrc" else "scratch-student")
-        if method == "lrc":
-            from lrc.export import export_student
-
-            export_student(m, target, tokenizer=tokenizer)
-        else:
-            m.export(target, tokenizer=tokenizer)
+        target = out / {"lrc": "student", "scratch": "scratch-student"}[method]
+        save_student(m.student_model(), target, tokenizer)
         exported[method] = target
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     val_ds = build_packed_dataset([str(p) for p in val], tokenizer, s.seq_len, cache_dir=cache / "tokens")

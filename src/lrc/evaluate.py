@@ -1,4 +1,10 @@
-"""Held-out next-token loss and perplexity of a model directory, a run directory or a teacher."""
+"""Held-out loss: of a method during training (student CE and KL), and of any model, run or teacher (`lrc eval`).
+
+One loop serves both (`heldout_loss`): a plain Hugging Face model is evaluated as a `Direct` method without a
+teacher. Under torchrun each rank takes every world_size-th sequence and the sums are all-reduced; with a
+sharded teacher every rank runs as many forwards as rank 0 (`eval_batches(lockstep=True)`), because a sharded
+forward is a collective operation.
+"""
 
 from __future__ import annotations
 
@@ -8,53 +14,78 @@ from pathlib import Path
 import torch
 
 from lrc.data import PackedDataset, build_packed_dataset, collate, resolve_data_files
+from lrc.distributed import DistInfo, all_reduce_sum
 from lrc.errors import UserError
-from lrc.families import family_for
-from lrc.losses import IGNORE_INDEX, kd_lm_loss
+from lrc.losses import IGNORE_INDEX
 from lrc.precision import autocast
-from lrc.sharding import gathered
+
+
+def eval_batches(n: int, batch_size: int, max_batches: int | None, info: DistInfo, lockstep: bool = False):
+    """(sequence indices, counted) of this rank's held-out batches: every world_size-th sequence from its
+    rank, at most max_batches batches (None: all). lockstep: pad with uncounted repeats up to rank 0's count."""
+    limit = None if max_batches is None else max_batches * batch_size
+
+    def share(rank):
+        return list(range(rank, n, info.world_size))[:limit]
+
+    indices = share(info.rank)
+    batches = [(indices[s:s + batch_size], True) for s in range(0, len(indices), batch_size)]
+    if lockstep:
+        most = math.ceil(len(share(0)) / batch_size)
+        batches += [(share(0)[:batch_size], False)] * (most - len(batches))
+    return batches
 
 
 @torch.no_grad()
-def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", max_batches: int | None = None,
-               precision: str = "fp32") -> dict:
-    """Mean next-token CE (nats per labelled token) of a HF causal LM over packed sequences."""
-    fam = family_for(model.config)
-    base, head = model.get_submodule(fam.base), gathered(model.get_submodule(fam.head).weight)
-    ce_sum, n_lab = 0.0, 0
-    n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
+def heldout_loss(method, val: PackedDataset | None, *, batch_size: int, device, precision: str = "auto",
+                 info: DistInfo | None = None, max_batches: int | None = None, lockstep: bool = False) -> dict:
+    """Held-out CE (nats per labelled token) and KL of a method's student, in eval mode, averaged over ranks.
+
+    Returns {"loss", "perplexity", "kl", "tokens" (input tokens), "labels" (labelled tokens)}; {} without data."""
+    if val is None or len(val) == 0:
+        return {}
+    info = info or DistInfo()
     device = torch.device(device)
-    cast = autocast(precision, device)
-    for start in range(0, n, batch_size):
-        batch = collate([data.get(i) for i in range(start, min(n, start + batch_size))])
-        b = {k: v.to(device) for k, v in batch.items()}
-        with cast:
-            h = base(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).last_hidden_state
-            labels = b["labels"].reshape(-1)
-            _, ce, _ = kd_lm_loss(h.reshape(-1, h.shape[-1]), head, None, None, labels,
-                                  torch.ones_like(labels, dtype=torch.bool), kl_weight=0.0)
-        k = int((labels != IGNORE_INDEX).sum())
-        ce_sum += float(ce) * k
-        n_lab += k
-    loss = ce_sum / max(1, n_lab)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n_lab}
+    was_training = method.training
+    method.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # CE sum, KL sum, labelled tokens, input tokens
+    for chosen, counted in eval_batches(len(val), batch_size, max_batches, info, lockstep):
+        batch = {k: v.to(device) for k, v in collate([val.get(i) for i in chosen]).items()}
+        with autocast(precision, device):
+            out = method(**batch)
+        if counted:
+            labels = float((batch["labels"] != IGNORE_INDEX).sum())
+            n = batch["input_ids"].numel()
+            sums += torch.tensor([float(out.terms["ce"]) * labels, float(out.terms["kl"]) * n, labels, n],
+                                 dtype=torch.float64)
+    tot = all_reduce_sum(sums.to(device), info).cpu()
+    method.train(was_training)
+    ce = float(tot[0] / tot[2].clamp_min(1))
+    return {"loss": ce, "perplexity": math.exp(min(ce, 50.0)), "kl": float(tot[1] / tot[3].clamp_min(1)),
+            "tokens": int(tot[3]), "labels": int(tot[2])}
+
+
+def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", max_batches: int | None = None,
+               precision: str = "fp32", info: DistInfo | None = None, lockstep: bool = False) -> dict:
+    """Mean next-token CE of a Hugging Face causal LM over packed sequences: {"loss", "perplexity", "tokens"
+    (labelled tokens)}."""
+    from lrc.methods import Direct
+
+    r = heldout_loss(Direct(model), data, batch_size=batch_size, device=device, precision=precision, info=info,
+                     max_batches=max_batches, lockstep=lockstep)
+    return {"loss": r["loss"], "perplexity": r["perplexity"], "tokens": r["labels"]}
 
 
 def load_for_eval(path: str, device="cpu"):
     """(model, tokenizer, default seq_len) for an exported/HF model directory or an lrc run directory."""
+    from lrc.loading import load_teacher, load_tokenizer
+
     p = Path(path)
     if (p / "config.yaml").is_file():
-        from lrc.export import build_student_model
-        from lrc.trainer import load_run
+        from lrc.run import load_run
 
         cfg, method, tokenizer, _ = load_run(p, device)
-        if cfg.method == "lrc":
-            model = build_student_model(method).to(device)
-        else:
-            model = method.model
-        return model.eval(), tokenizer, cfg.seq_len
-    from lrc.students import load_teacher, load_tokenizer
-
+        return method.student_model().to(device).eval(), tokenizer, cfg.seq_len
     model = load_teacher(path).to(device)
     tokenizer = load_tokenizer(path, whose="the model's",
                                if_missing="export with `lrc export` (it copies the teacher's)")
@@ -63,11 +94,10 @@ def load_for_eval(path: str, device="cpu"):
 
 def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
                   device="cpu", text_field: str = "text", cache_dir: Path | None = None) -> dict:
-    files = resolve_data_files(data)
+    files = resolve_data_files(list(data))
     model, tokenizer, run_seq_len = load_for_eval(path, device)
     seq_len = seq_len or run_seq_len or 512
-    ds = build_packed_dataset(files, tokenizer, seq_len, cache_dir=cache_dir,
-                              text_field=text_field)
+    ds = build_packed_dataset(files, tokenizer, seq_len, cache_dir=cache_dir, text_field=text_field)
     result = model_loss(model, ds, batch_size=batch_size, device=device, precision="auto")
     result["parameters"] = sum(p.numel() for p in model.parameters())
     return result

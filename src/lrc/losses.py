@@ -1,4 +1,5 @@
-"""Pure loss functions of LRC: masked activation MSE and the chunked LM (CE) + distillation (KL) loss.
+"""The objective of LRC as pure functions: masked activation MSE, the chunked LM (CE) + distillation (KL)
+loss, and how the terms compose (`LossWeights`, `lrc_objective`, `total_loss`).
 
 Shapes use N for flattened tokens, V for the vocabulary, d_S / d_T for student / teacher width.
 
@@ -17,12 +18,83 @@ only (chunk x V) logits are alive at any time and backward is two stored gradien
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import torch
 import torch.nn.functional as F
 
 from lrc.precision import for_product
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label with no target (cross_entropy's default ignore_index)
+# The activation-clone terms of a layer: the output of each module they name (spec section 3).
+CLONE_TERMS = ("q", "k", "v", "attn_out", "gate", "up", "ffn_out")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the LRC loss: L = ce * L_LM + kl * L_KL + clone * sum_terms w_term * E_term.
+
+    A weight of 0 removes that term from the computation (no hook, no teacher logits). These defaults are
+    the command line's too (`lrc.config.RunConfig`)."""
+
+    ce: float = 1.0
+    """Next-token cross-entropy of the student."""
+    kl: float = 1.0
+    """Forward KL(teacher || student), averaged per valid token."""
+    kl_temperature: float = 1.0
+    """Softmax temperature tau of the KL term."""
+    clone: float = 0.2
+    """alpha: multiplies the sum of all activation-clone terms (paper: 0.2 for 1.5B, 0.5 for 1.7B/4B)."""
+    q: float = 1.0
+    k: float = 1.0
+    v: float = 1.0
+    attn_out: float = 1.0
+    gate: float = 1.0
+    up: float = 1.0
+    ffn_out: float = 1.0
+
+    def clone_terms(self) -> dict[str, float]:
+        """The clone terms that take part, with their weights (empty when alpha is 0)."""
+        if self.clone == 0.0:
+            return {}
+        return {t: getattr(self, t) for t in CLONE_TERMS if getattr(self, t) != 0.0}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LossWeights:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    """The weighted total (has gradient)."""
+    terms: dict[str, torch.Tensor]
+    """Detached scalars for logging, local means: ce, kl, clone (unweighted sum) and clone/<term> summed over
+    layers."""
+
+
+def total_loss(terms: dict[str, float], w: LossWeights) -> float:
+    """The weighted total of logged terms (means): what `lrc_objective` optimises, for logging."""
+    return w.ce * terms.get("ce", 0.0) + w.kl * terms.get("kl", 0.0) + w.clone * terms.get("clone", 0.0)
+
+
+def next_token_labels(input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+    """Labels for next-token prediction: the next id, or -100 across documents, into padding and at the end.
+
+    A position's target belongs to the same document when the next position id is not 0 (packed sequences
+    restart their position ids at each document)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[..., :-1] = input_ids[..., 1:]
+    if position_ids is not None:
+        labels[..., :-1][position_ids[..., 1:] == 0] = IGNORE_INDEX
+    if attention_mask is not None:
+        labels[..., :-1][attention_mask[..., 1:] == 0] = IGNORE_INDEX
+        labels[attention_mask == 0] = IGNORE_INDEX
+    return labels
 
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -201,3 +273,44 @@ def reference_kd_lm_loss(
         m = kl_mask.float()
         kl = (kl_tok * m).sum() / m.sum().clamp_min(1)
     return ce_weight * ce_sum / ce_den + kl_weight * kl_scale * kl, ce.detach(), kl.detach()
+
+
+def lrc_objective(
+    hidden: torch.Tensor,
+    head: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.Tensor | None,
+    clone_errors: dict[tuple[int, str], torch.Tensor],
+    labels: torch.Tensor,
+    kl_mask: torch.Tensor,
+    w: LossWeights,
+    *,
+    ce_denominator: float | None = None,
+    scale: float = 1.0,
+    chunk_size: int = 0,
+    fused: bool = True,
+) -> LossOutput:
+    """L = ce * CE + kl * KL + clone * sum over (layer, term) of w_term * E, for one micro-batch.
+
+    hidden (N, d) and head (V, d): the student's final hidden states and the head they meet; teacher_hidden
+    (N, d_T) and teacher_head (V, d_T) for the KL (None when w.kl is 0); clone_errors: {(layer, term): MSE};
+    labels, kl_mask: (N,). ce_denominator / scale: the caller's normalisers for exact accumulation over
+    micro-batches and ranks (see `kd_lm_loss`); the clone sum is multiplied by `scale` like the KL. `fused`:
+    False takes the unchunked autograd path (full logits; the naive baseline for tests and benchmarks).
+    """
+    loss_fn = kd_lm_loss if fused else reference_kd_lm_loss
+    lm, ce, kl = loss_fn(
+        hidden, head, teacher_hidden if w.kl != 0.0 else None, teacher_head if w.kl != 0.0 else None,
+        labels, kl_mask, ce_weight=w.ce, kl_weight=w.kl, temperature=w.kl_temperature, chunk_size=chunk_size,
+        ce_denominator=ce_denominator, kl_scale=scale,
+    )
+    terms = {"ce": ce, "kl": kl}
+    total = lm
+    weights = w.clone_terms()
+    if weights and clone_errors:
+        clone = sum(weights[t] * v for (_, t), v in clone_errors.items())
+        total = total + (w.clone * scale) * clone
+        terms["clone"] = clone.detach()
+        for t in weights:
+            terms[f"clone/{t}"] = sum(v.detach() for (_, tt), v in clone_errors.items() if tt == t)
+    return LossOutput(loss=total, terms=terms)

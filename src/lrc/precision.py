@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 # The storage dtypes a teacher may be loaded in (`--teacher-dtype`); "auto" is the checkpoint's own.
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -69,12 +69,12 @@ def checkpoint_dtype(config) -> torch.dtype:
     """The dtype a checkpoint's config.json says its weights are stored in (float32 when it does not say)."""
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
-        dtype = TEACHER_DTYPES.get(dtype.removeprefix("torch."), None)
-    return dtype if dtype in TEACHER_DTYPES.values() else torch.float32
+        dtype = DTYPES.get(dtype.removeprefix("torch."), None)
+    return dtype if dtype in DTYPES.values() else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in TEACHER_DTYPES.items()}[dtype]
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def _low_precision_params(module: nn.Module) -> list[str]:

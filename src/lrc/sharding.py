@@ -17,8 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrc.precision import for_product
-
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without distributed support: nothing is ever sharded
@@ -71,42 +69,3 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
         held += local.numel() * local.element_size()
         whole += p.numel() * p.element_size()
     return held, whole
-
-
-class _Project(torch.autograd.Function):
-    """W_T @ P (input side) or P^T @ W_T (output side) for a frozen teacher matrix W_T that is fetched again in
-    backward instead of being kept: `fetch` gathers a sharded W_T and casts a bf16 one for an fp32 product, so
-    neither a whole gathered matrix nor an fp32 copy of it stays alive from the forward to the backward (the
-    gradient of P needs W_T). At most one such matrix is whole at a time."""
-
-    @staticmethod
-    def forward(ctx, p, fetch, input_side: bool):
-        ctx.fetch, ctx.input_side = fetch, input_side
-        ctx.save_for_backward(p)
-        w = fetch()
-        return w @ p if input_side else p.t() @ w
-
-    @staticmethod
-    def backward(ctx, grad):
-        (p,) = ctx.saved_tensors
-        w = ctx.fetch().to(grad.dtype)
-        grad_p = w.t() @ grad if ctx.input_side else w @ grad.t()
-        return grad_p.to(p.dtype), None, None
-
-
-def _fetcher(w: torch.Tensor, p: torch.Tensor):
-    return lambda: for_product(gathered(w), p)
-
-
-def project_input(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """W_T @ P: (out, d_T) x (d_T, d_S) -> (out, d_S); keeps the output dimension, shrinks the input."""
-    if isinstance(w, DTensor) or for_product(w, p) is not w:
-        return _Project.apply(p, _fetcher(w, p), True)
-    return w @ p
-
-
-def project_output(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """P^T @ W_T: (d_S, d_T) x (d_T, in) -> (d_S, in); shrinks the output dimension."""
-    if isinstance(w, DTensor) or for_product(w, p) is not w:
-        return _Project.apply(p, _fetcher(w, p), False)
-    return p.t() @ w

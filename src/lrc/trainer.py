@@ -1,39 +1,34 @@
 """The training loop behind `lrc distill`: one process or many under torchrun, with exact resume.
 
-Order of work in `distill`: validate every input (teacher, data, sizes, run directory) before anything is
-written; then create the run directory, store the resolved config, initialise (or restore) and train.
-Each optimizer step draws its micro-batches from a `SequenceSampler` whose position is part of every
-checkpoint, so an interrupted run resumed from its last checkpoint sees the same batches, the same
-optimizer state and therefore produces the same losses and weights as a run that never stopped.
+`distill` = `setup` (inputs checked and loaded by `lrc.run.prepare`, the teacher placed or sharded, the method
+built or restored, the run directory written) then `fit` (the loop). `train_step` is one optimizer step of
+any method; `lrc bench` times the same function.
 
-Loss normalisation across micro-batches and ranks is exact: the CE sum is divided by the number of
-labelled tokens of the whole optimizer step (all ranks), and the per-token means of KL and clone terms by
-the number of micro-batches; DDP's gradient averaging over ranks completes the mean.
+Each optimizer step draws its micro-batches from a `SequenceSampler` whose position is part of every
+checkpoint, so an interrupted run resumed from its last checkpoint sees the same batches, the same optimizer
+state and therefore produces the same losses and weights as a run that never stopped.
+
+Loss normalisation across micro-batches and ranks is exact and owned here: the CE sum is divided by the
+number of labelled tokens of the whole optimizer step (all ranks, passed to the method as `ce_denominator`),
+the per-token means of KL and clone terms by the number of micro-batches (`scale`), and averaging the
+gradients over ranks (`average_gradients`, once per step, for every method) completes the mean.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lrc import checkpoint as ckpt
-from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, save_config, validate
-from lrc.data import (
-    PackedDataset,
-    SequenceSampler,
-    build_packed_dataset,
-    collate,
-    resolve_data_files,
-    split_holdout,
-)
+from lrc import log
+from lrc.config import RunConfig, save_config
+from lrc.data import PackedDataset, SequenceSampler, collate
 from lrc.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -41,17 +36,13 @@ from lrc.distributed import (
     broadcast_from_rank0,
     cleanup,
     init_distributed,
-    wrap_data_parallel,
 )
-from lrc.errors import UserError
-from lrc.losses import IGNORE_INDEX
+from lrc.evaluate import heldout_loss
+from lrc.losses import IGNORE_INDEX, total_loss
+from lrc.methods import METHODS, Method, build_method
 from lrc.precision import autocast, compute_dtype
+from lrc.run import MetricsLog, Prepared, prepare
 from lrc.schedule import lr_factor
-
-
-def print0(info: DistInfo, *args, **kw):
-    if info.is_main:
-        print(*args, **kw, flush=True)
 
 
 class RunInterrupted(Exception):
@@ -66,126 +57,6 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the run stops and its last good checkpoint is kept."""
 
 
-@dataclass
-class Prepared:
-    cfg: RunConfig
-    run_dir: Path
-    teacher: torch.nn.Module
-    tokenizer: object
-    train: PackedDataset
-    val: PackedDataset | None
-    resume_from: Path | None
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LRC_CACHE", Path.home() / ".cache" / "lrc")) / "tokens"
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file()
-
-
-def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[RunConfig, Path | None]:
-    """Check the options and the run directory; with --resume, merge onto the saved run's config."""
-    if not cfg.out:
-        raise UserError("--out RUN_DIR is required: the folder for checkpoints and metrics")
-    run_dir = Path(cfg.out)
-    if resume:
-        if not _is_run_dir(run_dir):
-            raise UserError(
-                f"--resume: {run_dir} holds no run to continue (no config.yaml); drop --resume to start one")
-        saved = load_run_config(run_dir)
-        clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
-                   and getattr(cfg, k) != getattr(saved, k)]
-        if clashes:
-            k = clashes[0]
-            raise UserError(
-                f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)!r} contradicts the saved run "
-                f"({getattr(saved, k)!r}); drop it or start a new --out"
-            )
-        merged = saved.to_dict()
-        merged.update({k: getattr(cfg, k) for k in explicit})
-        cfg = RunConfig(**merged)
-        return cfg, ckpt.latest_checkpoint(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if _is_run_dir(run_dir):
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
-        raise UserError(f"{run_dir} exists and is not empty; choose a new --out")
-    return cfg, None
-
-
-def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
-    cfg, resume_from = resolve_config(cfg, explicit, resume)
-    if not cfg.teacher:
-        raise UserError("--teacher is required: a Hugging Face model directory or hub id")
-    if not cfg.data:
-        raise UserError("--data is required: one or more text/jsonl/json/parquet files or folders")
-    if cfg.hidden_size is None:
-        raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
-                        "teacher's")
-    if cfg.max_steps is None and cfg.max_tokens is None:
-        raise UserError("give a training budget: --max-steps N or --max-tokens N")
-    validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
-    if cfg.parallel == "fsdp" and cfg.method != "lrc":
-        raise UserError("--parallel fsdp shards the teacher for --method lrc only; use --parallel ddp for baselines")
-    train_files = resolve_data_files(cfg.data)
-    val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
-
-    from lrc.students import load_teacher, load_tokenizer
-
-    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.hidden_size > teacher.config.hidden_size:
-        raise UserError(
-            f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "
-            f"{teacher.config.hidden_size}; choose at most that"
-        )
-    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    ds = build_packed_dataset(train_files, tokenizer, cfg.seq_len, cache_dir=cache,
-                              text_field=cfg.text_field)
-    if val_files:
-        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len,
-                                              cache_dir=cache, text_field=cfg.text_field)
-    elif cfg.val_fraction > 0:
-        train, val = split_holdout(ds, cfg.val_fraction)
-    else:
-        train, val = ds, None
-    return Prepared(cfg, Path(cfg.out), teacher, tokenizer, train, val, resume_from)
-
-
-def build_method(cfg: RunConfig, teacher, calibration=None):
-    """The trainable object for cfg.method: an LRC clone or a direct student (baselines)."""
-    from lrc.clone import LowRankClone
-    from lrc.init import init_pca, init_random
-    from lrc.students import DirectStudent, pruned_student, random_student
-
-    weights = cfg.loss_weights()
-    info: dict = {}
-    if cfg.method == "lrc":
-        model = LowRankClone(teacher, cfg.hidden_size, rms_norm_eps=cfg.rms_norm_eps, loss_weights=weights,
-                             chunk_size=cfg.chunk_size)
-        if calibration is not None:
-            if cfg.init == "pca":
-                info = init_pca(model, calibration())
-            else:
-                init_random(model, generator=torch.Generator().manual_seed(cfg.seed))
-        if cfg.grad_checkpointing:
-            model.enable_gradient_checkpointing()
-        return model, info
-    weights.clone = 0.0
-    if cfg.method == "scratch":
-        weights.kl = 0.0
-    if cfg.method == "prune-kd" and calibration is not None:
-        student, kept = pruned_student(teacher, cfg.hidden_size, calibration())
-        info = {"kept_channels": len(kept)}
-    else:
-        student = random_student(teacher, cfg.hidden_size, cfg.seed)
-    if cfg.grad_checkpointing:
-        student.gradient_checkpointing_enable({"use_reentrant": False})
-    return DirectStudent(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,
-                         chunk_size=cfg.chunk_size), info
-
-
 def total_steps(cfg: RunConfig, world: int) -> int:
     per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
     limits = []
@@ -196,66 +67,232 @@ def total_steps(cfg: RunConfig, world: int) -> int:
     return max(0, min(limits))
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    return autocast(cfg.precision, device)
-
-
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def eval_batches(n: int, batch_size: int, max_batches: int, info: DistInfo, lockstep: bool = False):
-    """(sequence indices, counted) of this rank's held-out batches: every world_size-th sequence from its
-    rank, at most max_batches batches. lockstep: pad with uncounted repeats up to rank 0's count."""
-    def share(rank):
-        return list(range(rank, n, info.world_size))[: max_batches * batch_size]
+# ------------------------------------------------------------------------------------------- one step
 
-    indices = share(info.rank)
-    batches = [(indices[s:s + batch_size], True) for s in range(0, len(indices), batch_size)]
-    if lockstep:
-        most = math.ceil(len(share(0)) / batch_size)
-        batches += [(share(0)[:batch_size], False)] * (most - len(batches))
+
+@dataclass
+class StepResult:
+    loss: float
+    """The weighted total of the step's terms (global means)."""
+    terms: dict[str, float]
+    """ce (per labelled token), kl, clone and clone/<term> (per micro-batch means), averaged over ranks."""
+    grad_norm: float
+    tokens: int
+    """Input tokens of the step, all ranks."""
+
+
+def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimizer, *, device, precision: str,
+               info: DistInfo, grad_clip: float = 0.0) -> StepResult:
+    """One optimizer step over `micro` (the step's micro-batches on this rank): forward and backward of each,
+    gradients averaged over ranks, clipped, and `optimizer.step()`. Raises TrainingDiverged (before the update)
+    when the loss or the gradient norm is not finite."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    n_lab_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+    n_lab = float(all_reduce_sum(torch.tensor(float(n_lab_local), device=device), info))
+    sums: dict[str, float] = {}
+    with autocast(precision, device):
+        step = method.begin_step(len(micro))
+    for b in micro:
+        b = _to(b, device)
+        with autocast(precision, device):
+            out = method(**b, ce_denominator=n_lab / info.world_size, scale=1.0 / len(micro), step=step)
+        out.loss.backward()
+        n_b = float((b["labels"] != IGNORE_INDEX).sum())
+        for k, v in out.terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * (n_b if k == "ce" else 1.0 / len(micro))
+    method.finish_step(step)
+    average_gradients(params, info)
+    keys = sorted(sums)
+    vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
+    terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}
+    loss = total_loss(terms, method.loss_weights)
+    if grad_clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        gnorm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        raise TrainingDiverged(f"non-finite loss ({loss}) or gradient norm ({gnorm})")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b["input_ids"].numel() for b in micro) * info.world_size
+    return StepResult(loss=loss, terms=terms, grad_norm=gnorm, tokens=tokens)
+
+
+# ------------------------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Session:
+    """Everything the loop works with; `state` is what a checkpoint restores besides weights."""
+
+    cfg: RunConfig
+    run_dir: Path
+    info: DistInfo
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: SequenceSampler
+    train: PackedDataset
+    val: PackedDataset | None
+    teacher: torch.nn.Module
+    sharded: bool
+    steps: int
+    log: MetricsLog
+    step: int = 0
+    tokens: int = 0
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.time)
+    fresh: bool = True  # not resumed from a checkpoint
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+def _place_teacher(prep: Prepared, info: DistInfo, sharded: bool) -> None:
+    """fsdp: the teacher (loaded on the CPU) is sharded and only each rank's shard moves to the device."""
+    cfg, device = prep.cfg, info.device
+    if not sharded:
+        prep.teacher.to(device)
+        return
+    from lrc.sharding import shard_teacher
+
+    held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.precision, device))
+    log.info(f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
+             f"{whole / 2**20:.4g} MiB of its weights on each")
+
+
+def _calibration(prep: Prepared, info: DistInfo) -> Callable | None:
+    cfg = prep.cfg
+    if prep.resume_from is not None or not METHODS[cfg.method].needs_calibration(cfg):
+        return None
+
+    def batches():
+        # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on the
+        # same sequences as one process with --batch-size W*b.
+        n = min(len(prep.train), cfg.calib_batches * cfg.batch_size * info.world_size)
+        for s in range(0, n, cfg.batch_size):
+            yield _to(collate([prep.train.get(i) for i in range(s, min(n, s + cfg.batch_size))]), info.device)
+
     return batches
 
 
-@torch.no_grad()
-def evaluate(method, val: PackedDataset, cfg: RunConfig, device, info: DistInfo, max_batches: int,
-             lockstep: bool = False) -> dict:
-    """Held-out CE (nats/token) and KL of the student, over this rank's share, averaged over ranks.
+def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Session:
+    """Check and load every input, build (or restore) the method and optimizer, then write the run directory."""
+    prep = prepare(cfg, explicit, resume)
+    cfg, device = prep.cfg, info.device
+    sharded = cfg.parallel == "fsdp" and info.enabled
+    _place_teacher(prep, info, sharded)
+    steps = total_steps(cfg, info.world_size)
+    torch.manual_seed(cfg.seed)
+    method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
+    method.to(device)
+    params = method.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
+    warmup = int(round(cfg.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
+    sampler = SequenceSampler(len(prep.train), seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    s = Session(cfg, prep.run_dir, info, method, optimizer, sched, sampler, prep.train, prep.val, prep.teacher,
+                sharded, steps, log=MetricsLog(prep.run_dir, False))
+    _restore(s, prep.resume_from, resume)
+    # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
+    # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
+    all_reduce_sum(torch.zeros((), device=device), info)
+    if info.is_main:
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, s.run_dir / "config.yaml")
+    s.log = MetricsLog(s.run_dir, info.is_main, truncate_after=s.step if resume else None)
+    broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
+    note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
+    log.info(f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
+             f"hidden {cfg.hidden_size}; {sum(p.numel() for p in params):,} trainable parameters; "
+             f"{len(prep.train):,} training sequences of {cfg.seq_len}; {steps} steps on {info.world_size} x "
+             f"{device}" + (f"; init {cfg.init}: {init_info}" if init_info else "") + (f"; {note}" if note else ""))
+    return s
 
-    lockstep: every rank runs as many forwards as rank 0 (which has the most), repeating a batch without
-    counting it, because a sharded teacher's forward is a collective operation."""
-    if val is None or len(val) == 0:
-        return {}
-    method.eval()
-    ce_sum = torch.zeros((), dtype=torch.float64)
-    kl_sum = torch.zeros((), dtype=torch.float64)
-    n_lab = torch.zeros((), dtype=torch.float64)
-    n_tok = torch.zeros((), dtype=torch.float64)
-    for chosen, counted in eval_batches(len(val), cfg.batch_size, max_batches, info, lockstep):
-        batch = _to(collate([val.get(i) for i in chosen]), device)
-        with _autocast(cfg, device):
-            out = method(**batch)
-        if not counted:
-            continue
-        labels = (batch["labels"] != IGNORE_INDEX).sum().double().cpu()
-        ce_sum += out.terms["ce"].double().cpu() * labels
-        kl_sum += out.terms["kl"].double().cpu() * batch["input_ids"].numel()
-        n_lab += labels
-        n_tok += batch["input_ids"].numel()
-    tot = all_reduce_sum(torch.stack([ce_sum, kl_sum, n_lab, n_tok]).to(device), info).cpu()
-    method.train()
-    ce = float(tot[0] / tot[2].clamp_min(1))
-    return {"loss": ce, "perplexity": math.exp(min(ce, 50.0)), "kl": float(tot[1] / tot[3].clamp_min(1)),
-            "tokens": int(tot[3])}
+
+def _restore(s: Session, resume_from: Path | None, resume: bool) -> None:
+    if resume_from is None:
+        if resume:
+            log.info(f"resuming {s.run_dir}: no checkpoint yet, starting from step 0")
+        return
+    trainable, opt_state, state = ckpt.load_checkpoint(resume_from, s.device)
+    s.method.load_trainable_state_dict(trainable)
+    s.optimizer.load_state_dict(opt_state["optimizer"])
+    s.scheduler.load_state_dict(opt_state["scheduler"])
+    s.sampler.load_state_dict(state["sampler"])
+    s.step, s.tokens, s.elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
+    s.fresh = False
+    log.info(f"resuming {s.run_dir} from step {s.step} ({s.tokens:,} tokens)")
 
 
-@torch.no_grad()
-def teacher_val_loss(teacher, val: PackedDataset, cfg: RunConfig, device, max_batches: int) -> dict:
-    from lrc.evaluate import model_loss
+# ------------------------------------------------------------------------------------------- the loop
 
-    return model_loss(teacher, val, batch_size=cfg.batch_size, device=device, max_batches=max_batches,
-                      precision=cfg.precision)
+
+def _save(s: Session) -> None:
+    if not s.info.is_main:
+        return
+    state = {"step": s.step, "tokens": s.tokens, "sampler": s.sampler.state_dict(),
+             "elapsed": s.elapsed_before + time.time() - s.started}
+    ckpt.save_checkpoint(s.run_dir, s.step, s.method.trainable_state_dict(),
+                         {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
+                         state, keep=s.cfg.keep_checkpoints)
+
+
+def _evaluate(s: Session, split: str = "val") -> None:
+    """Held-out loss of the student ("val") or, at the start of a run, of the teacher ("val_teacher")."""
+    if s.val is None:
+        return
+    cfg = s.cfg
+    if split == "val_teacher":
+        from lrc.evaluate import model_loss
+
+        r = model_loss(s.teacher, s.val, batch_size=cfg.batch_size, device=s.device, precision=cfg.precision,
+                       max_batches=cfg.eval_batches, info=s.info, lockstep=s.sharded)
+        log.info(f"teacher held-out loss {r['loss']:.4f} (ppl {r['perplexity']:.2f})")
+    else:
+        r = heldout_loss(s.method, s.val, batch_size=cfg.batch_size, device=s.device, precision=cfg.precision,
+                         info=s.info, max_batches=cfg.eval_batches, lockstep=s.sharded)
+        r.pop("labels")
+        log.info(f"step {s.step} held-out loss {r['loss']:.4f} (ppl {r['perplexity']:.2f})")
+    s.log.write({"split": split, "step": s.step, **r, "eval_tokens": r["tokens"], "tokens": s.tokens})
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class _Progress:
+    """tokens/s over the window since the last line (training time only) and the ETA of the run."""
+
+    def __init__(self, s: Session):
+        self.start_step, self.window_t, self.window_tok = s.step, time.time(), 0
+
+    def report(self, s: Session, r: StepResult, lr: float) -> None:
+        self.window_tok += r.tokens
+        if s.step % s.cfg.log_every and s.step != s.steps:
+            return
+        now = time.time()
+        tps = self.window_tok / max(1e-9, now - self.window_t)
+        rate = (now - s.started) / max(1, s.step - self.start_step)
+        s.log.write({"split": "train", "step": s.step, "tokens": s.tokens, "loss": r.loss, **r.terms, "lr": lr,
+                     "grad_norm": r.grad_norm, "tokens_per_s": tps, "elapsed": s.elapsed_before + now - s.started})
+        shown = " ".join(f"{k} {v:.4f}" for k, v in r.terms.items() if "/" not in k)
+        log.info(f"step {s.step}/{s.steps} | tok {s.tokens:,} | loss {r.loss:.4f} ({shown}) | lr {lr:.2e} "
+                 f"| gnorm {r.grad_norm:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(rate * (s.steps - s.step))}")
+        self.window_t, self.window_tok = now, 0
+
+    def pause(self, seconds: float) -> None:
+        self.window_t += seconds  # held-out evaluation does not count as training time
 
 
 class _StopFlag:
@@ -281,263 +318,61 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool, truncate_after: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if truncate_after is not None and self.path.exists():
-            # Records past the checkpoint we resume from would be written again: drop them, and a last
-            # line torn by a kill mid-write.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= truncate_after:
-                        kept.append(line)
-                except ValueError:
-                    continue
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            split = record.get("split", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "split"):
-                    self.tb.add_scalar(f"{split}/{k}", v, record["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+def _stop_requested(s: Session, stop: _StopFlag) -> bool:
+    stopping = stop.signal is not None
+    if s.info.enabled:  # any rank's signal stops all of them at the same step
+        stopping = bool(all_reduce_sum(torch.tensor(float(stopping), device=s.device), s.info) > 0)
+    return stopping
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+def fit(s: Session) -> Path:
+    """Train from `s.step` to `s.steps`, evaluating, logging and saving on the way; returns the run directory."""
+    cfg = s.cfg
+    s.started = time.time()
+    if s.fresh and s.step == 0:
+        _evaluate(s, "val_teacher")
+        _evaluate(s)
+        if s.steps == 0:
+            _save(s)  # --max-steps 0: initialise and save
+    progress = _Progress(s)
+    with _StopFlag() as stop:
+        while s.step < s.steps:
+            micro = [collate([s.train.get(i) for i in s.sampler.next_indices(cfg.batch_size)])
+                     for _ in range(cfg.grad_accum)]
+            lr = s.optimizer.param_groups[0]["lr"]
+            try:
+                r = train_step(s.method, micro, s.optimizer, device=s.device, precision=cfg.precision, info=s.info,
+                               grad_clip=cfg.grad_clip)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e} at step {s.step + 1}; stopped without saving. Last good checkpoint: "
+                                       f"{ckpt.latest_checkpoint(s.run_dir) or 'none'}. Lower --lr or check the "
+                                       "data.") from None
+            s.scheduler.step()
+            s.step += 1
+            s.tokens += r.tokens
+            progress.report(s, r, lr)
+            if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.steps:
+                t0 = time.time()
+                _evaluate(s)
+                progress.pause(time.time() - t0)
+            stopping = _stop_requested(s, stop)
+            if s.step == s.steps or s.step % cfg.save_every == 0 or stopping:
+                _save(s)
+            if stopping:
+                s.log.close()
+                log.info(f"interrupted at step {s.step}: checkpoint saved; continue with "
+                         f"`lrc distill --out {s.run_dir} --resume`")
+                raise RunInterrupted(int(stop.signal or signal.SIGTERM))  # or another rank's signal
+    s.log.close()
+    log.info(f"done: {s.step} steps, {s.tokens:,} tokens. Export with `lrc export {s.run_dir} --out MODEL_DIR`")
+    return s.run_dir
 
 
 def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False) -> Path:
     """Run (or continue) a distillation; returns the run directory."""
-    explicit = explicit or set()
     info = init_distributed(cfg.device)
+    log.configure(info.rank)
     try:
-        return _distill(cfg, explicit, resume, info)
+        return fit(setup(cfg, explicit or set(), resume, info))
     finally:
         cleanup(info)
-
-
-def _distill(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Path:
-    prep = prepare(cfg, explicit, resume)
-    cfg, run_dir, device = prep.cfg, prep.run_dir, info.device
-    # fsdp: the teacher (loaded on the CPU) is sharded and only each rank's shard moves to the device.
-    sharded = cfg.parallel == "fsdp" and info.enabled
-    if sharded:
-        from lrc.sharding import shard_teacher
-
-        held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.precision, device))
-        print0(info, f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
-                     f"{whole / 2**20:.4g} MiB of its weights on each")
-    else:
-        prep.teacher.to(device)
-    steps = total_steps(cfg, info.world_size)
-    torch.manual_seed(cfg.seed)
-
-    calib = None
-    if prep.resume_from is None and (cfg.method == "prune-kd" or (cfg.method == "lrc" and cfg.init == "pca")):
-        def calib():
-            # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on
-            # the same sequences as one process with --batch-size W*b.
-            n = min(len(prep.train), cfg.calib_batches * cfg.batch_size * info.world_size)
-            for s in range(0, n, cfg.batch_size):
-                yield _to(collate([prep.train.get(i) for i in range(s, min(n, s + cfg.batch_size))]), device)
-    method, init_info = build_method(cfg, prep.teacher, calibration=calib)
-    method.to(device)
-
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, eps=1e-8)
-    warmup = int(round(cfg.warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
-    sampler = SequenceSampler(len(prep.train), seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    step, tokens, elapsed_before = 0, 0, 0.0
-    if prep.resume_from is not None:
-        trainable, opt_state, state = ckpt.load_checkpoint(prep.resume_from, device)
-        method.load_trainable_state_dict(trainable)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        sched.load_state_dict(opt_state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        step, tokens, elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
-        print0(info, f"resuming {run_dir} from step {step} ({tokens:,} tokens)")
-    elif resume:
-        print0(info, f"resuming {run_dir}: no checkpoint yet, starting from step 0")
-    # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
-    # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
-    all_reduce_sum(torch.zeros((), device=device), info)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir, info.is_main, truncate_after=step if resume else None)
-    # LRC generates the student once per optimizer step and reuses it across micro-batches, so gradients
-    # reach the projections only when the step's last backward has run: DDP's per-backward hooks cannot
-    # serve, and `average_gradients` averages them over ranks instead (ddp and fsdp alike). The baselines
-    # are ordinary models under DDP.
-    from lrc.clone import LowRankClone
-
-    is_lrc = isinstance(method, LowRankClone)
-    model = method if is_lrc else wrap_data_parallel(method, info)
-    if is_lrc:
-        broadcast_from_rank0(params, info)
-    plan = None
-    if is_lrc and not sharded:  # factored roles would hold whole teacher matrices
-        plan = method.plan_projections(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum)
-    n_params = sum(p.numel() for p in params)
-    print0(info, f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
-                 f"hidden {cfg.hidden_size}; {n_params:,} trainable parameters; {len(prep.train):,} training "
-                 f"sequences of {cfg.seq_len}; {steps} steps on {info.world_size} x {device}"
-                 + (f"; init {cfg.init}: {init_info}" if init_info else "")
-                 + (f"; factored: {', '.join(r for r, m in plan.items() if m == 'factored')}"
-                    if plan and "factored" in plan.values() else ""))
-
-    def save(at_step: int):
-        if not info.is_main:
-            return
-        state = {"step": at_step, "tokens": tokens, "sampler": sampler.state_dict(),
-                 "elapsed": elapsed_before + time.time() - t0}
-        ckpt.save_checkpoint(run_dir, at_step, method.trainable_state_dict(),
-                             {"optimizer": optimizer.state_dict(), "scheduler": sched.state_dict()},
-                             state, keep=cfg.keep_checkpoints)
-
-    t0 = time.time()
-    if prep.val is not None and (info.is_main or sharded) and prep.resume_from is None and step == 0:
-        tv = teacher_val_loss(prep.teacher, prep.val, cfg, device, cfg.eval_batches)
-        log.write({"split": "val_teacher", "step": 0, **tv, "eval_tokens": tv["tokens"], "tokens": 0})
-        print0(info, f"teacher held-out loss {tv['loss']:.4f} (ppl {tv['perplexity']:.2f})")
-    if prep.val is not None and step == 0 and prep.resume_from is None:
-        ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches, lockstep=sharded)
-        log.write({"split": "val", "step": 0, **ev, "eval_tokens": ev["tokens"], "tokens": 0})
-        print0(info, f"step 0 held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")
-    if steps == 0 and prep.resume_from is None:
-        save(0)  # --max-steps 0: initialise and save
-    start_step, window_t, window_tok = step, time.time(), 0
-    status = "done"
-    with _StopFlag() as stop:
-        while step < steps:
-            micro = [collate([prep.train.get(i) for i in sampler.next_indices(cfg.batch_size)])
-                     for _ in range(cfg.grad_accum)]
-            n_lab_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
-            n_lab = float(all_reduce_sum(torch.tensor(float(n_lab_local), device=device), info))
-            sums: dict[str, float] = {}
-            extra, finish = {}, None
-            if is_lrc and len(micro) > 1:
-                with _autocast(cfg, device):
-                    weights, head, finish = method.step_weights()
-                extra = {"student_weights": weights, "student_head": head}
-            for j, b in enumerate(micro):
-                b = _to(b, device)
-                sync = contextlib.nullcontext()
-                if model is not method and j < len(micro) - 1:
-                    sync = model.no_sync()
-                with sync:
-                    with _autocast(cfg, device):
-                        out = model(**b, ce_denominator=n_lab / info.world_size, scale=1.0 / len(micro),
-                                    **extra)
-                    out.loss.backward()
-                n_b = float((b["labels"] != IGNORE_INDEX).sum())
-                for k, v in out.terms.items():
-                    w = n_b if k == "ce" else 1.0 / len(micro)
-                    sums[k] = sums.get(k, 0.0) + float(v) * w
-            if finish is not None:
-                finish()
-            if is_lrc:
-                average_gradients(params, info)
-            keys = sorted(sums)
-            vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
-            terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}
-            w = cfg.loss_weights()
-            loss = w.ce * terms.get("ce", 0) + w.kl * terms.get("kl", 0) + w.clone * terms.get("clone", 0)
-            if cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            else:
-                gnorm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                last = ckpt.latest_checkpoint(run_dir)
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}; stopped without "
-                    f"saving. Last good checkpoint: {last or 'none'}. Lower --lr or check the data."
-                )
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_tokens = sum(b["input_ids"].numel() for b in micro) * info.world_size
-            tokens += step_tokens
-            window_tok += step_tokens
-            if step % cfg.log_every == 0 or step == steps:
-                now = time.time()
-                tps = window_tok / max(1e-9, now - window_t)
-                rate = (now - t0) / max(1, step - start_step)
-                record = {"split": "train", "step": step, "tokens": tokens, "loss": loss, **terms, "lr": lr_now,
-                          "grad_norm": gnorm, "tokens_per_s": tps, "elapsed": elapsed_before + now - t0}
-                log.write(record)
-                shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items() if "/" not in k)
-                print0(info, f"step {step}/{steps} | tok {tokens:,} | loss {loss:.4f} ({shown}) | lr {lr_now:.2e} "
-                             f"| gnorm {gnorm:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(rate * (steps - step))}")
-                window_t, window_tok = now, 0
-            if prep.val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-                eval_start = time.time()
-                ev = evaluate(method, prep.val, cfg, device, info, cfg.eval_batches, lockstep=sharded)
-                window_t += time.time() - eval_start  # tokens/s counts training time only
-                log.write({"split": "val", "step": step, **ev, "eval_tokens": ev["tokens"], "tokens": tokens})
-                print0(info, f"step {step} held-out loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})")
-            stopping = stop.signal is not None
-            if info.enabled:
-                flag = all_reduce_sum(torch.tensor(float(stopping), device=device), info)
-                stopping = bool(flag > 0)
-            if step == steps or step % cfg.save_every == 0 or stopping:
-                save(step)
-            if stopping:
-                status = "interrupted"
-                received = stop.signal or signal.SIGTERM  # another rank's signal under torchrun
-                break
-    log.close()
-    if status == "interrupted":
-        print0(info, f"interrupted at step {step}: checkpoint saved; continue with "
-                     f"`lrc distill --out {run_dir} --resume`")
-        raise RunInterrupted(int(received))
-    else:
-        print0(info, f"done: {step} steps, {tokens:,} tokens. Export with `lrc export {run_dir} --out MODEL_DIR`")
-    return run_dir
-
-
-def load_run(run_dir: str | Path, device="cpu"):
-    """(config, method with the latest trained weights, tokenizer, teacher) of a finished or running run."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is None:
-        raise UserError(f"{run_dir} has no checkpoint yet; run `lrc distill` on it first")
-    from lrc.students import load_teacher, load_tokenizer
-
-    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
-    method, _ = build_method(cfg, teacher, calibration=None)
-    trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
-    method.load_trainable_state_dict(trainable)
-    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    return cfg, method.to(device), tokenizer, teacher

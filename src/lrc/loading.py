@@ -1,0 +1,168 @@
+"""Loading teachers and tokenizers: every way a model folder can be unusable ends in one `UserError` line.
+
+A teacher is read in the dtype it is stored in (`--teacher-dtype auto`: its config.json's `dtype`) and, when
+that is bf16/fp16, hooked to compute in fp32 whenever autocast is off (`lrc.precision`). Damaged files
+(config.json, safetensors headers, shard indexes, tokenizer JSON) are named before transformers reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lrc.errors import UserError
+from lrc.families import family_for
+from lrc.precision import DTYPES, checkpoint_dtype, upcast_frozen_modules
+
+# What reading a damaged or incomplete weight file raises: safetensors' header checks, torch.load's zip
+# reader (RuntimeError) and weights-only unpickler, a short read (EOFError), a missing shard (OSError).
+_WEIGHT_ERRORS = (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError)
+_REDOWNLOAD = "download or save the model again"
+# Tokenizer files that are JSON (checked before loading, so a damaged one is named) and the files one of
+# which a tokenizer of the supported families needs.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (library messages can run to paragraphs)."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; UserError naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"{what} {path} is damaged (not valid JSON: {_first_line(e)}); restore it: "
+                        f"{_REDOWNLOAD}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path} is damaged (not a JSON object); restore it: {_REDOWNLOAD}")
+    return value
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files `from_pretrained` reads from a local model folder (safetensors first, as it does);
+    UserError naming a damaged index or a shard it lists that is missing."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            weight_map = _read_json_object(folder / index, "teacher weight index").get("weight_map") or {}
+            shards = [folder / name for name in sorted(set(weight_map.values()))]
+            for shard in shards:
+                if not shard.is_file():
+                    raise UserError(f"teacher weight file {shard} (listed in {folder / index}) is missing; "
+                                    f"{_REDOWNLOAD}")
+            return shards
+    return []
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    """UserError naming the first safetensors file whose header does not parse or does not cover the file
+    exactly (truncated, garbage). Reads headers only (memory-mapped), so it is cheap at any size."""
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"teacher weight file {f} is damaged or incomplete ({_first_line(e)}); "
+                            f"{_REDOWNLOAD}") from None
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """Silence transformers' warnings (its multi-line load report) while loading: load_teacher turns what
+    the report would show (missing or mismatched tensors) into one UserError line."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, whose: str = "the teacher's",
+                   if_missing: str = "copy the teacher's tokenizer files into it"):
+    """The tokenizer of a model directory or hub id; UserError naming the file when one is damaged, or the
+    folder when it has none."""
+    from transformers import AutoTokenizer
+
+    p = Path(path_or_id)
+    if p.is_dir():
+        for name in _TOKENIZER_JSON:
+            if (p / name).is_file():
+                _read_json_object(p / name, f"{whose} tokenizer file")
+    try:
+        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    except Exception as e:  # the tokenizers library raises plain Exceptions; any failure here is the files'
+        if p.is_dir() and not any((p / name).is_file() for name in _TOKENIZER_FILES):
+            raise UserError(f"{path_or_id} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); "
+                            f"{if_missing}") from None
+        raise UserError(f"cannot load {whose} tokenizer from {path_or_id}: {_first_line(e)}; its tokenizer files "
+                        f"are damaged or incomplete: {_REDOWNLOAD}") from None
+
+
+def load_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
+    """Load a causal-LM teacher from a local directory or hub id; UserError on anything unusable.
+
+    dtype: the storage dtype, or "auto" for the checkpoint's own (config.json `dtype`/`torch_dtype`). A teacher
+    stored in bf16/fp16 still computes in fp32 whenever autocast is off (`lrc.precision`)."""
+    p = Path(path_or_id)
+    looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+    if looks_local and not p.exists():
+        raise UserError(f"teacher path {path_or_id} does not exist; pass a model directory or a hub id")
+    if p.is_dir() and not (p / "config.json").exists():
+        raise UserError(f"teacher directory {path_or_id} has no config.json; pass a Hugging Face model directory")
+    if p.is_dir():
+        _read_json_object(p / "config.json", "teacher config")
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load teacher config from {path_or_id}: {first}") from None
+    family_for(config)  # unsupported family -> UserError listing the supported ones
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise UserError(f"teacher {path_or_id} is a {archs[0]}, not a causal language model (*ForCausalLM)")
+    if isinstance(dtype, str):
+        dtype = checkpoint_dtype(config) if dtype == "auto" else DTYPES[dtype]
+    files = _weight_files(p) if p.is_dir() else []
+    _check_safetensors(files)
+    try:
+        with _transformers_errors_only():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, as one line
+            )
+    except _WEIGHT_ERRORS as e:
+        where = files[0] if len(files) == 1 else path_or_id
+        reason = "not a readable weight file" if isinstance(e, (pickle.UnpicklingError, EOFError)) \
+            else _first_line(e)
+        raise UserError(f"cannot load teacher weights from {where}: {reason}; check that the weight files are "
+                        f"complete, or {_REDOWNLOAD}") from None
+    # transformers fills tensors missing from the checkpoint (or of the wrong shape) with random values and
+    # only warns: a teacher like that would be silently random.
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        which = (f"missing tensors: {len(missing)}, e.g. {missing[0]}" if missing
+                 else f"tensors of the wrong shape: {len(mismatched)}, e.g. {mismatched[0]}")
+        raise UserError(f"teacher weights in {path_or_id} do not match its config.json: {which}; "
+                        f"{_REDOWNLOAD}")
+    model.eval()
+    upcast_frozen_modules(model)
+    return model

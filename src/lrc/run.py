@@ -1,0 +1,172 @@
+"""The run directory and what it takes to open one: options and inputs checked, config stored, checkpoints.
+
+Order of work (`prepare`): validate every option and input (teacher, tokenizer, data, sizes, the run
+directory) before anything is written, so bad input leaves the directory as it was. `load_run` rebuilds a
+run's method with its latest trained weights from nothing but the directory (its config.yaml names the
+teacher and every option), for export and evaluation.
+
+RUN_DIR/config.yaml      the resolved configuration
+RUN_DIR/metrics.jsonl    one JSON record per log step and evaluation (`MetricsLog`)
+RUN_DIR/checkpoints/     see `lrc.checkpoint`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lrc import checkpoint as ckpt
+from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, validate
+from lrc.data import PackedDataset, build_packed_dataset, resolve_data_files, split_holdout
+from lrc.errors import UserError
+from lrc.loading import load_teacher, load_tokenizer
+from lrc.methods import METHODS, Method, build_method
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    run_dir: Path
+    teacher: torch.nn.Module
+    tokenizer: object
+    train: PackedDataset
+    val: PackedDataset | None
+    resume_from: Path | None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LRC_CACHE", Path.home() / ".cache" / "lrc")) / "tokens"
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file()
+
+
+def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[RunConfig, Path | None]:
+    """Check the options and the run directory; with --resume, merge onto the saved run's config."""
+    if not cfg.out:
+        raise UserError("--out RUN_DIR is required: the folder for checkpoints and metrics")
+    run_dir = Path(cfg.out)
+    if resume:
+        if not _is_run_dir(run_dir):
+            raise UserError(
+                f"--resume: {run_dir} holds no run to continue (no config.yaml); drop --resume to start one")
+        saved = load_run_config(run_dir)
+        clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
+                   and getattr(cfg, k) != getattr(saved, k)]
+        if clashes:
+            k = clashes[0]
+            raise UserError(
+                f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)!r} contradicts the saved run "
+                f"({getattr(saved, k)!r}); drop it or start a new --out"
+            )
+        merged = saved.to_dict()
+        merged.update({k: getattr(cfg, k) for k in explicit})
+        cfg = RunConfig(**merged)
+        return cfg, ckpt.latest_checkpoint(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if _is_run_dir(run_dir):
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
+        raise UserError(f"{run_dir} exists and is not empty; choose a new --out")
+    return cfg, None
+
+
+def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
+    cfg, resume_from = resolve_config(cfg, explicit, resume)
+    if not cfg.teacher:
+        raise UserError("--teacher is required: a Hugging Face model directory or hub id")
+    if not cfg.data:
+        raise UserError("--data is required: one or more text/jsonl/json/parquet files or folders")
+    if cfg.hidden_size is None:
+        raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
+                        "teacher's")
+    if cfg.max_steps is None and cfg.max_tokens is None:
+        raise UserError("give a training budget: --max-steps N or --max-tokens N")
+    validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
+    if cfg.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
+        sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
+        raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "
+                        f"{cfg.method}")
+    train_files = resolve_data_files(cfg.data)
+    val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
+
+    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.hidden_size > teacher.config.hidden_size:
+        raise UserError(
+            f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "
+            f"{teacher.config.hidden_size}; choose at most that"
+        )
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    ds = build_packed_dataset(train_files, tokenizer, cfg.seq_len, cache_dir=cache,
+                              text_field=cfg.text_field)
+    if val_files:
+        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len,
+                                              cache_dir=cache, text_field=cfg.text_field)
+    elif cfg.val_fraction > 0:
+        train, val = split_holdout(ds, cfg.val_fraction)
+    else:
+        train, val = ds, None
+    return Prepared(cfg, Path(cfg.out), teacher, tokenizer, train, val, resume_from)
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed), rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, truncate_after: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if truncate_after is not None and self.path.exists():
+            # Records past the checkpoint we resume from would be written again: drop them, and a last
+            # line torn by a kill mid-write.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= truncate_after:
+                        kept.append(line)
+                except ValueError:
+                    continue
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            split = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "split"):
+                    self.tb.add_scalar(f"{split}/{k}", v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def load_run(run_dir: str | Path, device="cpu") -> tuple[RunConfig, Method, object, torch.nn.Module]:
+    """(config, method with the latest trained weights, tokenizer, teacher) of a finished or running run."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        raise UserError(f"{run_dir} has no checkpoint yet; run `lrc distill` on it first")
+    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
+    method, _ = build_method(cfg, teacher, calibration=None)
+    trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
+    method.load_trainable_state_dict(trainable)
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    return cfg, method.to(device), tokenizer, teacher
