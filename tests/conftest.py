@@ -60,6 +60,21 @@ def make_teacher(family: str = "llama", tied: bool = False, seed: int = 0, **ove
     return model.eval()
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||: a gradient error measured against the gradient's own size (P_down's
+    gradients are ~1e-5 and the norm gains' ~1e-4 on the tiny teachers, so an absolute tolerance would
+    pass an error as large as the gradient itself)."""
+    return float((got - want).double().norm() / want.double().norm().clamp_min(1e-30))
+
+
+def assert_gradients_close(got: dict, want: dict, rtol: float) -> None:
+    """Same names, and every gradient within `rtol` of the reference relative to its own norm."""
+    assert got.keys() == want.keys() and want
+    errors = {n: relative_error(got[n], want[n]) for n in want}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= rtol, (worst, errors[worst])
+
+
 def packed_batch(batch: int = 2, seq: int = 24, seed: int = 1):
     """input_ids and position_ids of two packed documents per row."""
     g = torch.Generator().manual_seed(seed)

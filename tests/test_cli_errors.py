@@ -513,6 +513,7 @@ def test_eval_of_a_model_without_tokenizer(capsys, tmp_path, teacher, data):
 # ------------------------------------------------------------------------------------------- real process
 
 
+@pytest.mark.slow
 def test_console_script_error_is_one_line(tmp_path, data):
     """The same contract through the installed `lrc` entry point in a fresh process (no captured streams)."""
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_teacher, packed_batch
+from conftest import assert_gradients_close, make_teacher, packed_batch
 from transformers import AutoModelForCausalLM
 
 from lrc.clone import LowRankClone
@@ -17,6 +17,11 @@ from lrc.init import init_identity, init_pca, init_random
 from lrc.losses import LossWeights
 from lrc.methods import LRC, build_method
 from lrc.weights import StepWeights
+
+# Relative gradient tolerance (per tensor, against its own norm) for fp32 paths that differ only in the order
+# of operations: the worst measured is 7e-7 (P_down); 1e-5 leaves 14x margin and catches an error of 0.001%
+# of a gradient, where the old absolute 1e-5 let through errors as large as P_down's gradients themselves.
+GRAD_RTOL = 1e-5
 
 
 def teacher_logits(teacher, ids, pos):
@@ -193,9 +198,7 @@ def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients(f
         losses[variant] = total
         grads[variant] = {n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None}
     assert losses["naive"] == pytest.approx(losses["optimised"], abs=1e-5)
-    assert grads["naive"].keys() == grads["optimised"].keys() and grads["naive"]
-    for n in grads["naive"]:
-        assert (grads["naive"][n] - grads["optimised"][n]).abs().max() <= 1e-5, n
+    assert_gradients_close(grads["optimised"], grads["naive"], rtol=GRAD_RTOL)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -213,8 +216,7 @@ def test_factored_projections_equal_generated_and_export_generates(tmp_path, tie
         losses[variant] = out.loss.item()
         grads[variant] = {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
     assert losses["generated"] == pytest.approx(losses["factored"], abs=1e-5)
-    for n in grads["generated"]:
-        assert (grads["generated"][n] - grads["factored"][n]).abs().max() <= 1e-5, n
+    assert_gradients_close(grads["factored"], grads["generated"], rtol=GRAD_RTOL)
     export_student(clone, tmp_path / "s")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     assert (model(input_ids=ids, position_ids=pos, use_cache=False).logits
@@ -247,6 +249,4 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(method):
             out.loss.backward()
         result[ckpt] = (out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert result[True][0] == pytest.approx(result[False][0], abs=1e-6)
-    assert result[True][1].keys() == result[False][1].keys()
-    for n, g in result[False][1].items():
-        assert (g - result[True][1][n]).abs().max() <= 1e-5, n
+    assert_gradients_close(result[True][1], result[False][1], rtol=GRAD_RTOL)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from lrc.cli import main
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_report_plot_and_student(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lrc.config import add_config_arguments
+    from lrc.precision import DTYPES
 
     p = _Parser(prog="lrc", description="Low-Rank Clone: distil a Hugging Face causal LM "
                                 "into a smaller one whose weights are generated from the teacher's.",
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("run_dir", help="the --out of `lrc distill`")
     e.add_argument("--out", required=True, help="model directory to write (must be new or empty)")
-    e.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "bfloat16", "float16"),
+    e.add_argument("--dtype", default=argparse.SUPPRESS, choices=tuple(DTYPES),
                    help="weight dtype (default: the dtype the teacher is stored in)")
     e.set_defaults(fn=cmd_export)
 
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         from transformers.utils import logging as hf_logging
+
+        from lrc import log
+
+        log.configure(int(os.environ.get("RANK", "0")))  # progress of the data pipeline, start-up lines
 
         hf_logging.disable_progress_bar()  # our own progress lines are enough
         return args.fn(args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,8 @@ def teacher_head_dim(config) -> int:
 
 
 def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
-    head = teacher.get_submodule(family.head).weight
-    embed = teacher.get_submodule(f"{family.base}.{family.embed}").weight
+    head = cast(nn.Linear, teacher.get_submodule(family.head)).weight
+    embed = cast(nn.Embedding, teacher.get_submodule(f"{family.base}.{family.embed}")).weight
     if head is embed:
         return True
     return not is_sharded(head) and head.data_ptr() == embed.data_ptr()
@@ -88,6 +89,8 @@ class LayerProjections(nn.Module):
 
 class LowRankClone(nn.Module):
     """A student of width `hidden_size` cloned from `teacher` (any supported `*ForCausalLM`)."""
+
+    _shell: PreTrainedModel  # set by _build_shell, in __dict__ (outside the module tree)
 
     def __init__(
         self,
@@ -245,7 +248,7 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def teacher_weight(self, i: int, role: str) -> nn.Linear:
-        return self.t_layer(i).get_submodule(self.family.linear_path(role))
+        return cast(nn.Linear, self.t_layer(i).get_submodule(self.family.linear_path(role)))
 
     # ------------------------------------------------------------------ forward
     def _run_student(self, input_ids, position_ids, attention_mask, weights, hooks=None):
@@ -339,11 +342,14 @@ class LowRankClone(nn.Module):
         hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
         factored_head = "head" in self.factored and (step is None or step.head is None)
         # (V, d_T) teacher head (the embedding when tied), gathered (and cast) once per forward
-        t_head = (for_product(gathered(self.teacher.get_submodule(self.family.head).weight), self.embed)
+        t_head = (for_product(gathered(cast(nn.Linear, self.teacher.get_submodule(self.family.head)).weight),
+                              self.embed)
                   if factored_head or teacher_logits else None)
         if factored_head:
+            assert t_head is not None  # computed above whenever factored_head
             # logits = (h P^T) H_T^T: the loss sees a d_T-wide hidden state and the frozen teacher head
-            hidden = hidden @ (self.embed if self.tied else self.head).t()
+            # (an untied clone has its own head projection)
+            hidden = hidden @ (self.embed if self.tied else cast(nn.Parameter, self.head)).t()
             head = t_head
         else:
             head = step.head if step is not None and step.head is not None else student_head(self)

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, cast, get_args, get_origin
 
 import yaml
 
 from lrc.errors import UserError
+from lrc.losses import LossWeights
+from lrc.precision import DTYPES
+
+_W = LossWeights()
 
 
 def opt(default, help: str, choices=None, **kw):
@@ -61,17 +66,18 @@ class RunConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     seed: int = opt(0, "seed for init and data order")
     # losses
-    ce_weight: float = opt(1.0, "weight of the next-token cross-entropy")
-    kl_weight: float = opt(1.0, "weight of KL(teacher || student), averaged per token")
-    kl_temperature: float = opt(1.0, "KL temperature tau")
-    clone_weight: float = opt(0.2, "alpha: weight of the activation-clone sum (0: no clone loss)")
-    clone_q: float = opt(1.0, "clone term weight: q projection")
-    clone_k: float = opt(1.0, "clone term weight: k projection")
-    clone_v: float = opt(1.0, "clone term weight: v projection")
-    clone_attn_out: float = opt(1.0, "clone term weight: attention output")
-    clone_gate: float = opt(1.0, "clone term weight: gate projection")
-    clone_up: float = opt(1.0, "clone term weight: up projection")
-    clone_ffn_out: float = opt(1.0, "clone term weight: FFN output")
+    # losses: defaults are LossWeights' own (one place)
+    ce_weight: float = opt(_W.ce, "weight of the next-token cross-entropy")
+    kl_weight: float = opt(_W.kl, "weight of KL(teacher || student), averaged per token")
+    kl_temperature: float = opt(_W.kl_temperature, "KL temperature tau")
+    clone_weight: float = opt(_W.clone, "alpha: weight of the activation-clone sum (0: no clone loss)")
+    clone_q: float = opt(_W.q, "clone term weight: q projection")
+    clone_k: float = opt(_W.k, "clone term weight: k projection")
+    clone_v: float = opt(_W.v, "clone term weight: v projection")
+    clone_attn_out: float = opt(_W.attn_out, "clone term weight: attention output")
+    clone_gate: float = opt(_W.gate, "clone term weight: gate projection")
+    clone_up: float = opt(_W.up, "clone term weight: up projection")
+    clone_ffn_out: float = opt(_W.ffn_out, "clone term weight: FFN output")
     rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")
     # numerics and memory
     precision: str = opt("auto", "bf16 autocast (fp32 master weights), fp32, or auto: bf16 on CUDA and on "
@@ -80,7 +86,7 @@ class RunConfig:
     teacher_dtype: str = opt("auto", "dtype the teacher's weights are stored in: auto (the checkpoint's own, "
                              "e.g. bfloat16 for published models), float32, bfloat16 or float16; under --precision "
                              "fp32 a lower-precision teacher still computes in fp32",
-                             choices=("auto", "float32", "bfloat16", "float16"))
+                             choices=("auto", *DTYPES))
     grad_checkpointing: bool = opt(False, "recompute student layers in backward to save activation memory")
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
@@ -100,9 +106,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def loss_weights(self):
-        from lrc.losses import LossWeights
-
+    def loss_weights(self) -> LossWeights:
         return LossWeights(
             ce=self.ce_weight, kl=self.kl_weight, kl_temperature=self.kl_temperature, clone=self.clone_weight,
             q=self.clone_q, k=self.clone_k, v=self.clone_v, attn_out=self.clone_attn_out,
@@ -223,7 +227,8 @@ def _base_type(tp):
 
 
 def _parse_type(name: str):
-    tp = eval(FIELDS[name].type, {"str": str, "int": int, "float": float, "bool": bool, "list": list})
+    # a str: `from __future__ import annotations` leaves every field's annotation unevaluated
+    tp = eval(cast(str, FIELDS[name].type), {"str": str, "int": int, "float": float, "bool": bool, "list": list})
     return _base_type(tp)
 
 
@@ -233,7 +238,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         if f.name in skip:
             continue
         tp = _parse_type(f.name)
-        default = f.default if f.default is not MISSING else f.default_factory()
+        # every field has a default or a default_factory
+        default = f.default if f.default is not MISSING else cast(Callable[[], Any], f.default_factory)()
         help_text = f.metadata["help"]
         if "(default:" not in help_text:  # some fields describe their default in words
             help_text += f" (default: {default})"

@@ -74,7 +74,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from lrc.errors import UserError
-from lrc.losses import IGNORE_INDEX  # label with no target (cross_entropy's default ignore_index)
+from lrc.losses import next_token_labels
 
 logger = logging.getLogger(__name__)
 
@@ -185,16 +185,9 @@ class PackedDataset:
         doc_index = np.searchsorted(self.doc_starts, offsets, side="right") - 1
         position_ids = offsets - self.doc_starts[doc_index]
 
-        labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
-        labels[:-1] = input_ids[1:]
+        ids, pos = torch.from_numpy(input_ids), torch.from_numpy(position_ids)
         # A next token at position 0 opens a new document: nothing to learn from predicting it.
-        labels[:-1][position_ids[1:] == 0] = IGNORE_INDEX
-
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "position_ids": torch.from_numpy(position_ids),
-            "labels": torch.from_numpy(labels),
-        }
+        return {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
 
     # Lets the dataset be used directly as a map-style dataset (e.g. with torch.utils.data.DataLoader).
     # Note: pickling (DataLoader workers under "spawn") copies a memmap's contents into the pickle.
@@ -239,7 +232,7 @@ def parse_hub_id(text: str) -> HubDataset | None:
     return HubDataset(match["repo"], match["config"], match["split"] or "train")
 
 
-def _load_hub_dataset(source: HubDataset, raw: str | None = None) -> HubDataset:
+def _load_hub_dataset(source: HubDataset, raw: str | Path | None = None) -> HubDataset:
     """`source` with its split loaded by `datasets.load_dataset` (which downloads and caches it)."""
     import datasets  # imported lazily: it is slow to import and only needed for this source
 
@@ -259,7 +252,7 @@ def _is_save_to_disk_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in SAVE_TO_DISK_MARKERS)
 
 
-def _walk_folder(folder: Path, found: list[Path], skipped: list[Path]) -> None:
+def _walk_folder(folder: Path, found: list[DataSource], skipped: list[Path]) -> None:
     """Collect usable entries under `folder`, depth first, in name order (deterministic across machines)."""
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         # Hidden entries are VCS/editor/cache litter (.git, .cache, .DS_Store), never training data.
@@ -277,7 +270,7 @@ def _walk_folder(folder: Path, found: list[Path], skipped: list[Path]) -> None:
                 skipped.append(entry)
 
 
-def resolve_data_files(paths: list[str | DataSource]) -> list[DataSource]:
+def resolve_data_files(paths: Sequence[str | DataSource]) -> list[DataSource]:
     """Expand user-given data paths into the list of data files to read, in a deterministic order.
 
     Each path may be a data file (.txt, .md, .text, .jsonl, .json, .parquet), a folder written by
@@ -300,13 +293,14 @@ def resolve_data_files(paths: list[str | DataSource]) -> list[DataSource]:
         raise UserError("no data paths given: pass at least one data file or folder")
     found: list[DataSource] = []
     skipped: list[Path] = []
+    path: DataSource  # a Path while resolving below, then each found source in turn
     for raw in paths:
         if isinstance(raw, HubDataset):  # resolved before (e.g. by the trainer's checks): not loaded twice
             found.append(raw if raw.dataset is not None else _load_hub_dataset(raw))
             continue
         path = Path(raw).expanduser()
         if not path.exists():
-            hub = parse_hub_id(raw)
+            hub = parse_hub_id(str(raw))
             if hub is None:
                 raise UserError(
                     f"data path {raw} does not exist: check the spelling, or pass an existing file or folder"
@@ -336,7 +330,8 @@ def resolve_data_files(paths: list[str | DataSource]) -> list[DataSource]:
     if not unique:
         note = f" (skipped {len(skipped)} file(s) with other extensions)" if skipped else ""
         raise UserError(
-            f"no usable data files in {', '.join(paths)}{note}: supported are {_SUPPORTED_DESCRIPTION}"
+            f"no usable data files in {', '.join(map(str, paths))}{note}: "
+            f"supported are {_SUPPORTED_DESCRIPTION}"
         )
     return unique
 
@@ -735,22 +730,23 @@ def _tokenize_stream(
 
 
 def _check_stream(
-    doc_starts: np.ndarray, total: int, seq_len: int, paths: list[str], text_field: str
+    doc_starts: np.ndarray, total: int, seq_len: int, paths: Sequence[str | DataSource], text_field: str
 ) -> None:
+    names = [str(p) for p in paths]  # resolved sources (Path, HubDataset) are named by their text
     if len(doc_starts) == 0:
         raise UserError(
-            f"no text found in {_describe(paths)}: every document is empty or blank "
+            f"no text found in {_describe(names)}: every document is empty or blank "
             f"(text field '{text_field}'); add text or pass --text-field NAME"
         )
     if total < seq_len:
         raise UserError(
-            f"{_describe(paths)} has {total} tokens, fewer than one training sequence of {seq_len}; "
+            f"{_describe(names)} has {total} tokens, fewer than one training sequence of {seq_len}; "
             "add data or lower --seq-len"
         )
 
 
 def build_packed_dataset(
-    paths: list[str | DataSource],
+    paths: Sequence[str | DataSource],
     tokenizer: Any,
     seq_len: int,
     cache_dir: Path | None = None,
@@ -816,28 +812,33 @@ def build_packed_dataset(
         logger.info("reusing token cache %s (%d tokens)", tokens_path, len(tokens))
         return PackedDataset(tokens=tokens, doc_starts=doc_starts, seq_len=seq_len)
 
-    # Remember which folders we create, so that a failed run can remove them again.
-    created: list[Path] = []
-    parent = cache_dir
+    doc_starts, total = _write_cache(tokens_path, docs_path, lambda sink: _tokenize_stream(
+        iter_documents(files, text_field), tokenizer, template, batch_size, sink),
+        lambda starts, n: _check_stream(starts, n, seq_len, paths, text_field))
+    logger.info("packed %d documents into %d tokens; cached at %s", len(doc_starts), total, tokens_path)
+    tokens = np.memmap(tokens_path, dtype=np.int32, mode="r")
+    return PackedDataset(tokens=tokens, doc_starts=doc_starts, seq_len=seq_len)
+
+
+def _write_cache(tokens_path: Path, docs_path: Path, tokenize, check) -> tuple[np.ndarray, int]:
+    """Write the token stream (`tokenize(sink)` -> (doc_starts, total)) and its document starts to the cache.
+
+    Both files are written under unique temporary names and renamed into place only when complete (several
+    ranks may build the same cache at once; the last rename wins with identical content); on any failure,
+    `check`'s included, the temporary files and the cache folders created here are removed again."""
+    created: list[Path] = []  # innermost first
+    parent = tokens_path.parent
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Unique temporary names: several ranks may build the same cache at once; each renames a complete
-    # file into place and the last rename wins with identical content.
+    tokens_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_tokens = tokens_path.with_name(tokens_path.name + suffix)
     tmp_docs = docs_path.with_name(docs_path.name + suffix)
     try:
         with open(tmp_tokens, "wb") as out:
-            doc_starts, total = _tokenize_stream(
-                iter_documents(files, text_field),
-                tokenizer,
-                template,
-                batch_size,
-                lambda chunk: out.write(chunk.tobytes()),
-            )
-            _check_stream(doc_starts, total, seq_len, paths, text_field)
+            doc_starts, total = tokenize(lambda chunk: out.write(chunk.tobytes()))
+            check(doc_starts, total)
             out.flush()
             os.fsync(out.fileno())
         with open(tmp_docs, "wb") as out:
@@ -850,15 +851,13 @@ def build_packed_dataset(
     except BaseException:
         for tmp in (tmp_tokens, tmp_docs):
             tmp.unlink(missing_ok=True)
-        for folder in created:  # innermost first; rmdir refuses folders something else wrote into
+        for folder in created:  # rmdir refuses folders something else wrote into
             try:
                 folder.rmdir()
             except OSError:
                 break
         raise
-    logger.info("packed %d documents into %d tokens; cached at %s", len(doc_starts), total, tokens_path)
-    tokens = np.memmap(tokens_path, dtype=np.int32, mode="r")
-    return PackedDataset(tokens=tokens, doc_starts=doc_starts, seq_len=seq_len)
+    return doc_starts, total
 
 
 def split_holdout(ds: PackedDataset, fraction: float) -> tuple[PackedDataset, PackedDataset]:

@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -178,10 +179,11 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     t_start = time.time()
     teacher_dir, teacher_metrics, teacher_secs = build_teacher(s, train, val, cache)
 
-    common = dict(teacher=str(teacher_dir), data=[str(p) for p in train], val_data=[str(p) for p in val],
-                  hidden_size=s.student_hidden, max_tokens=s.student_tokens, batch_size=s.batch,
-                  seq_len=s.seq_len, lr=s.student_lr, warmup_ratio=0.05, eval_every=s.eval_every,
-                  eval_batches=s.eval_batches, save_every=10**9, log_every=10, cache_dir=str(cache / "tokens"))
+    common: dict[str, Any] = dict(
+        teacher=str(teacher_dir), data=[str(p) for p in train], val_data=[str(p) for p in val],
+        hidden_size=s.student_hidden, max_tokens=s.student_tokens, batch_size=s.batch,
+        seq_len=s.seq_len, lr=s.student_lr, warmup_ratio=0.05, eval_every=s.eval_every,
+        eval_batches=s.eval_batches, save_every=10**9, log_every=10, cache_dir=str(cache / "tokens"))
     timings = {"teacher": teacher_secs}
     runs = {}
     for method in ("lrc", "scratch"):

@@ -1,15 +1,17 @@
 """Process-group set-up for torchrun, kept apart from the model and the loop.
 
 One process without torchrun is rank 0 of 1. Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) we join the
-group (NCCL on CUDA, gloo on CPU); baselines are wrapped in DDP, while the LRC trainables are kept in step
-by hand (`broadcast_from_rank0`, `average_gradients`) because their gradients arrive only at the end of an
-optimizer step. Only rank 0 writes files and prints.
+group (NCCL on CUDA, gloo on CPU). Every method's trainables are kept in step by hand
+(`broadcast_from_rank0` once, `average_gradients` once per optimizer step): LRC's gradients arrive only at the
+end of a step (the student is generated once per step), so DDP's per-backward hooks cannot serve it, and one
+way serves all methods. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +101,7 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def broadcast_from_rank0(params: list[torch.Tensor], info: DistInfo) -> None:
+def broadcast_from_rank0(params: Sequence[torch.Tensor], info: DistInfo) -> None:
     """Make replicated parameters identical on every rank (rank 0's values), as DDP does when it wraps."""
     if info.enabled:
         with torch.no_grad():
@@ -116,16 +118,6 @@ def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
     for work in [dist.all_reduce(g, async_op=True) for g in grads]:
         work.wait()
     torch._foreach_div_(grads, float(info.world_size))
-
-
-def wrap_data_parallel(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    if not info.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    # Buffers (RoPE tables) are identical on every rank; no need to broadcast them each step.
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def cleanup(info: DistInfo) -> None:

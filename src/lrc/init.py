@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 
-from lrc.clone import LowRankClone
+from lrc.clone import LayerProjections, LowRankClone
 from lrc.families import ROLES
 from lrc.sharding import gathered
 
@@ -29,7 +30,7 @@ INIT_METHODS = ("pca", "random", "identity")
 def init_random(clone: LowRankClone, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     for _, p in clone.named_projections():
         p.copy_(torch.randn(p.shape, generator=generator) * std)
-    for layer in clone.layers:
+    for layer in cast(Iterable[LayerProjections], clone.layers):
         layer.input_norm.fill_(1.0)
         layer.post_attention_norm.fill_(1.0)
     clone.final_norm.fill_(1.0)
@@ -38,13 +39,14 @@ def init_random(clone: LowRankClone, std: float = 0.02, generator: torch.Generat
 def _teacher_gains(clone: LowRankClone, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     fam = clone.family
     layer = clone.t_layer(i)
-    g_in = gathered(layer.get_submodule(fam.input_norm).weight).detach().float()
-    g_post = gathered(layer.get_submodule(fam.post_attention_norm).weight).detach().float()
+    # the family's own RMSNorm class: its gains are tensors
+    g_in = gathered(cast(torch.Tensor, layer.get_submodule(fam.input_norm).weight)).detach().float()
+    g_post = gathered(cast(torch.Tensor, layer.get_submodule(fam.post_attention_norm).weight)).detach().float()
     return g_in, g_post
 
 
 def _final_gain(clone: LowRankClone) -> torch.Tensor:
-    return gathered(clone.t_base.get_submodule(clone.family.final_norm).weight).detach().float()
+    return gathered(cast(torch.Tensor, clone.t_base.get_submodule(clone.family.final_norm).weight)).detach().float()
 
 
 @torch.no_grad()
@@ -54,7 +56,7 @@ def init_identity(clone: LowRankClone) -> None:
     eye = torch.eye(clone.d_t)
     for _, p in clone.named_projections():
         p.copy_(eye)
-    for i, layer in enumerate(clone.layers):
+    for i, layer in enumerate(cast(Iterable[LayerProjections], clone.layers)):
         g_in, g_post = _teacher_gains(clone, i)
         layer.input_norm.copy_(g_in)
         layer.post_attention_norm.copy_(g_post)
@@ -110,7 +112,7 @@ def init_pca(clone: LowRankClone, batches: Iterable[dict]) -> dict[str, float]:
     dev = clone.embed.device
 
     clone.embed.copy_(u.to(dev))
-    for i, layer in enumerate(clone.layers):
+    for i, layer in enumerate(cast(Iterable[LayerProjections], clone.layers)):
         g_in, g_post = _teacher_gains(clone, i)
         folded_in = (g_in.cpu().unsqueeze(1) * u) * s
         folded_post = (g_post.cpu().unsqueeze(1) * u) * s
@@ -126,6 +128,7 @@ def init_pca(clone: LowRankClone, batches: Iterable[dict]) -> dict[str, float]:
         # The head is E_T @ U: the final gain cannot be folded into it, so keep its diagonal in U's basis.
         clone.final_norm.copy_((torch.einsum("ds,d,ds->s", u, g_f, u) * s).to(dev))
     else:
+        assert clone.head is not None  # an untied clone has its own head projection
         clone.head.copy_((g_f.unsqueeze(1) * u * s).to(dev))
         clone.final_norm.fill_(1.0)
     return {"energy_kept": energy}

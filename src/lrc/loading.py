@@ -11,6 +11,7 @@ import contextlib
 import json
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,6 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lrc.errors import UserError
 from lrc.families import family_for
 from lrc.precision import DTYPES, checkpoint_dtype, upcast_frozen_modules
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # What reading a damaged or incomplete weight file raises: safetensors' header checks, torch.load's zip
 # reader (RuntimeError) and weights-only unpickler, a short read (EOFError), a missing shard (OSError).
@@ -144,10 +148,11 @@ def load_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remot
     _check_safetensors(files)
     try:
         with _transformers_errors_only():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            # transformers types the return as one model; with output_loading_info=True it is (model, info)
+            model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
                 path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below, as one line
-            )
+            ))
     except _WEIGHT_ERRORS as e:
         where = files[0] if len(files) == 1 else path_or_id
         reason = "not a readable weight file" if isinstance(e, (pickle.UnpicklingError, EOFError)) \

@@ -19,6 +19,7 @@ only (chunk x V) logits are alive at any time and backward is two stored gradien
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +247,7 @@ def kd_lm_loss(
     # A head stored in bf16 (a teacher's) meets fp32 hidden states where autocast is off: one cast per call.
     s_head = for_product(s_head, s_hidden)
     if t_hidden is not None:
+        assert t_head is not None  # the teacher's hidden states and head are passed together
         t_hidden = t_hidden.detach()
         t_head = for_product(t_head.detach(), t_hidden)
     return _FusedKDLMLoss.apply(
@@ -308,7 +310,8 @@ def lrc_objective(
     total = lm
     weights = w.clone_terms()
     if weights and clone_errors:
-        clone = sum(weights[t] * v for (_, t), v in clone_errors.items())
+        # a non-empty sum of tensors: a tensor (sum's start value 0 is never returned alone)
+        clone = cast(torch.Tensor, sum(weights[t] * v for (_, t), v in clone_errors.items()))
         total = total + (w.clone * scale) * clone
         terms["clone"] = clone.detach()
         for t in weights:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -163,9 +163,9 @@ class Direct(Method):
             with torch.no_grad():
                 t_hidden = self.teacher.get_submodule(t_fam.base)(input_ids=input_ids, **kw).last_hidden_state
             t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1])
-            t_head = gathered(self.teacher.get_submodule(t_fam.head).weight)
+            t_head = gathered(cast(nn.Linear, self.teacher.get_submodule(t_fam.head)).weight)
         # gathered: a sharded teacher evaluated as a model (its held-out loss) keeps its head in shards
-        head = gathered(self.model.get_submodule(self.family.head).weight)
+        head = gathered(cast(nn.Linear, self.model.get_submodule(self.family.head)).weight)
         loss, ce, kl = kd_lm_loss(
             h.reshape(-1, h.shape[-1]), head, t_hidden, t_head,
             labels.reshape(-1), _kl_mask(labels, attention_mask), ce_weight=w.ce, kl_weight=w.kl,
@@ -185,7 +185,8 @@ class Direct(Method):
                             f"unexpected {unexpected[:3]})")
 
     def student_model(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-        model = self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)
+        # transformers' @wraps-decorated PreTrainedModel.to is typed as if unbound (self expected first)
+        model = self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)  # type: ignore[arg-type]
         return model.eval()
 
 
@@ -195,7 +196,8 @@ class Direct(Method):
 def _build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
     from lrc.init import init_pca, init_random
 
-    clone = LowRankClone(teacher, cfg.hidden_size, rms_norm_eps=cfg.rms_norm_eps)
+    # cfg.hidden_size is set: run.prepare requires it before a method is built
+    clone = LowRankClone(teacher, cast(int, cfg.hidden_size), rms_norm_eps=cfg.rms_norm_eps)
     info: dict = {}
     if calibration is not None:
         if cfg.init == "pca":
@@ -215,11 +217,12 @@ def _build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> t
     if cfg.method == "scratch":
         weights.kl = 0.0
     info: dict = {}
+    hidden_size = cast(int, cfg.hidden_size)  # set: run.prepare requires it before a method is built
     if cfg.method == "prune-kd" and calibration is not None:
-        student, kept = pruned_student(teacher, cfg.hidden_size, calibration())
+        student, kept = pruned_student(teacher, hidden_size, calibration())
         info = {"kept_channels": len(kept)}
     else:
-        student = random_student(teacher, cfg.hidden_size, cfg.seed)
+        student = random_student(teacher, hidden_size, cfg.seed)
     if cfg.grad_checkpointing:
         student.gradient_checkpointing_enable({"use_reentrant": False})
     return Direct(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,

@@ -17,6 +17,8 @@ evaluation, `lrc eval` and export without being told a precision.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -70,7 +72,7 @@ def checkpoint_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.removeprefix("torch."), None)
-    return dtype if dtype in DTYPES.values() else torch.float32
+    return cast(torch.dtype, dtype) if dtype in DTYPES.values() else torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -26,12 +27,15 @@ from lrc.errors import UserError
 from lrc.loading import load_teacher, load_tokenizer
 from lrc.methods import METHODS, Method, build_method
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 @dataclass
 class Prepared:
     cfg: RunConfig
     run_dir: Path
-    teacher: torch.nn.Module
+    teacher: PreTrainedModel
     tokenizer: object
     train: PackedDataset
     val: PackedDataset | None
@@ -111,7 +115,8 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         train, val = split_holdout(ds, cfg.val_fraction)
     else:
         train, val = ds, None
-    return Prepared(cfg, Path(cfg.out), teacher, tokenizer, train, val, resume_from)
+    # cfg.out is set: resolve_config requires it
+    return Prepared(cfg, Path(cast(str, cfg.out)), teacher, tokenizer, train, val, resume_from)
 
 
 class MetricsLog:
@@ -164,9 +169,10 @@ def load_run(run_dir: str | Path, device="cpu") -> tuple[RunConfig, Method, obje
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
         raise UserError(f"{run_dir} has no checkpoint yet; run `lrc distill` on it first")
-    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
+    teacher_id = cast(str, cfg.teacher)  # set: a run is only started with a teacher (see `prepare`)
+    teacher = load_teacher(teacher_id, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
     method, _ = build_method(cfg, teacher, calibration=None)
     trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
     method.load_trainable_state_dict(trainable)
-    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(teacher_id, trust_remote_code=cfg.trust_remote_code)
     return cfg, method.to(device), tokenizer, teacher

@@ -13,6 +13,8 @@ their gradients once per optimizer step (`distributed.average_gradients`), as it
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,7 +58,7 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != stored else None)
     # reshard_after_forward=True also for the root: its default keeps the root's tensors (the embedding)
     # gathered after forward, expecting a backward that never comes for a frozen teacher.
-    for layer in base.get_submodule(fam.layers):
+    for layer in cast(nn.ModuleList, base.get_submodule(fam.layers)):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     fully_shard(base, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     if tied:  # point the head at the embedding's shards (the old whole tensor is then freed)

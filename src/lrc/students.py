@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from transformers import AutoModelForCausalLM
+from collections.abc import Iterable
+from typing import cast
 
-from lrc.clone import LowRankClone, student_config
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lrc.clone import LayerProjections, LowRankClone, student_config
 from lrc.export import build_student_model
 from lrc.init import residual_second_moment
 
@@ -22,7 +24,7 @@ def random_student(teacher, hidden_size: int, seed: int):
 
 
 @torch.no_grad()
-def pruned_student(teacher, hidden_size: int, calibration_batches) -> tuple[nn.Module, list[int]]:
+def pruned_student(teacher, hidden_size: int, calibration_batches) -> tuple[PreTrainedModel, list[int]]:
     """Width-prune the teacher: keep the d_S residual channels with the most activation energy.
 
     Implemented as an LRC clone whose projections are fixed column selections of the identity, so the
@@ -35,9 +37,10 @@ def pruned_student(teacher, hidden_size: int, calibration_batches) -> tuple[nn.M
     for _, p in clone.named_projections():
         p.copy_(select)
     fam = clone.family
-    for i, layer in enumerate(clone.layers):
+    # the norms are the family's own RMSNorm class: their gains are tensors
+    for i, layer in enumerate(cast(Iterable[LayerProjections], clone.layers)):
         t_layer = clone.t_layer(i)
-        layer.input_norm.copy_(t_layer.get_submodule(fam.input_norm).weight[keep])
-        layer.post_attention_norm.copy_(t_layer.get_submodule(fam.post_attention_norm).weight[keep])
-    clone.final_norm.copy_(clone.t_base.get_submodule(fam.final_norm).weight[keep])
+        layer.input_norm.copy_(cast(torch.Tensor, t_layer.get_submodule(fam.input_norm).weight)[keep])
+        layer.post_attention_norm.copy_(cast(torch.Tensor, t_layer.get_submodule(fam.post_attention_norm).weight)[keep])
+    clone.final_norm.copy_(cast(torch.Tensor, clone.t_base.get_submodule(fam.final_norm).weight)[keep])
     return build_student_model(clone).train(), keep.tolist()

@@ -157,7 +157,8 @@ def _place_teacher(prep: Prepared, info: DistInfo, sharded: bool) -> None:
     """fsdp: the teacher (loaded on the CPU) is sharded and only each rank's shard moves to the device."""
     cfg, device = prep.cfg, info.device
     if not sharded:
-        prep.teacher.to(device)
+        # transformers' @wraps-decorated PreTrainedModel.to is typed as if unbound (self expected first)
+        prep.teacher.to(device)  # type: ignore[arg-type]
         return
     from lrc.sharding import shard_teacher
 

@@ -13,7 +13,7 @@ reuses it over the step's micro-batches, sending the accumulated gradients back 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,9 @@ from lrc.precision import for_product
 from lrc.sharding import DTensor, gathered
 
 if TYPE_CHECKING:
-    from lrc.clone import LowRankClone
+    from collections.abc import Iterable
+
+    from lrc.clone import LayerProjections, LowRankClone
 
 
 class _Project(torch.autograd.Function):
@@ -109,14 +111,15 @@ class FactoredLinear(nn.Module):
 
 def student_embedding(clone: LowRankClone) -> torch.Tensor:
     """(V, d_S) student embedding E_T @ P_emb (training gathers only the batch's rows instead)."""
-    return project_input(clone.t_base.get_submodule(clone.family.embed).weight, clone.embed)
+    return project_input(cast(nn.Embedding, clone.t_base.get_submodule(clone.family.embed)).weight, clone.embed)
 
 
 def student_head(clone: LowRankClone) -> torch.Tensor:
     """(V, d_S) student LM head: H_T @ P_head (= E_T @ P_emb when tied)."""
     if clone.tied:
         return student_embedding(clone)
-    return project_input(clone.teacher.get_submodule(clone.family.head).weight, clone.head)
+    assert clone.head is not None  # an untied clone has its own head projection
+    return project_input(cast(nn.Linear, clone.teacher.get_submodule(clone.family.head)).weight, clone.head)
 
 
 def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[str, torch.Tensor]:
@@ -129,7 +132,7 @@ def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[s
     """
     fam = clone.family
     out: dict[str, torch.Tensor] = {}
-    for i, proj in enumerate(clone.layers):
+    for i, proj in enumerate(cast("Iterable[LayerProjections]", clone.layers)):
         prefix = f"{fam.layers}.{i}"
         t_layer = clone.t_layer(i)
         for role in ROLES:
@@ -153,7 +156,8 @@ def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[s
         out[f"{prefix}.{fam.input_norm}.weight"] = proj.input_norm
         out[f"{prefix}.{fam.post_attention_norm}.weight"] = proj.post_attention_norm
         for norm in fam.qk_norms:
-            qk_norm = gathered(t_layer.get_submodule(f"{fam.attn}.{norm}").weight)
+            # the family's own RMSNorm class: its gain is a tensor
+            qk_norm = gathered(cast(torch.Tensor, t_layer.get_submodule(f"{fam.attn}.{norm}").weight))
             out[f"{prefix}.{fam.attn}.{norm}.weight"] = for_product(qk_norm, clone.final_norm)
     out[f"{fam.final_norm}.weight"] = clone.final_norm
     return out
