@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,3 +57,25 @@ def write_data(folder: Path, kind: str = "txt", n_docs: int = 40, seed: int = 0)
         pq.write_table(pa.table({"text": docs}), p)
         return p
     raise ValueError(kind)
+
+
+# ------------------------------------------------------------------------------------------- CLI runs
+
+
+def run(*argv) -> None:
+    """`lrc ARGV` in this process; it must succeed."""
+    from lrc.cli import main
+
+    assert main([str(a) for a in argv]) == 0
+
+
+def env(cache_dir: Path) -> dict[str, str]:
+    """The environment of an `lrc` subprocess: its own token cache, one thread, offline."""
+    return dict(os.environ, LRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def records(run_dir: Path, split: str = "train") -> list[dict]:
+    """The metrics.jsonl records of one split."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]

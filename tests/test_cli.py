@@ -4,7 +4,6 @@ files, baselines, exact resume (also after SIGTERM and SIGKILL) and torchrun dat
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_teacher, write_data
+from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
 from lrc.cli import main
@@ -51,15 +50,6 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     return {kind: write_data(root / kind, kind) for kind in ("txt", "jsonl", "parquet")}
 
 
-def env(cache_dir: Path) -> dict[str, str]:
-    return dict(os.environ, LRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def run(*argv) -> None:
-    assert main([str(a) for a in argv]) == 0
-
-
 def distill(teacher, data, out, *extra) -> Path:
     run("distill", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra)
     return Path(out)
@@ -67,11 +57,6 @@ def distill(teacher, data, out, *extra) -> Path:
 
 def distill_cmd(teacher, data, out, *extra) -> list[str]:
     return [str(a) for a in ("distill", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra)]
-
-
-def records(run_dir: Path, split: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def logged(run_dir: Path) -> list[dict]:

@@ -14,7 +14,6 @@ differences are then expected to be zero), but an op without a deterministic ker
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,10 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import packed_batch
-from helpers import save_teacher, write_data
+from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
-
-from lrc.cli import main
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.gpu
@@ -76,15 +73,6 @@ def data(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("data"), "txt")
 
 
-def env(cache_dir: Path) -> dict[str, str]:
-    return dict(os.environ, LRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def run(*argv) -> None:
-    assert main([str(a) for a in argv]) == 0
-
-
 def distill(teacher, data, out, *extra) -> Path:
     run("distill", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra)
     return Path(out)
@@ -92,11 +80,6 @@ def distill(teacher, data, out, *extra) -> Path:
 
 def distill_cmd(teacher, data, out, *extra) -> list[str]:
     return [str(a) for a in ("distill", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra)]
-
-
-def records(run_dir: Path, split: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:

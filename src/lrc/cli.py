@@ -1,4 +1,4 @@
-"""`lrc`: distill, export, eval, demo, bench. Each subcommand maps onto one plain function.
+"""`lrc`: distill, plan, export, eval, demo, bench. Each subcommand maps onto one plain function.
 
 Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit status 2.
 """
@@ -28,6 +28,17 @@ def cmd_distill(args) -> int:
         return 1
     except RunInterrupted as e:
         return 128 + e.signum  # the shell convention, so `lrc distill ... && lrc export ...` stops here
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from lrc.config import FIELDS, build_config, read_yaml
+    from lrc.plan import format_plan, plan_json, plan_run
+
+    values = read_yaml(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
+    plan = plan_run(build_config(values), nproc=args.nproc, device_tflops=args.device_tflops, mfu=args.mfu)
+    print(plan_json(plan) if args.json else format_plan(plan))
     return 0
 
 
@@ -122,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: False)")
     add_config_arguments(d)
     d.set_defaults(fn=cmd_distill)
+
+    pl = sub.add_parser("plan", help="what an `lrc distill` run will cost (memory, FLOPs), from the teacher's "
+                        "config alone",
+                        description="Memory per process by part and FLOPs per token of `lrc distill` with the same "
+                        "options (and --config FILE.yaml), before anything is loaded: only the teacher's "
+                        "config.json is read. --data and --out are not needed.")
+    pl.add_argument("--config", help="YAML file of options (default: none)")
+    pl.add_argument("--nproc", type=int, default=1, help="processes of the run (torchrun: per node x nodes); "
+                    "--parallel fsdp divides the teacher over them (default: 1)")
+    pl.add_argument("--device-tflops", type=float, default=None,
+                    help="peak dense TFLOP/s of one device in the run's precision, for a tokens/s estimate "
+                    "(default: none)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="assumed share of that peak reached (default: 0.4)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object (default: False)")
+    add_config_arguments(pl)
+    pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("export", help="write a run's student as a standard Hugging Face model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

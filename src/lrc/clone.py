@@ -60,7 +60,8 @@ def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
     embed = cast(nn.Embedding, teacher.get_submodule(f"{family.base}.{family.embed}")).weight
     if head is embed:
         return True
-    return not is_sharded(head) and head.data_ptr() == embed.data_ptr()
+    # meta tensors (a model built for planning) all report data_ptr 0: only `is` tells there
+    return not is_sharded(head) and head.device.type != "meta" and head.data_ptr() == embed.data_ptr()
 
 
 def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None):

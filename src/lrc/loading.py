@@ -120,11 +120,8 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, whose: str 
                         f"are damaged or incomplete: {_REDOWNLOAD}") from None
 
 
-def load_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
-    """Load a causal-LM teacher from a local directory or hub id; UserError on anything unusable.
-
-    dtype: the storage dtype, or "auto" for the checkpoint's own (config.json `dtype`/`torch_dtype`). A teacher
-    stored in bf16/fp16 still computes in fp32 whenever autocast is off (`lrc.precision`)."""
+def load_teacher_config(path_or_id: str, trust_remote_code: bool = False):
+    """The teacher's config (config.json only, no weights), checked: a supported family of causal LM."""
     p = Path(path_or_id)
     looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
     if looks_local and not p.exists():
@@ -142,6 +139,16 @@ def load_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remot
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise UserError(f"teacher {path_or_id} is a {archs[0]}, not a causal language model (*ForCausalLM)")
+    return config
+
+
+def load_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
+    """Load a causal-LM teacher from a local directory or hub id; UserError on anything unusable.
+
+    dtype: the storage dtype, or "auto" for the checkpoint's own (config.json `dtype`/`torch_dtype`). A teacher
+    stored in bf16/fp16 still computes in fp32 whenever autocast is off (`lrc.precision`)."""
+    config = load_teacher_config(path_or_id, trust_remote_code)
+    p = Path(path_or_id)
     if isinstance(dtype, str):
         dtype = checkpoint_dtype(config) if dtype == "auto" else DTYPES[dtype]
     files = _weight_files(p) if p.is_dir() else []

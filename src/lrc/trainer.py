@@ -215,6 +215,14 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
              f"hidden {cfg.hidden_size}; {sum(p.numel() for p in params):,} trainable parameters; "
              f"{len(prep.train):,} training sequences of {cfg.seq_len}; {steps} steps on {info.world_size} x "
              f"{device}" + (f"; init {cfg.init}: {init_info}" if init_info else "") + (f"; {note}" if note else ""))
+    if info.is_main:  # the forecast of `lrc plan`, from the loaded teacher's config
+        from lrc.plan import startup_summary
+        from lrc.precision import dtype_name
+
+        forecast = startup_summary(prep.teacher.config, cfg, info.world_size, device.type,
+                                   dtype_name(next(prep.teacher.parameters()).dtype))
+        if forecast:
+            log.info(forecast)
     return s
 
 
