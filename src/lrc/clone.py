@@ -186,7 +186,7 @@ class LowRankClone(nn.Module):
 
     def plan_projections(self, tokens_per_micro_batch: int, reuse: int = 1) -> dict[str, str]:
         """Choose generated or factored per role from the cost model (spec section 5) and apply it."""
-        from lrc.costs import factored_crossover_tokens
+        from lrc.costs import choose_projections
 
         cfg = self.teacher.config
         head_dim = teacher_head_dim(cfg)
@@ -194,10 +194,9 @@ class LowRankClone(nn.Module):
                 "v": cfg.num_key_value_heads * head_dim, "o": cfg.num_attention_heads * head_dim,
                 "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size,
                 "head": cfg.vocab_size}
-        factored = {r for r, out in outs.items()
-                    if tokens_per_micro_batch < factored_crossover_tokens(out, self.d_t, self.d_s, reuse)}
-        self.set_factored(factored)
-        return {r: ("factored" if r in factored else "generated") for r in outs}
+        plan = choose_projections(outs, tokens_per_micro_batch, self.d_t, self.d_s, reuse)
+        self.set_factored(r for r, how in plan.items() if how == "factored")
+        return plan
 
     # ------------------------------------------------------------------ structure
     @property

@@ -35,6 +35,14 @@ def factored_crossover_tokens(out: int, d_t: int, d_s: int, reuse: int = 1) -> f
     return 4.0 * out * d_t * d_s / (reuse * per_token)
 
 
+def choose_projections(role_outs: dict[str, int], tokens_per_micro_batch: int, d_t: int, d_s: int,
+                       reuse: int = 1) -> dict[str, str]:
+    """"generated" or "factored" per role (`out` of each role, the head's = vocabulary): whichever costs fewer
+    training FLOPs for this many tokens per micro-batch."""
+    return {r: "factored" if tokens_per_micro_batch < factored_crossover_tokens(out, d_t, d_s, reuse) else "generated"
+            for r, out in role_outs.items()}
+
+
 def lrc_step_floor(n_tokens: int, d_t: int, d_s: int, role_outs: list[int], vocab: int, layers: int,
                    reuse: int = 1, projected_clone_terms: int = 2) -> float:
     """The overhead an LRC step cannot go below by this model: matrix-product FLOPs of (teacher forward +

@@ -43,6 +43,7 @@ import torch
 from lrc.config import RunConfig
 from lrc.errors import UserError
 from lrc.families import ROLES, family_for
+from lrc.precision import resolve_precision
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -161,10 +162,7 @@ def student_meta(teacher_meta, hidden_size: int, rms_norm_eps: float | None = No
     """The exported student (the config `export` writes, `lrc.clone.student_config`) on the meta device."""
     from lrc.clone import student_config
 
-    cfg = student_config(teacher_meta, hidden_size, rms_norm_eps)
-    # student_config tells a tied head by shared storage, which every meta tensor seems to have (data_ptr 0)
-    cfg.tie_word_embeddings = _is_tied_meta(teacher_meta)
-    return _meta_model(cfg)
+    return _meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps))
 
 
 def teacher_dtype_name(config, teacher_dtype: str) -> str:
@@ -185,17 +183,6 @@ def resolve_device(spec: str) -> str:
     raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """As `lrc.precision.resolve_precision`, but a CUDA device is assumed to have bf16 (Ampere or later)."""
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        return "bf16"
-    from lrc.precision import cpu_has_fast_bf16
-
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
 def shape_of(config, hidden_size: int, tied: bool) -> Shape:
     from lrc.clone import teacher_head_dim
 
@@ -208,12 +195,11 @@ def shape_of(config, hidden_size: int, tied: bool) -> Shape:
 
 def choose_roles(shape: Shape, tokens_per_micro_batch: int, reuse: int, sharded: bool) -> dict[str, str]:
     """generated / factored per role, as `LowRankClone.plan_projections` decides (never factored when sharded)."""
-    from lrc.costs import factored_crossover_tokens
+    from lrc.costs import choose_projections
 
     if sharded:
         return {r: "generated" for r in shape.role_outs}
-    return {r: ("factored" if tokens_per_micro_batch < factored_crossover_tokens(out, shape.d_t, shape.d_s, reuse)
-                else "generated") for r, out in shape.role_outs.items()}
+    return choose_projections(shape.role_outs, tokens_per_micro_batch, shape.d_t, shape.d_s, reuse)
 
 
 def trainable_params(shape: Shape) -> int:
@@ -473,7 +459,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     if device_tflops is not None and not device_tflops > 0:
         raise UserError(f"--device-tflops must be positive (got {device_tflops})")
     device = "cuda" if (device or resolve_device(cfg.device)).startswith("cuda") else "cpu"
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, torch.device(device))
     dtype = teacher_dtype or teacher_dtype_name(teacher_config, cfg.teacher_dtype)
 
     t_meta = _meta_model(teacher_config)

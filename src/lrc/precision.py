@@ -17,6 +17,7 @@ evaluation, `lrc eval` and export without being told a precision.
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import torch
@@ -37,11 +38,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"bf16" or "fp32" for `--precision` auto/bf16/fp32 on `device` (auto: bf16 where it is fast)."""
+    """"bf16" or "fp32" for `--precision` auto/bf16/fp32 on `device` (auto: bf16 where it is fast). A CUDA
+    device this machine does not have (`lrc plan` for another machine) is taken to have bf16 (Ampere on)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
@@ -100,8 +102,8 @@ def upcast_frozen_modules(model: nn.Module) -> int:
             continue
         if isinstance(module, nn.Embedding):
             module.register_forward_hook(_embedding_rows_to_fp32)
-        else:
-            module.register_forward_pre_hook(_swap_in_fp32)
+        else:  # the names are fixed at load: the hooks do no search per call
+            module.register_forward_pre_hook(functools.partial(_swap_in_fp32, names=tuple(names)))
             module.register_forward_hook(_swap_back, always_call=True)
         hooked += 1
     return hooked
@@ -113,16 +115,14 @@ def _embedding_rows_to_fp32(module, args, output):
     return output.float()
 
 
-def _swap_in_fp32(module, args):
-    names = _low_precision_params(module)
-    if not names or autocasting(module._parameters[names[0]]):
+def _swap_in_fp32(module, args, names: tuple[str, ...]):
+    params = [module._parameters[name] for name in names]
+    # under autocast, or when something else (FSDP2's mixed-precision policy) already gathered them in fp32
+    if autocasting(params[0]) or all(p.dtype == torch.float32 for p in params):
         return
-    saved = {}
-    for name in names:
-        p = module._parameters[name]
-        saved[name] = p.data
+    module.__dict__["_lrc_low_precision"] = {name: p.data for name, p in zip(names, params)}
+    for p in params:
         p.data = p.data.float()
-    module.__dict__["_lrc_low_precision"] = saved
 
 
 def _swap_back(module, args, output):

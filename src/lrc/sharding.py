@@ -2,10 +2,9 @@
 
 Every decoder layer and the base model are `fully_shard`-ed, so the teacher's forward all-gathers one layer
 at a time through FSDP2's own hooks and frees it again. LRC also reads teacher matrices outside any forward
-to generate the student's weights; `gathered` and the `project_*` functions do that with an explicit
-all-gather. `project_*` gather a second time in backward rather than keep the full matrix alive from the
-forward to the backward (the gradient of P in W_T @ P needs W_T), so at most one teacher matrix is whole at a
-time. With an unsharded teacher of the projections' dtype (or under autocast) they are plain matrix products.
+to generate the student's weights; `gathered` does that with an explicit all-gather (and `lrc.weights`'
+projections gather a second time in backward rather than keep a whole matrix alive from forward to
+backward, so at most one teacher matrix is whole at a time).
 
 The trainable projections stay whole on every rank (small next to the teacher); the trainer averages
 their gradients once per optimizer step (`distributed.average_gradients`), as it does under ddp.

@@ -91,17 +91,16 @@ def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimiz
     gradients averaged over ranks, clipped, and `optimizer.step()`. Raises TrainingDiverged (before the update)
     when the loss or the gradient norm is not finite."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    n_lab_local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
-    n_lab = float(all_reduce_sum(torch.tensor(float(n_lab_local), device=device), info))
+    labelled = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro]
+    n_lab = float(all_reduce_sum(torch.tensor(float(sum(labelled)), device=device), info))
     sums: dict[str, float] = {}
     with autocast(precision, device):
         step = method.begin_step(len(micro))
-    for b in micro:
+    for b, n_b in zip(micro, labelled):
         b = _to(b, device)
         with autocast(precision, device):
             out = method(**b, ce_denominator=n_lab / info.world_size, scale=1.0 / len(micro), step=step)
         out.loss.backward()
-        n_b = float((b["labels"] != IGNORE_INDEX).sum())
         for k, v in out.terms.items():
             sums[k] = sums.get(k, 0.0) + float(v) * (n_b if k == "ce" else 1.0 / len(micro))
     method.finish_step(step)
@@ -199,16 +198,17 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
     sampler = SequenceSampler(len(prep.train), seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    s = Session(cfg, prep.run_dir, info, method, optimizer, sched, sampler, prep.train, prep.val, prep.teacher,
-                sharded, steps, log=MetricsLog(prep.run_dir, False))
-    _restore(s, prep.resume_from, resume)
+    step, tokens, elapsed = _restore(prep, resume, device, method, optimizer, sched, sampler)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
     # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
     all_reduce_sum(torch.zeros((), device=device), info)
     if info.is_main:
-        s.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, s.run_dir / "config.yaml")
-    s.log = MetricsLog(s.run_dir, info.is_main, truncate_after=s.step if resume else None)
+        prep.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, prep.run_dir / "config.yaml")
+    metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None)
+    s = Session(cfg, prep.run_dir, info, method, optimizer, sched, sampler, prep.train, prep.val, prep.teacher,
+                sharded, steps, metrics, step=step, tokens=tokens, elapsed_before=elapsed,
+                fresh=prep.resume_from is None)
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
     note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
     log.info(f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
@@ -226,19 +226,21 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     return s
 
 
-def _restore(s: Session, resume_from: Path | None, resume: bool) -> None:
-    if resume_from is None:
+def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method, optimizer, scheduler,
+             sampler: SequenceSampler) -> tuple[int, int, float]:
+    """Load the checkpoint to resume from into the method, optimizer, schedule and sampler; returns (step,
+    tokens, elapsed seconds) of the run so far ((0, 0, 0.0) for a new run)."""
+    if prep.resume_from is None:
         if resume:
-            log.info(f"resuming {s.run_dir}: no checkpoint yet, starting from step 0")
-        return
-    trainable, opt_state, state = ckpt.load_checkpoint(resume_from, s.device)
-    s.method.load_trainable_state_dict(trainable)
-    s.optimizer.load_state_dict(opt_state["optimizer"])
-    s.scheduler.load_state_dict(opt_state["scheduler"])
-    s.sampler.load_state_dict(state["sampler"])
-    s.step, s.tokens, s.elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
-    s.fresh = False
-    log.info(f"resuming {s.run_dir} from step {s.step} ({s.tokens:,} tokens)")
+            log.info(f"resuming {prep.run_dir}: no checkpoint yet, starting from step 0")
+        return 0, 0, 0.0
+    trainable, opt_state, state = ckpt.load_checkpoint(prep.resume_from, device)
+    method.load_trainable_state_dict(trainable)
+    optimizer.load_state_dict(opt_state["optimizer"])
+    scheduler.load_state_dict(opt_state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    log.info(f"resuming {prep.run_dir} from step {state['step']} ({state['tokens']:,} tokens)")
+    return state["step"], state["tokens"], state.get("elapsed", 0.0)
 
 
 # ------------------------------------------------------------------------------------------- the loop
