@@ -17,7 +17,7 @@ choose devices or know about ranks.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -64,32 +64,57 @@ def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
     return not is_sharded(head) and head.device.type != "meta" and head.data_ptr() == embed.data_ptr()
 
 
-def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None):
+def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None,
+                   ffn_size: int | None = None, kept_layers: Sequence[int] | None = None):
     """The student's config: the teacher's, with hidden_size = d_S, an explicit head_dim, tied only when the
-    teacher's head is its embedding, and the student RMSNorm epsilon (default: the teacher's).
+    teacher's head is its embedding, and the student RMSNorm epsilon (default: the teacher's); with
+    intermediate_size = ffn_size and only the teacher layers `kept_layers` (their per-layer attention types
+    with them) when given.
 
     The one architecture every method trains (lrc exports it; kd/scratch/prune-kd train it directly)."""
     cfg = copy.deepcopy(teacher.config)
     cfg.head_dim = teacher_head_dim(teacher.config)
     cfg.hidden_size = hidden_size
+    if ffn_size is not None:
+        cfg.intermediate_size = ffn_size
+    if kept_layers is not None:
+        cfg.num_hidden_layers = len(kept_layers)
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types is not None:  # sliding or full attention per layer (Qwen2/3): each kept layer keeps its own
+            cfg.layer_types = [layer_types[i] for i in kept_layers]
+        if hasattr(cfg, "max_window_layers"):  # unused once layer_types is explicit; kept consistent anyway
+            cfg.max_window_layers = sum(1 for i in kept_layers if i < cfg.max_window_layers)
     cfg.tie_word_embeddings = _is_tied(teacher, family_for(teacher.config))
     cfg.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else teacher.config.rms_norm_eps)
     return cfg
 
 
 class LayerProjections(nn.Module):
-    """Trainable parts of one student layer: seven projections and two RMSNorm gains."""
+    """Trainable parts of one student layer: seven projections and two RMSNorm gains, and with a narrower FFN
+    (`ffn` = (d_ff_T, M)) the intermediate projection Q: gate/up = Q^T W_T P, down = P^T W_T Q."""
 
-    def __init__(self, d_t: int, d_s: int):
+    ffn: nn.Parameter | None
+
+    def __init__(self, d_t: int, d_s: int, ffn: tuple[int, int] | None = None):
         super().__init__()
         for role in ROLES:
             setattr(self, role, nn.Parameter(torch.empty(d_t, d_s)))
+        self.ffn = nn.Parameter(torch.empty(*ffn)) if ffn is not None else None
         self.input_norm = nn.Parameter(torch.ones(d_s))
         self.post_attention_norm = nn.Parameter(torch.ones(d_s))
 
 
+# roles whose student matrix also goes through the FFN projection Q (intermediate side)
+FFN_ROLES = ("gate", "up", "down")
+
+
 class LowRankClone(nn.Module):
-    """A student of width `hidden_size` cloned from `teacher` (any supported `*ForCausalLM`)."""
+    """A student of width `hidden_size` cloned from `teacher` (any supported `*ForCausalLM`).
+
+    `ffn_size` M (default: none, the teacher's FFN width without a projection): the student's FFN is M wide,
+    through one trainable (d_ff_T x M) projection Q per layer. `kept_layers` (default: all): the teacher
+    layers the student keeps, in order; student layer i is generated from, and cloned against, teacher
+    layer kept_layers[i]."""
 
     _shell: PreTrainedModel  # set by _build_shell, in __dict__ (outside the module tree)
 
@@ -99,6 +124,8 @@ class LowRankClone(nn.Module):
         hidden_size: int,
         *,
         rms_norm_eps: float | None = None,
+        ffn_size: int | None = None,
+        kept_layers: Sequence[int] | None = None,
     ):
         super().__init__()
         cfg = teacher.config
@@ -109,8 +136,17 @@ class LowRankClone(nn.Module):
                 f"--hidden-size {hidden_size} is out of range: it must be between 1 and the teacher's "
                 f"hidden size {d_t}"
             )
+        if ffn_size is not None and not 0 < ffn_size <= cfg.intermediate_size:
+            raise UserError(f"--ffn-size {ffn_size} is out of range: it must be between 1 and the teacher's "
+                            f"intermediate size {cfg.intermediate_size}")
+        kept = tuple(range(cfg.num_hidden_layers)) if kept_layers is None else tuple(kept_layers)
+        if not kept or list(kept) != sorted(set(kept)) or not all(0 <= i < cfg.num_hidden_layers for i in kept):
+            raise UserError(f"kept layers {list(kept)} must be distinct teacher layers in order, between 0 and "
+                            f"{cfg.num_hidden_layers - 1}")
         self.d_t, self.d_s = d_t, hidden_size
-        self.num_layers = cfg.num_hidden_layers
+        self.d_ff_t, self.ffn_size = cfg.intermediate_size, ffn_size
+        self.kept_layers = kept
+        self.num_layers = len(kept)
         self.tied = _is_tied(teacher, self.family)
         self.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else cfg.rms_norm_eps)
         if self.family.qk_norms and self.rms_norm_eps != cfg.rms_norm_eps:
@@ -126,7 +162,8 @@ class LowRankClone(nn.Module):
         # Registered so that .to(device) moves it, but never saved: see trainable_state_dict().
         self.teacher = teacher
 
-        self.layers = nn.ModuleList(LayerProjections(d_t, hidden_size) for _ in range(self.num_layers))
+        ffn = (cfg.intermediate_size, ffn_size) if ffn_size is not None else None
+        self.layers = nn.ModuleList(LayerProjections(d_t, hidden_size, ffn) for _ in range(self.num_layers))
         self.embed = nn.Parameter(torch.empty(d_t, hidden_size))
         self.head = None if self.tied else nn.Parameter(torch.empty(d_t, hidden_size))
         self.final_norm = nn.Parameter(torch.ones(hidden_size))
@@ -179,6 +216,8 @@ class LowRankClone(nn.Module):
         roles = frozenset(roles)
         if roles - {*ROLES, "head"}:
             raise ValueError(f"unknown roles {sorted(roles - {*ROLES, 'head'})}")
+        if self.ffn_size is not None and roles & set(FFN_ROLES):
+            raise ValueError("gate, up and down are always generated when the FFN has its own projection")
         rebuild = (roles - {"head"}) != (self.factored - {"head"})
         self.factored = roles
         if rebuild:
@@ -195,6 +234,8 @@ class LowRankClone(nn.Module):
                 "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size,
                 "head": cfg.vocab_size}
         plan = choose_projections(outs, tokens_per_micro_batch, self.d_t, self.d_s, reuse)
+        if self.ffn_size is not None:  # Q^T W P has no factored form here: always generated (and small)
+            plan.update({r: "generated" for r in FFN_ROLES})
         self.set_factored(r for r, how in plan.items() if how == "factored")
         return plan
 
@@ -208,13 +249,16 @@ class LowRankClone(nn.Module):
         return self._shell.get_submodule(self.family.base)
 
     def t_layer(self, i: int) -> nn.Module:
-        return self.t_base.get_submodule(f"{self.family.layers}.{i}")
+        """The teacher layer student layer i is generated from (and compared with)."""
+        return self.t_base.get_submodule(f"{self.family.layers}.{self.kept_layers[i]}")
 
     def named_projections(self):
-        """(name, parameter) of every projection matrix (not the norm gains)."""
+        """(name, parameter) of every projection matrix (not the norm gains), the FFN projections included."""
         for i, layer in enumerate(self.layers):
             for role in ROLES:
                 yield f"layers.{i}.{role}", getattr(layer, role)
+            if layer.ffn is not None:
+                yield f"layers.{i}.ffn", layer.ffn
         yield "embed", self.embed
         if self.head is not None:
             yield "head", self.head
@@ -236,7 +280,7 @@ class LowRankClone(nn.Module):
         if missing or unexpected or wrong:
             raise UserError(
                 f"checkpoint does not match this student (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"other shape {sorted(wrong)[:3]}); it was written for another teacher or hidden size"
+                f"other shape {sorted(wrong)[:3]}); it was written for another teacher or student shape"
             )
         with torch.no_grad():
             for k, v in own.items():
@@ -244,7 +288,8 @@ class LowRankClone(nn.Module):
 
     def student_config(self):
         """The exported model's config (see `student_config`)."""
-        return student_config(self.teacher, self.d_s, self.rms_norm_eps)
+        kept = None if self.num_layers == self.teacher.config.num_hidden_layers else self.kept_layers
+        return student_config(self.teacher, self.d_s, self.rms_norm_eps, self.ffn_size, kept)
 
     # ------------------------------------------------------------------ weights
     def teacher_weight(self, i: int, role: str) -> nn.Linear:
@@ -370,6 +415,8 @@ class LowRankClone(nn.Module):
                 teacher = for_product(teacher, proj.o) @ proj.o  # compare in student space through P_o
             elif term == "ffn_out":
                 teacher = for_product(teacher, proj.down) @ proj.down
+            elif term in ("gate", "up") and proj.ffn is not None:
+                teacher = for_product(teacher, proj.ffn) @ proj.ffn  # into the student's intermediate space
             # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
             errors[(i, term)] = masked_mse(student, teacher, valid)
 

@@ -42,6 +42,19 @@ class RunConfig:
     val_fraction: float = opt(0.02, "share of the training sequences held out when --val-data is not given")
     text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/datasets data")
     hidden_size: int | None = opt(None, "student hidden size d_S (at most the teacher's)")
+    # student shape beyond the hidden size (docs/student-shape.md)
+    ffn_size: int | None = opt(None, "student FFN width M (at most the teacher's intermediate size), through a "
+                               "trainable projection of the intermediate side (default: the teacher's, no "
+                               "projection)")
+    layers: int | None = opt(None, "student depth K: keep the K teacher layers that change their input most on "
+                             "calibration data (default: all)")
+    drop_layers: str | None = opt(None, "comma-separated teacher layers to drop, e.g. 2,5 (instead of choosing "
+                                  "them by importance; a run's config.yaml records the ones --layers chose)")
+    target_params: str | None = opt(None, "solve the student's shape for about this many exported parameters: a "
+                                    "count (1.5B, 350M, 120000000) or a share of the teacher's (35%%)")
+    target_dims: str = opt("hidden", "what --target-params solves, comma-separated: hidden, ffn, layers (shrunk "
+                           "by one common factor, multiples of 64/128 where the teacher is that wide); the rest "
+                           "stays as given")
     out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, config.yaml)")
     method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
                       choices=("lrc", "kd", "scratch", "prune-kd"))
@@ -161,6 +174,8 @@ def _above(lo) -> Range:
 RANGES: dict[str, Range] = {
     "val_fraction": Range(0, 1, hi_open=True),
     "hidden_size": _at_least(1),
+    "ffn_size": _at_least(1),
+    "layers": _at_least(1),
     "calib_batches": _at_least(1),
     "max_steps": _at_least(0),
     "max_tokens": _at_least(0),

@@ -57,3 +57,10 @@ def lrc_step_floor(n_tokens: int, d_t: int, d_s: int, role_outs: list[int], voca
     # attention / FFN outputs of the teacher @ P_o / P_down: forward and the gradient to P
     targets = layers * projected_clone_terms * 4.0 * n_tokens * d_t * d_s
     return (teacher + matrices + head + targets) / (teacher + student)
+
+
+def generated_through_ffn_flops(n_tokens: int, d_ff_t: int, m: int, d_t: int, d_s: int, reuse: int = 1) -> float:
+    """gate/up = Q^T (W_T P) or down = (P^T W_T) Q (`--ffn-size M`): W_T P as a generated role (forward and P's
+    gradient, 4 d_ff_T d_T d_S), then the product with the trainable Q (forward and both gradients,
+    6 d_ff_T M d_S), shared by the step's micro-batches; per micro-batch a trained (M x d_S) linear."""
+    return (4.0 * d_ff_t * d_t * d_s + 6.0 * d_ff_t * m * d_s) / reuse + 6.0 * n_tokens * m * d_s

@@ -51,11 +51,10 @@ def _final_gain(clone: LowRankClone) -> torch.Tensor:
 
 @torch.no_grad()
 def init_identity(clone: LowRankClone) -> None:
-    if clone.d_s != clone.d_t:
-        raise ValueError("identity init needs hidden_size equal to the teacher's")
-    eye = torch.eye(clone.d_t)
+    if clone.d_s != clone.d_t or clone.ffn_size not in (None, clone.d_ff_t):
+        raise ValueError("identity init needs hidden_size (and ffn_size) equal to the teacher's")
     for _, p in clone.named_projections():
-        p.copy_(eye)
+        p.copy_(torch.eye(*p.shape))  # d_T x d_T, or d_ff_T x d_ff_T for an FFN projection
     for i, layer in enumerate(cast(Iterable[LayerProjections], clone.layers)):
         g_in, g_post = _teacher_gains(clone, i)
         layer.input_norm.copy_(g_in)

@@ -193,15 +193,35 @@ class Direct(Method):
 # ------------------------------------------------------------------------------------------- registry
 
 
+def _kept_layers(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[int, ...] | None:
+    """The teacher layers the student keeps (None: all). `--layers K` alone measures them on the calibration
+    batches and records them in cfg.drop_layers: the run's config.yaml is written after the method is built,
+    so export and --resume rebuild this very student without calibration."""
+    from lrc.sizing import kept_layers, needs_layer_choice
+
+    n = teacher.config.num_hidden_layers
+    if needs_layer_choice(cfg):
+        if calibration is None:
+            raise UserError("--layers needs calibration data to choose the layers; give --drop-layers instead")
+        from lrc.structure import choose_layers
+
+        kept = choose_layers(teacher, calibration(), cast(int, cfg.layers))
+        cfg.drop_layers = ",".join(str(i) for i in range(n) if i not in kept)
+    return kept_layers(cfg, n)
+
+
 def _build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
     from lrc.init import init_pca, init_random
+    from lrc.structure import select_ffn_channels
 
     # cfg.hidden_size is set: run.prepare requires it before a method is built
-    clone = LowRankClone(teacher, cast(int, cfg.hidden_size), rms_norm_eps=cfg.rms_norm_eps)
+    clone = LowRankClone(teacher, cast(int, cfg.hidden_size), rms_norm_eps=cfg.rms_norm_eps,
+                         ffn_size=cfg.ffn_size, kept_layers=_kept_layers(cfg, teacher, calibration))
     info: dict = {}
     if calibration is not None:
         if cfg.init == "pca":
             info = init_pca(clone, calibration())
+            info.update(select_ffn_channels(clone, calibration()))
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.grad_checkpointing:
@@ -218,11 +238,12 @@ def _build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> t
         weights.kl = 0.0
     info: dict = {}
     hidden_size = cast(int, cfg.hidden_size)  # set: run.prepare requires it before a method is built
+    layers = _kept_layers(cfg, teacher, calibration)
     if cfg.method == "prune-kd" and calibration is not None:
-        student, kept = pruned_student(teacher, hidden_size, calibration())
+        student, kept = pruned_student(teacher, hidden_size, calibration(), cfg.ffn_size, layers)
         info = {"kept_channels": len(kept)}
     else:
-        student = random_student(teacher, hidden_size, cfg.seed)
+        student = random_student(teacher, hidden_size, cfg.seed, cfg.ffn_size, layers)
     if cfg.grad_checkpointing:
         student.gradient_checkpointing_enable({"use_reentrant": False})
     return Direct(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,
@@ -239,10 +260,17 @@ class MethodSpec:
     """Runs with the teacher sharded over processes (`--parallel fsdp`)."""
 
 
+def _choose_layers(cfg: RunConfig) -> bool:
+    from lrc.sizing import needs_layer_choice
+
+    return needs_layer_choice(cfg)
+
+
 METHODS: dict[str, MethodSpec] = {
-    "lrc": MethodSpec(_build_lrc, needs_calibration=lambda cfg: cfg.init == "pca", shards_teacher=True),
-    "kd": MethodSpec(_build_direct, needs_calibration=lambda cfg: False),
-    "scratch": MethodSpec(_build_direct, needs_calibration=lambda cfg: False),
+    "lrc": MethodSpec(_build_lrc, needs_calibration=lambda cfg: cfg.init == "pca" or _choose_layers(cfg),
+                      shards_teacher=True),
+    "kd": MethodSpec(_build_direct, needs_calibration=_choose_layers),
+    "scratch": MethodSpec(_build_direct, needs_calibration=_choose_layers),
     "prune-kd": MethodSpec(_build_direct, needs_calibration=lambda cfg: True),
 }
 

@@ -75,6 +75,18 @@ class Shape:
     ffn: int
     vocab: int
     tied: bool
+    ffn_s: int | None = None
+    """The student's FFN width M when it has its own projection Q (`--ffn-size`); None: the teacher's."""
+    t_layers: int | None = None
+    """The teacher's layers when the student keeps fewer (`--layers`); None: `layers`, the student's."""
+
+    @property
+    def student_ffn(self) -> int:
+        return self.ffn if self.ffn_s is None else self.ffn_s
+
+    @property
+    def teacher_layers(self) -> int:
+        return self.layers if self.t_layers is None else self.t_layers
 
     @property
     def role_outs(self) -> dict[str, int]:
@@ -99,6 +111,8 @@ class Plan:
     teacher_params: int
     student_params: int
     trainable_params: int
+    student_shape: str
+    """The student's shape in words (`lrc.sizing.describe`)."""
     teacher_dtype: str
     precision: str
     device: str
@@ -158,11 +172,12 @@ def _is_tied_meta(model) -> bool:
     return model.get_submodule(fam.head).weight is model.get_submodule(f"{fam.base}.{fam.embed}").weight
 
 
-def student_meta(teacher_meta, hidden_size: int, rms_norm_eps: float | None = None):
+def student_meta(teacher_meta, hidden_size: int, rms_norm_eps: float | None = None, ffn_size: int | None = None,
+                 kept_layers=None):
     """The exported student (the config `export` writes, `lrc.clone.student_config`) on the meta device."""
     from lrc.clone import student_config
 
-    return _meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps))
+    return _meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps, ffn_size, kept_layers))
 
 
 def teacher_dtype_name(config, teacher_dtype: str) -> str:
@@ -183,14 +198,16 @@ def resolve_device(spec: str) -> str:
     raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
-def shape_of(config, hidden_size: int, tied: bool) -> Shape:
+def shape_of(config, hidden_size: int, tied: bool, ffn_size: int | None = None,
+             layers: int | None = None) -> Shape:
     from lrc.clone import teacher_head_dim
 
-    return Shape(layers=config.num_hidden_layers, d_t=config.hidden_size, d_s=hidden_size,
+    n = config.num_hidden_layers
+    return Shape(layers=layers or n, d_t=config.hidden_size, d_s=hidden_size,
                  heads=config.num_attention_heads,
                  kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                  head_dim=teacher_head_dim(config), ffn=config.intermediate_size, vocab=config.vocab_size,
-                 tied=tied)
+                 tied=tied, ffn_s=ffn_size, t_layers=n if layers and layers != n else None)
 
 
 def choose_roles(shape: Shape, tokens_per_micro_batch: int, reuse: int, sharded: bool) -> dict[str, str]:
@@ -199,21 +216,27 @@ def choose_roles(shape: Shape, tokens_per_micro_batch: int, reuse: int, sharded:
 
     if sharded:
         return {r: "generated" for r in shape.role_outs}
-    return choose_projections(shape.role_outs, tokens_per_micro_batch, shape.d_t, shape.d_s, reuse)
+    roles = choose_projections(shape.role_outs, tokens_per_micro_batch, shape.d_t, shape.d_s, reuse)
+    if shape.ffn_s is not None:  # Q^T W P: always generated (`LowRankClone.plan_projections`)
+        roles.update({r: "generated" for r in ("gate", "up", "down")})
+    return roles
 
 
 def trainable_params(shape: Shape) -> int:
-    """Projections (7 per layer, the embedding's, an untied head's) and the student's RMSNorm gains."""
+    """Projections (7 per layer and an FFN projection Q, the embedding's, an untied head's) and the student's
+    RMSNorm gains."""
     proj = shape.d_t * shape.d_s
-    return (shape.layers * (len(ROLES) * proj + 2 * shape.d_s) + proj + (0 if shape.tied else proj)
+    q = 0 if shape.ffn_s is None else shape.ffn * shape.ffn_s
+    return (shape.layers * (len(ROLES) * proj + q + 2 * shape.d_s) + proj + (0 if shape.tied else proj)
             + shape.d_s)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 def flops_per_token(shape: Shape, roles: dict[str, str], tokens: int, reuse: int, seq_len: int,
-                    kl: bool = True, projected_terms: int = 2) -> dict[str, float]:
+                    kl: bool = True, projected_terms: int = 2,
+                    gate_up_terms: tuple[str, ...] = ("gate", "up")) -> dict[str, float]:
     """Training FLOPs per token by part, from `lrc.costs` (matrix products) plus attention scores."""
-    from lrc.costs import factored_flops, generated_flops
+    from lrc.costs import factored_flops, generated_flops, generated_through_ffn_flops
 
     s, n = shape, float(tokens)
     outs = s.role_outs
@@ -221,16 +244,21 @@ def flops_per_token(shape: Shape, roles: dict[str, str], tokens: int, reuse: int
 
     def matrix(role):
         args = (n, outs[role], s.d_t, s.d_s)
+        if s.ffn_s is not None and role in ("gate", "up", "down"):
+            return generated_through_ffn_flops(n, s.ffn, s.ffn_s, s.d_t, s.d_s, reuse=reuse)
         return factored_flops(*args) if roles[role] == "factored" else generated_flops(*args, reuse=reuse)
 
     ctx = (seq_len + 1) / 2  # causal: keys attended per query, on average (packed documents attend fewer)
-    attn = 4.0 * n * ctx * s.heads * s.head_dim * s.layers  # QK^T and AV of one forward
+    attn = 4.0 * n * ctx * s.heads * s.head_dim  # QK^T and AV of one layer's forward
+    targets = projected_terms * 4.0 * n * s.d_t * s.d_s
+    if s.ffn_s is not None:  # gate and up targets through Q: forward and the gradient to Q
+        targets += len(gate_up_terms) * 4.0 * n * s.ffn * s.ffn_s
     out = {
-        "teacher forward": 2.0 * n * s.d_t * (s.layers * layer_outs + (s.vocab if kl else 0)),
+        "teacher forward": 2.0 * n * s.d_t * (s.teacher_layers * layer_outs + (s.vocab if kl else 0)),
         "student matrices (generated or factored)": s.layers * sum(matrix(r) for r in ROLES),
         "student head": matrix("head"),
-        "clone targets through P_o / P_down": s.layers * projected_terms * 4.0 * n * s.d_t * s.d_s,
-        "attention scores (teacher fwd + student fwd/bwd)": attn * (1 + 3),
+        "clone targets through P_o / P_down" + (" / Q" if s.ffn_s is not None else ""): s.layers * targets,
+        "attention scores (teacher fwd + student fwd/bwd)": attn * (s.teacher_layers + 3 * s.layers),
     }
     return {k: v / n for k, v in out.items()}
 
@@ -256,7 +284,9 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, rol
     """
     s = shape
     n = batch * seq_len
-    hq, hk, f, dt, ds = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.ffn, s.d_t, s.d_s
+    hq, hk, f, dt, ds = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.student_ffn, s.d_t, s.d_s
+    # with an FFN projection Q the gate/up targets are T Q: the teacher's d_ff_T-wide T is saved for Q's gradient
+    f_t = s.ffn if s.ffn_s is not None else 0
     repeat = s.kv_heads < s.heads  # sdpa gets K/V repeated to every head (a mask turns native GQA off)
     out_factored = sum(1 for r in ("o", "down") if roles.get(r) == "factored")
     if precision == "fp32":
@@ -268,7 +298,7 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, rol
         # repetition; gate and up are saved by SiLU and the product anyway)
         s_terms = {"q": hq, "k": hk, "v": hk if repeat else 0, "gate": 0, "up": 0,
                    "attn_out": 2 * ds, "ffn_out": 2 * ds}
-        t_terms = {"q": hq, "k": hk, "v": hk, "gate": f, "up": f, "attn_out": dt, "ffn_out": dt}
+        t_terms = {"q": hq, "k": hk, "v": hk, "gate": f + f_t, "up": f + f_t, "attn_out": dt, "ffn_out": dt}
         student = norms + attn + mlp + out_factored * dt + sum(s_terms[t] for t in terms)
         teacher = sum(t_terms[t] for t in terms)
         layer_student_b, layer_teacher_b = student * a, teacher * a
@@ -284,7 +314,7 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, rol
                    "attn_out": 8 * ds, "ffn_out": 8 * ds}
         # teacher side: the fp32 copies the MSE saves (its bf16 originals go with the forward), and for the
         # projected terms the bf16 output that T P's gradient needs
-        t_terms = {"q": 4 * hq, "k": 4 * hk, "v": 4 * hk, "gate": 4 * f, "up": 4 * f,
+        t_terms = {"q": 4 * hq, "k": 4 * hk, "v": 4 * hk, "gate": 4 * f + 2 * f_t, "up": 4 * f + 2 * f_t,
                    "attn_out": 2 * dt, "ffn_out": 2 * dt}
         layer_student_b = norms + casts + attn + mlp + 2 * out_factored * dt + sum(s_terms[t] for t in terms)
         layer_teacher_b = sum(t_terms[t] for t in terms)
@@ -348,8 +378,12 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
         return Part("trainables (fp32)", trainable * per, f"{trainable / 1e6:.4g}M x {per} B: params + AdamW "
                     f"moments" + (" + gradients" if grads else " (gradients not yet allocated)"))
 
-    outs = s.role_outs
-    gen_el = s.layers * s.d_s * sum(outs[r] for r in ROLES if roles[r] == "generated")
+    outs = dict(s.role_outs)
+    ffn_mid = 0
+    if s.ffn_s is not None:  # Q^T (W_T P): the student matrix is M wide; W_T P (d_ff_T x d_S) is kept for Q's grad
+        outs.update({r: s.ffn_s for r in ("gate", "up", "down")})
+        ffn_mid = s.layers * 3 * s.ffn * s.d_s
+    gen_el = s.layers * s.d_s * sum(outs[r] for r in ROLES if roles[r] == "generated") + ffn_mid
     head_generated = roles["head"] == "generated"
     head_el = s.vocab * s.d_s if head_generated else 0
     gb = 4 if fp32 else 2
@@ -409,7 +443,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     # accumulation the step's leaves and their gradients live until `train_step` returns.
     opt = [runtime, teacher, trainables(grads=True)]
     if grad_accum > 1:
-        largest = max(outs[r] for r in ROLES) * s.d_t * 4 if (tb < 4 or sharded) else 0
+        largest = max(s.role_outs[r] for r in ROLES) * s.d_t * 4 if (tb < 4 or sharded) else 0
         opt.append(Part("generated student weights", (gen_el + head_el) * (8 if fp32 else 10),
                         "leaves and their gradients, until the step ends"))
         opt.append(Part("transient", largest, "one teacher matrix fetched in fp32 (gradients sent back)"))
@@ -446,12 +480,13 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     validate(cfg)
     if cfg.method not in MODELLED_METHODS:
         raise UserError(f"lrc plan models --method {', '.join(MODELLED_METHODS)} only (got {cfg.method})")
+    from lrc.sizing import check_shape, describe, kept_layers, resolve_target, student_layers
+
+    cfg, _ = resolve_target(cfg, teacher_config)
     if cfg.hidden_size is None:
         raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
-                        "teacher's")
-    if not 0 < cfg.hidden_size <= teacher_config.hidden_size:
-        raise UserError(f"--hidden-size {cfg.hidden_size} is out of range: it must be between 1 and the teacher's "
-                        f"hidden size {teacher_config.hidden_size}")
+                        "teacher's (or --target-params N)")
+    check_shape(cfg, teacher_config)
     if nproc < 1:
         raise UserError(f"--nproc must be a positive integer (got {nproc})")
     if not 0 < mfu <= 1:
@@ -464,8 +499,12 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
 
     t_meta = _meta_model(teacher_config)
     tied = _is_tied_meta(t_meta)
-    s_meta = student_meta(t_meta, cfg.hidden_size, cfg.rms_norm_eps)
-    shape = shape_of(teacher_config, cfg.hidden_size, tied)
+    n_layers = student_layers(cfg, teacher_config.num_hidden_layers)
+    # which layers --layers keeps is measured at run time; any K of them have the same parameters
+    kept = kept_layers(cfg, teacher_config.num_hidden_layers) or (
+        tuple(range(n_layers)) if n_layers < teacher_config.num_hidden_layers else None)
+    s_meta = student_meta(t_meta, cfg.hidden_size, cfg.rms_norm_eps, cfg.ffn_size, kept)
+    shape = shape_of(teacher_config, cfg.hidden_size, tied, cfg.ffn_size, n_layers)
     sharded = cfg.parallel == "fsdp" and nproc > 1
     tokens = cfg.batch_size * cfg.seq_len
     roles = choose_roles(shape, tokens, cfg.grad_accum, sharded)
@@ -497,7 +536,8 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                                                    True).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
-    flops = flops_per_token(shape, roles, tokens, cfg.grad_accum, cfg.seq_len, kl=kl, projected_terms=projected)
+    flops = flops_per_token(shape, roles, tokens, cfg.grad_accum, cfg.seq_len, kl=kl, projected_terms=projected,
+                            gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
     notes = []
@@ -509,6 +549,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     return Plan(
         teacher=str(cfg.teacher), family=family_for(teacher_config).model_type, shape=shape,
         teacher_params=_count(t_meta), student_params=_count(s_meta), trainable_params=n_train,
+        student_shape=describe(cfg, teacher_config),
         teacher_dtype=dtype, precision=precision, device=device, nproc=nproc, parallel=cfg.parallel,
         sharded=sharded, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
         chunk_size=chunk, grad_checkpointing=cfg.grad_checkpointing, roles=roles, memory=phases[peak_phase],
@@ -540,9 +581,10 @@ def format_plan(plan: Plan) -> str:
     s = plan.shape
     factored = [r for r, m in plan.roles.items() if m == "factored"]
     lines = [
-        f"teacher {plan.teacher} ({plan.family}, hidden {s.d_t}, {s.layers} layers, vocab {s.vocab:,}"
+        f"teacher {plan.teacher} ({plan.family}, hidden {s.d_t}, FFN {s.ffn}, {s.teacher_layers} layers, "
+        f"vocab {s.vocab:,}"
         f"{', tied' if s.tied else ''}): {_count_str(plan.teacher_params)} parameters in {plan.teacher_dtype}",
-        f"student: hidden {s.d_s}, {plan.student_params:,} parameters exported "
+        f"student: {plan.student_shape}; {plan.student_params:,} parameters exported "
         f"({plan.student_share:.1%} of the teacher); {plan.trainable_params:,} trainable while distilling",
         f"run: {plan.nproc} process(es) x {plan.device}, {plan.parallel}"
         f"{' (teacher sharded)' if plan.sharded else ''}, precision {plan.precision}, micro-batch "
@@ -591,4 +633,5 @@ def startup_summary(teacher_config, cfg: RunConfig, nproc: int, device: str, tea
                       if q.bytes >= 0.01 * p.peak_bytes)
     return (f"plan: peak about {p.peak_bytes / div:.{2 if unit == 'GiB' else 0}f} {unit} per process at the "
             f"{p.peak_phase} ({parts} {unit}); {p.flops_per_token / 1e9:.3g} GFLOP per token; student "
-            f"{p.student_params:,} parameters ({p.student_share:.1%} of the teacher); `lrc plan` for details")
+            f"{p.student_shape}, {p.student_params:,} parameters ({p.student_share:.1%} of the teacher); "
+            "`lrc plan` for details")

@@ -85,9 +85,15 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
     if not cfg.data:
         raise UserError("--data is required: one or more text/jsonl/json/parquet files or folders")
+    if cfg.target_params is not None:  # the shape from the teacher's config alone, before anything is read
+        from lrc.loading import load_teacher_config
+        from lrc.sizing import resolve_target
+
+        solved, _ = resolve_target(cfg, load_teacher_config(cfg.teacher, cfg.trust_remote_code))
+        cfg.hidden_size, cfg.ffn_size, cfg.layers = solved.hidden_size, solved.ffn_size, solved.layers
     if cfg.hidden_size is None:
         raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
-                        "teacher's")
+                        "teacher's (or --target-params N)")
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise UserError("give a training budget: --max-steps N or --max-tokens N")
     validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
@@ -104,6 +110,9 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
             f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "
             f"{teacher.config.hidden_size}; choose at most that"
         )
+    from lrc.sizing import check_shape
+
+    check_shape(cfg, teacher.config)  # --ffn-size, --layers, --drop-layers
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     ds = build_packed_dataset(train_files, tokenizer, cfg.seq_len, cache_dir=cache,

@@ -1,7 +1,9 @@
 """The one weight generator: every student matrix from its frozen teacher matrix and a trainable projection.
 
 Training and export both call `generate_weights` (spec section 2): input-side roles (q, k, v, gate, up, the
-embedding and head) are W_T @ P, output-side roles (o, down) are P^T @ W_T. A role may instead be applied
+embedding and head) are W_T @ P, output-side roles (o, down) are P^T @ W_T. A student with a narrower FFN
+(`--ffn-size M`) also narrows the intermediate side of the FFN by its layer's Q (d_ff_T x M): gate/up are
+Q^T (W_T P), down is (P^T W_T) Q (docs/student-shape.md). A role may instead be applied
 *factored* during training (`FactoredLinear`: W_T (P^T x) without forming the matrix) when the cost model
 says that is cheaper for the tokens of a micro-batch; export always generates.
 
@@ -135,6 +137,7 @@ def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[s
     for i, proj in enumerate(cast("Iterable[LayerProjections]", clone.layers)):
         prefix = f"{fam.layers}.{i}"
         t_layer = clone.t_layer(i)
+        q_ffn = proj.ffn  # (d_ff_T, M) or None: the FFN keeps the teacher's width
         for role in ROLES:
             lin = clone.teacher_weight(i, role)
             p = getattr(proj, role)
@@ -149,10 +152,16 @@ def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[s
                 out[f"{path}.weight"] = project_input(lin.weight, p)
                 if bias is not None:
                     out[f"{path}.bias"] = bias
+                if q_ffn is not None and role in ("gate", "up"):  # Q^T (W_T P): narrow the intermediate side too
+                    out[f"{path}.weight"] = q_ffn.t() @ out[f"{path}.weight"]
+                    if bias is not None:
+                        out[f"{path}.bias"] = bias @ q_ffn
             else:  # o, down: compress the output side
                 out[f"{path}.weight"] = project_output(lin.weight, p)
                 if bias is not None:
                     out[f"{path}.bias"] = bias @ p
+                if q_ffn is not None and role == "down":  # (P^T W_T) Q
+                    out[f"{path}.weight"] = out[f"{path}.weight"] @ q_ffn
         out[f"{prefix}.{fam.input_norm}.weight"] = proj.input_norm
         out[f"{prefix}.{fam.post_attention_norm}.weight"] = proj.post_attention_norm
         for norm in fam.qk_norms:
