@@ -183,3 +183,29 @@ def test_plan_reads_a_config_file_and_distill_prints_the_summary(tmp_path, capsy
     line = startup_summary(config, cfg_for(), 1, "cpu", "float32")
     assert line.startswith("plan: peak about") and "MiB per process" in line
     assert startup_summary(config, cfg_for(hidden_size=10**6), 1, "cpu", "float32").startswith("plan: unavailable")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_model_with_a_narrow_ffn_and_fewer_layers(precision):
+    """--ffn-size and --layers: the student's MLP is M wide, its layers K; the gate/up targets T Q keep the
+    teacher's d_ff-wide T for Q's gradient; the generation keeps W_T P (d_ff x d_S) for Q's gradient."""
+    teacher = make_teacher("llama", False, num_hidden_layers=3).to(torch.bfloat16)
+    upcast_frozen_modules(teacher)
+    clone = LowRankClone(teacher, 32, ffn_size=40, kept_layers=(0, 2))
+    batch, seq = 2, 24
+    ids, pos = packed_batch(batch, seq)
+    measured = _saved_bytes(LRC(clone), ids, pos, autocast=precision == "bf16")
+
+    cfg = teacher.config
+    shape = Shape(2, cfg.hidden_size, 32, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                  cfg.intermediate_size, cfg.vocab_size, False, ffn_s=40, t_layers=3)
+    roles = {r: "generated" for r in shape.role_outs}
+    acts = activation_bytes(shape, batch, seq, precision, roles, ALL_TERMS)
+    outs = {**shape.role_outs, "gate": 40, "up": 40, "down": 40}
+    generated = shape.layers * 32 * (sum(outs[r] for r in ("q", "k", "v", "o", "gate", "up", "down"))
+                                     + 3 * cfg.intermediate_size)
+    if precision == "bf16":  # autocast's bf16 copies of Q (Q^T for gate and for up, Q for down)
+        generated += shape.layers * 3 * cfg.intermediate_size * 40
+    loss = batch * seq * 32 * 4 + shape.vocab * 32 * 4
+    predicted = acts["student"] + acts["teacher"] + generated * (4 if precision == "fp32" else 2) + loss
+    assert predicted == pytest.approx(measured, rel=0.05)

@@ -383,6 +383,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     if s.ffn_s is not None:  # Q^T (W_T P): the student matrix is M wide; W_T P (d_ff_T x d_S) is kept for Q's grad
         outs.update({r: s.ffn_s for r in ("gate", "up", "down")})
         ffn_mid = s.layers * 3 * s.ffn * s.d_s
+        if not fp32:  # and autocast's bf16 copies of Q: Q^T for gate and for up, Q for down
+            ffn_mid += s.layers * 3 * s.ffn * s.ffn_s
     gen_el = s.layers * s.d_s * sum(outs[r] for r in ROLES if roles[r] == "generated") + ffn_mid
     head_generated = roles["head"] == "generated"
     head_el = s.vocab * s.d_s if head_generated else 0
