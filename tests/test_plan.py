@@ -209,3 +209,9 @@ def test_activation_model_with_a_narrow_ffn_and_fewer_layers(precision):
     loss = batch * seq * 32 * 4 + shape.vocab * 32 * 4
     predicted = acts["student"] + acts["teacher"] + generated * (4 if precision == "fp32" else 2) + loss
     assert predicted == pytest.approx(measured, rel=0.05)
+    # the plan's part for the generated weights counts the same elements (the head generated at 48 tokens here)
+    plan = plan_from_config(cfg, cfg_for(ffn_size=40, layers=2, precision=precision), teacher_dtype="float32",
+                            heap_slack=False)
+    assert plan.roles["head"] == "generated" and plan.student_shape.startswith("hidden 32 of 64, FFN 40 of 96")
+    part = next(p for p in plan.memory if p.name == "generated student weights")
+    assert part.bytes == (generated + shape.vocab * 32) * (4 if precision == "fp32" else 2)
