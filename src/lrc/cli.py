@@ -60,7 +60,9 @@ def cmd_export(args) -> int:
     dtype = DTYPES[args.dtype] if hasattr(args, "dtype") else next(teacher.parameters()).dtype
     with torch.no_grad():
         save_student(method.student_model(dtype), out, tokenizer, teacher.generation_config)
-    print(f"exported {cfg.method} student (hidden {cfg.hidden_size}, {dtype_name(dtype)}) to {out}")
+    from lrc.sizing import describe
+
+    print(f"exported {cfg.method} student ({describe(cfg, teacher.config)}, {dtype_name(dtype)}) to {out}")
     return 0
 
 
