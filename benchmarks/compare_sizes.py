@@ -15,7 +15,8 @@ OUT/results.json.
 
     python benchmarks/compare_sizes.py [--budgets 0.5 0.25] [--tokens 61440] [--out bench-sizes]
 
-It uses the `lrc demo --quick` teacher (cached by the demo; trained here first if it is not).
+It uses the `lrc demo --quick` teacher (cached by the demo; trained here first if it is not); --full the
+full demo's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from lrc.config import RunConfig
-from lrc.demo import QUICK, build_teacher, play_files
+from lrc.demo import FULL, QUICK, build_teacher, play_files
 from lrc.loading import load_teacher_config
 from lrc.run import default_cache_dir
 from lrc.sizing import param_counter, solve
@@ -47,9 +48,9 @@ VARIANTS = {
 START, END = "<!-- compare_sizes:start -->", "<!-- compare_sizes:end -->"
 
 
-def val_losses(run: Path) -> list[tuple[int, float]]:
+def val_losses(run: Path, split: str = "val") -> list[tuple[int, float]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [(r["tokens"], r["loss"]) for r in rows if r.get("split") == "val"]
+    return [(r["tokens"], r["loss"]) for r in rows if r.get("split") == split]
 
 
 def main(argv=None) -> int:
@@ -61,8 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-sizes")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants")
     p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--full", action="store_true", help="use the full demo's teacher (trained first unless cached)")
     args = p.parse_args(argv)
-    s = QUICK
+    s = FULL if args.full else QUICK
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir().parent / "demo"
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
                             cache_dir=str(cache / "tokens"), **shape, **opts)
             distill(cfg)
             losses = val_losses(run)
+            results["teacher_loss"] = val_losses(run, "val_teacher")[0][1]
             results["runs"].append({
                 "budget": budget, "variant": name, "hidden": sol.hidden, "ffn": sol.ffn, "layers": sol.layers,
                 "drop_layers": cfg.drop_layers, "non_embedding": sol.params, "total": counter(sol.hidden, sol.ffn,
@@ -98,16 +101,16 @@ def main(argv=None) -> int:
                 "step0": losses[0][1], "final": losses[-1][1], "tokens": losses[-1][0],
                 "seconds": time.time() - t0})
             (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, args, Path(args.markdown), " ".join(["python", *sys.argv]))
+    write_markdown(results, args, s, Path(args.markdown), " ".join(["python", *sys.argv]))
     return 0
 
 
-def write_markdown(results: dict, args, md: Path, command: str) -> None:
-    s = QUICK
+def write_markdown(results: dict, args, s, md: Path, command: str) -> None:
     runs = results["runs"]
     full = results["teacher_non_embedding"]
-    lines = [START, "", f"Teacher: the `lrc demo --quick` Llama (hidden {s.teacher_hidden}, FFN {s.ffn}, "
-             f"{s.teacher_layers} layers, vocabulary {s.vocab}, tied; {full:,} non-embedding parameters). Every "
+    lines = [START, "", f"Teacher: the `lrc demo{'' if args.full else ' --quick'}` Llama (hidden {s.teacher_hidden}, "
+             f"FFN {s.ffn}, {s.teacher_layers} layers, vocabulary {s.vocab}, tied; {full:,} non-embedding parameters; "
+             f"trained on {s.teacher_tokens:,} tokens; held-out loss {results['teacher_loss']:.3f}). Every "
              f"student trains on {args.tokens:,} tokens (sequences of {s.seq_len}, batch {s.batch}, lr "
              f"{s.student_lr} cosine after 5% warm-up, pca init, default loss weights); held-out: 4 whole plays, "
              f"{args.eval_batches} batches.", "",
