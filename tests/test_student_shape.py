@@ -187,6 +187,25 @@ def test_export_equals_trained_student(tmp_path, family, tied, variant):
     assert (logits(model, ids, pos) - clone.student_logits(ids, pos)).abs().max() <= 1e-4
 
 
+def test_ffn_biases_go_through_q():
+    """Llama with mlp_bias: gate/up biases become b Q (M wide), down's stays d_T wide (through P_down); exact at
+    full size with Q a permutation, and export == student when narrowed."""
+    teacher = make_teacher("llama", False, mlp_bias=True, attention_bias=True)
+    ids, pos = packed_batch()
+    clone = LowRankClone(teacher, 64, ffn_size=96)
+    init_identity(clone)
+    with torch.no_grad():
+        for layer in clone.layers:
+            layer.ffn.copy_(torch.eye(96)[:, torch.randperm(96, generator=torch.Generator().manual_seed(0))])
+    assert (clone.student_logits(ids, pos) - logits(teacher, ids, pos)).abs().max() <= 1e-5
+    narrow = LowRankClone(teacher, 40, ffn_size=48)
+    init_pca(narrow, [{"input_ids": ids, "position_ids": pos}])
+    select_ffn_channels(narrow, [{"input_ids": ids, "position_ids": pos}])
+    model = build_student_model(narrow)
+    assert model.model.layers[0].mlp.gate_proj.bias.shape == (48,)
+    assert (logits(model, ids, pos) - narrow.student_logits(ids, pos)).abs().max() <= 1e-4
+
+
 def test_sliding_window_layer_types_follow_the_kept_layers():
     teacher = make_teacher("qwen2", False, num_hidden_layers=3, use_sliding_window=True, sliding_window=8,
                            max_window_layers=1)
