@@ -294,6 +294,8 @@ PARALLEL = {  # all with the generated weights reused over two micro-batches
     "fsdp-bf16-teacher": ("--parallel", "fsdp", "--grad-accum", "2", "--teacher-dtype", "bfloat16"),
     # a baseline: its gradients are averaged over ranks the same way (no DDP wrapper)
     "ddp-kd": ("--method", "kd", "--grad-accum", "2"),
+    # a narrower FFN (Q generated from a sharded W_T) and a layer chosen on the sharded teacher
+    "fsdp-ffn-depth": ("--parallel", "fsdp", "--grad-accum", "2", "--ffn-size", "48", "--layers", "1"),
 }
 
 
