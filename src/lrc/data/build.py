@@ -214,14 +214,47 @@ def prepare_tokens(paths, tokenizer: Any, out: Path, seq_len: int, text_field: s
     return ds
 
 
-def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_dir: Path, **options):
-    """`--data` items -> one packed dataset, or a `Mixture` when the items carry weights (PATH:WEIGHT)."""
+def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_dir: Path, streaming: bool = False,
+                        **options):
+    """`--data` items -> one packed dataset, a `Mixture` when the items carry weights (PATH:WEIGHT), or with
+    `streaming` a `TokenStream`."""
     from lrc.data.sampler import Mixture
 
     sources = split_weights(items)
+    if streaming:
+        if len(sources) > 1:
+            raise UserError("--streaming reads one source in order; mixtures (PATH:WEIGHT) need stored tokens: "
+                            "drop --streaming or the weights")
+        return build_stream(items, tokenizer, seq_len, options.get("text_field", "text"),
+                            options.get("chat_template"), options.get("train_on", "all"))
     parts = [build_packed_dataset(paths, tokenizer, seq_len, cache_dir, **options) for paths, _ in sources]
     if len(sources) == 1:
         return parts[0]
     mixture = Mixture(parts, [w for _, w in sources], [" ".join(p) for p, _ in sources])
     logger.info("data mixture: %s", mixture.describe())
     return mixture
+
+
+def build_stream(paths, tokenizer: Any, seq_len: int, text_field: str = "text", chat_template: str | None = None,
+                 train_on: str = "all"):
+    """`--streaming`: the sources read and tokenised on the fly (see `lrc.data.stream`)."""
+    from lrc.data.stream import TokenStream
+
+    files = resolve_data_files(list(paths), streaming=True)
+    recipe = _Recipe(files, tokenizer, text_field, chat_template, train_on)
+    parts = load_documents(files, text_field, streaming=True)
+    logger.info("data %s: streamed, tokenised on the fly", _describe(paths))
+    return TokenStream(parts, recipe.function(parts), seq_len)
+
+
+def make_batches(train: Any, seed: int, rank: int = 0, world_size: int = 1):
+    """The trainer's source of micro-batches for what `build_training_data` returned."""
+    from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
+    from lrc.data.stream import TokenStream
+
+    if isinstance(train, TokenStream):
+        train.rank, train.world_size = rank, world_size
+        return train
+    if isinstance(train, Mixture):
+        return Batches(train, MixtureSampler(train, seed, rank, world_size))
+    return Batches(train, SequenceSampler(len(train), seed=seed, rank=rank, world_size=world_size))

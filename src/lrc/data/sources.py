@@ -237,7 +237,7 @@ def _load_saved(path: Path) -> tuple[Any, str]:
 
 def _one_column(ds: Any, where: str, text_field: str) -> Any:
     """`ds` reduced to its document column, renamed to TEXT (or CHAT for conversation rows), type-checked."""
-    names = list(ds.column_names or [])
+    names = list(ds.column_names or next(iter(ds), {}).keys())  # a stream may not know its columns before reading
     if text_field in names:
         column, kind = text_field, TEXT
     elif chat := next((c for c in _CHAT_COLUMNS if c in names), None):
