@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -109,9 +109,11 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         )
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    options = dict(text_field=cfg.text_field, num_proc=cfg.num_proc, chat_template=cfg.chat_template,
-                   train_on=cfg.train_on)
+    options: dict[str, Any] = dict(text_field=cfg.text_field, num_proc=cfg.num_proc,
+                                   chat_template=cfg.chat_template, train_on=cfg.train_on)
     ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, **options)
+    train: Any
+    val: Any
     if val_files:
         train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len, cache_dir=cache, **options)
     elif cfg.val_fraction > 0 and cfg.streaming:  # the first sequences of the stream are held out

@@ -27,6 +27,7 @@ def _cache_paths(cache_dir, key: str):
 
 
 __all__ = ["Batches", "DataSource", "DocumentTemplate", "HubDataset", "Mixture", "MixtureSampler", "PackedDataset",
-           "SequenceSampler", "build_packed_dataset", "build_training_data", "build_stream", "make_batches", "collate", "detect_document_template",
-           "iter_documents", "parse_hub_id", "prepare_tokens", "resolve_data_files", "split_holdout",
-           "_CACHE_FORMAT", "_cache_key", "_cache_paths", "_file_fingerprints", "_tokenizer_fingerprint"]
+           "SequenceSampler", "build_packed_dataset", "build_training_data", "build_stream", "make_batches", "collate",
+           "detect_document_template", "iter_documents", "parse_hub_id", "prepare_tokens", "resolve_data_files",
+           "split_holdout", "_CACHE_FORMAT", "_cache_key", "_cache_paths", "_file_fingerprints",
+           "_tokenizer_fingerprint"]

@@ -23,10 +23,26 @@ import numpy as np
 
 from lrc.data.chat import ChatRenderer, read_template
 from lrc.data.packed import PackedDataset, open_store, write_store
-from lrc.data.sources import CHAT, PREPARED_MARKER, DataSource, file_fingerprints, load_documents, \
-    resolve_data_files, split_weights
-from lrc.data.tokenise import IDS, MASK, DocumentTemplate, Tokenise, detect_document_template, eos_id_of, \
-    tokenise, tokenizer_fingerprint, tokenizer_name
+from lrc.data.sources import (
+    CHAT,
+    PREPARED_MARKER,
+    DataSource,
+    file_fingerprints,
+    load_documents,
+    resolve_data_files,
+    split_weights,
+)
+from lrc.data.tokenise import (
+    IDS,
+    MASK,
+    DocumentTemplate,
+    Tokenise,
+    detect_document_template,
+    eos_id_of,
+    tokenise,
+    tokenizer_fingerprint,
+    tokenizer_name,
+)
 from lrc.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +60,8 @@ def cache_key(files: list[DataSource], tokenizer: Any, text_field: str, template
               chat: dict | None = None) -> str:
     """Hash of everything a source's token stream depends on (the template too: a slow tokenizer's
     fingerprint is its vocabulary only, which does not show its special tokens)."""
-    material = {"format": CACHE_FORMAT, "files": file_fingerprints(files), "tokenizer": tokenizer_fingerprint(tokenizer),
+    material = {"format": CACHE_FORMAT, "files": file_fingerprints(files),
+                "tokenizer": tokenizer_fingerprint(tokenizer),
                 "template": {"prefix": list(template.prefix), "suffix": list(template.suffix)},
                 "text_field": text_field, "chat": chat or {}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()[:32]
@@ -170,7 +187,8 @@ def build_packed_dataset(paths, tokenizer: Any, seq_len: int, cache_dir: Path | 
     logger.info("documents are framed as %s + text + %s", list(recipe.template.prefix), list(recipe.template.suffix))
     fill, check = _fill(recipe, batch_size, num_proc, progress), _checker(paths, text_field, seq_len)
     if cache_dir is None:
-        tokens, masks = [], []
+        tokens: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         starts = fill(tokens.append, masks.append)
         check(starts, sum(len(t) for t in tokens))
         mask = np.concatenate(masks) if masks else None

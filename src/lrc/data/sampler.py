@@ -62,7 +62,8 @@ class SequenceSampler:
         order = self._orders.get(epoch)
         if order is None:
             if self.shuffle:
-                order = np.random.default_rng((self.seed, epoch) if self.stream is None else (self.seed, self.stream, epoch)).permutation(self.num_sequences)
+                key = (self.seed, epoch) if self.stream is None else (self.seed, self.stream, epoch)
+                order = np.random.default_rng(key).permutation(self.num_sequences)
             else:
                 order = np.arange(self.num_sequences)
             if len(self._orders) >= 2:

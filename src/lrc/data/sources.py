@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def _walk(folder: Path, found: list[DataSource], skipped: list[Path]) -> None:
             (found if entry.suffix.lower() in SUPPORTED_SUFFIXES else skipped).append(entry)
 
 
-def resolve_data_files(paths: list[str | DataSource] | tuple, streaming: bool = False) -> list[DataSource]:
+def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = False) -> list[DataSource]:
     """Data paths -> the files, dataset folders and hub splits to read, resolved, in order, without duplicates.
 
     A folder is searched recursively in name order (hidden entries and other extensions skipped) unless it

@@ -33,7 +33,7 @@ class TokenStream:
         self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.position: dict[str, Any] = {"part": 0, "state": None, "offset": 0, "epoch": 0}
-        self._iter = None
+        self._iter: Any = None
 
     def _documents(self, position: dict[str, Any]):
         """(part, state before the document, document ids, mask), from `position` on, endlessly."""
@@ -46,7 +46,7 @@ class TokenStream:
                 it = iter(ds)
                 while True:
                     before = ds.state_dict()
-                    row = next(it, None)
+                    row: dict | None = next(it, None)
                     if row is None:
                         break
                     found = True
@@ -87,11 +87,10 @@ class TokenStream:
 
     def take(self, n: int) -> list[tuple]:
         """The next `n` raw sequences (ids, positions, mask) of the stream (every rank's), advancing."""
-        if self._iter is None:
-            self._iter = self._sequences(self.position)
+        it = self._iter = self._iter or self._sequences(self.position)
         out = []
         for _ in range(n):
-            ids, pos, mask, self.position = next(self._iter)
+            ids, pos, mask, self.position = next(it)
             out.append((ids, pos, mask))
         return out
 

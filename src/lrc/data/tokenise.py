@@ -129,7 +129,8 @@ def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_p
         for s in range(shards):
             piece = part.shard(shards, s, contiguous=True) if shards > 1 else part
             fingerprint = hashlib.sha256(f"{key}/{part._fingerprint}/{index}/{s}/{shards}".encode()).hexdigest()[:32]
-            out = piece.map(fn, batched=True, batch_size=batch_size, num_proc=min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None,
+            procs = min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None
+            out = piece.map(fn, batched=True, batch_size=batch_size, num_proc=procs,
                             remove_columns=piece.column_names, new_fingerprint=fingerprint, features=features)
             if bar is not None:
                 bar.update(len(piece), out)
