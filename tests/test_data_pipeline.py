@@ -19,7 +19,6 @@ from lrc.data import (
     MixtureSampler,
     PackedDataset,
     build_packed_dataset,
-    build_stream,
     build_training_data,
     make_batches,
 )
@@ -168,16 +167,16 @@ def test_stream_equals_the_stored_stream_and_resumes_exactly(tmp_path, tokenizer
     data = write_data(tmp_path / "d", "jsonl", n_docs=12)
     stored = build_packed_dataset([data], tokenizer, 24)
     n = len(stored)
-    straight = make_batches(build_stream([data], tokenizer, 24), seed=0)
+    straight = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
     want = [straight.next(3) for _ in range(n // 3 + 4)]  # runs into the second epoch
     for k in range(n // 3):  # the first epoch in file order, like the stored stream unshuffled
         for key in ("input_ids", "position_ids", "labels"):
             assert torch.equal(want[k][key], torch.stack([stored.get(3 * k + j)[key] for j in range(3)])), (k, key)
     for stop in (1, 2, n // 3 + 1):
-        first = make_batches(build_stream([data], tokenizer, 24), seed=0)
+        first = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
         got = [first.next(3) for _ in range(stop)]
         state = json.loads(json.dumps(first.state_dict()))
-        resumed = make_batches(build_stream([data], tokenizer, 24), seed=0)
+        resumed = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
         resumed.load_state_dict(state)
         got += [resumed.next(3) for _ in range(len(want) - stop)]
         for a, b in zip(got, want, strict=True):

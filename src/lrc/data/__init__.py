@@ -9,7 +9,7 @@ resumable order over them. One module per job:
 """
 
 from lrc.data.build import CACHE_FORMAT as _CACHE_FORMAT
-from lrc.data.build import build_packed_dataset, build_stream, build_training_data, make_batches, prepare_tokens
+from lrc.data.build import build_packed_dataset, build_training_data, make_batches, prepare_tokens
 from lrc.data.build import cache_key as _cache_key
 from lrc.data.packed import PackedDataset, collate, split_holdout
 from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
@@ -27,7 +27,7 @@ def _cache_paths(cache_dir, key: str):
 
 
 __all__ = ["Batches", "DataSource", "DocumentTemplate", "HubDataset", "Mixture", "MixtureSampler", "PackedDataset",
-           "SequenceSampler", "build_packed_dataset", "build_training_data", "build_stream", "make_batches", "collate",
+           "SequenceSampler", "build_packed_dataset", "build_training_data", "make_batches", "collate",
            "detect_document_template", "iter_documents", "parse_hub_id", "prepare_tokens", "resolve_data_files",
            "split_holdout", "_CACHE_FORMAT", "_cache_key", "_cache_paths", "_file_fingerprints",
            "_tokenizer_fingerprint"]

@@ -1,13 +1,11 @@
-"""`--data` -> what the trainer reads: a packed dataset, a weighted mixture of them, or a token stream.
+"""`--data` -> what the trainer reads: a packed dataset, a weighted `Mixture` of them, or a `TokenStream`.
 
-A source's token stream is stored once (`lrc.data.packed` files) under a key made of everything it depends
-on: the files' paths, sizes and modification times (contents are not hashed: that costs a full read; an edit
-keeping both size and mtime is not noticed), a hub split's `datasets` fingerprint, the tokenizer's serialised
-form, the detected document template, the text field, the chat template and --train-on. `seq_len` is not in
-the key (the stream does not depend on it); stale entries are never deleted automatically. Under torchrun the
-first process on each machine (LOCAL_RANK 0) builds a missing entry while the others wait, then every
-process memory-maps the same files. `lrc prepare` writes the same files plus ``lrc-tokens.json`` into a
-folder that `--data` then takes as a source of its own, checked against the teacher's tokenizer.
+A source's stream is stored once (`lrc.data.packed`) under a key of everything it depends on: the files'
+paths, sizes and mtimes (contents are not hashed, which would cost a full read, so an edit keeping both is
+missed), a hub split's `datasets` fingerprint, the tokenizer's serialised form, the document template, the
+text field, the chat template and --train-on; not `seq_len`. Stale entries are never deleted. Under torchrun
+LOCAL_RANK 0 builds a missing entry while the machine's other processes wait; then all memory-map it.
+`lrc prepare` writes the same files and ``lrc-tokens.json`` into a folder that `--data` takes as a source.
 """
 
 from __future__ import annotations
@@ -21,28 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from lrc.data import sources as src
+from lrc.data import tokenise as tk
 from lrc.data.chat import ChatRenderer, read_template
 from lrc.data.packed import PackedDataset, open_store, write_store
-from lrc.data.sources import (
-    CHAT,
-    PREPARED_MARKER,
-    DataSource,
-    file_fingerprints,
-    load_documents,
-    resolve_data_files,
-    split_weights,
-)
-from lrc.data.tokenise import (
-    IDS,
-    MASK,
-    DocumentTemplate,
-    Tokenise,
-    detect_document_template,
-    eos_id_of,
-    tokenise,
-    tokenizer_fingerprint,
-    tokenizer_name,
-)
 from lrc.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -51,40 +31,33 @@ CACHE_FORMAT = "lrc-packed-tokens-v3"  # bump when the layout or recipe changes;
 
 def _describe(paths) -> str:
     names = [str(p) for p in paths]
-    if len(names) == 1:
-        return names[0]
-    return f"the data ({len(names)} paths: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    return names[0] if len(names) == 1 else f"the data ({len(names)} paths: {', '.join(names[:3])}, ...)"
 
 
-def cache_key(files: list[DataSource], tokenizer: Any, text_field: str, template: DocumentTemplate,
-              chat: dict | None = None) -> str:
-    """Hash of everything a source's token stream depends on (the template too: a slow tokenizer's
-    fingerprint is its vocabulary only, which does not show its special tokens)."""
-    material = {"format": CACHE_FORMAT, "files": file_fingerprints(files),
-                "tokenizer": tokenizer_fingerprint(tokenizer),
-                "template": {"prefix": list(template.prefix), "suffix": list(template.suffix)},
-                "text_field": text_field, "chat": chat or {}}
+def cache_key(files, tokenizer: Any, text_field: str, template: tk.DocumentTemplate, chat: dict | None = None) -> str:
+    """The template is in the key by itself: a slow tokenizer's fingerprint does not show its special tokens."""
+    material = {"format": CACHE_FORMAT, "files": src.file_fingerprints(files), "text_field": text_field,
+                "tokenizer": tk.tokenizer_fingerprint(tokenizer), "chat": chat or {},
+                "template": {"prefix": list(template.prefix), "suffix": list(template.suffix)}}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
 def once_per_machine(build):
-    """Run `build()` on LOCAL_RANK 0 first while the machine's other processes wait (then they run it too,
-    finding its result on disk). A failure there stops every process instead of leaving them waiting."""
+    """`build()` on LOCAL_RANK 0 first while the others wait, then on the others (which find its result on
+    disk). A failure there stops every process instead of leaving them waiting."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return build()
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    error, result = None, None
+    first, error, result = int(os.environ.get("LOCAL_RANK", "0")) == 0, None, None
     if first:
         try:
             result = build()
-        except Exception as e:  # reported to every process below
+        except Exception as e:  # raised below, after telling the others
             error = e
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    failed = torch.tensor([float(error is not None)], device=device)
-    dist.all_reduce(failed)  # the barrier: nobody reads the cache before every machine's first process is done
+    failed = torch.tensor([float(error is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(failed)  # the barrier (under the process group's timeout: large corpora, run `lrc prepare`)
     if error is not None:
         raise error
     if failed.item() > 0:
@@ -93,51 +66,48 @@ def once_per_machine(build):
     return result if first else build()
 
 
-class _Recipe:
-    """How one source becomes tokens: the tokenizer, its document template, chat rendering and the key."""
+class Recipe:
+    """How sources become tokens: tokenizer, document template, chat rendering, and the cache key."""
 
-    def __init__(self, files, tokenizer, text_field: str, chat_template: str | None, train_on: str):
-        self.files, self.tokenizer, self.text_field = files, tokenizer, text_field
-        self.eos = eos_id_of(tokenizer)
-        self.template = detect_document_template(tokenizer, self.eos)
-        self.chat_file, self.train_on = chat_template, train_on
+    def __init__(self, files, tokenizer, text_field="text", chat_template: str | None = None, train_on="all"):
+        self.files, self.tokenizer, self.text_field, self.chat_file, self.train_on = \
+            files, tokenizer, text_field, chat_template, train_on
+        self.eos = tk.eos_id_of(tokenizer)
+        self.template = tk.detect_document_template(tokenizer, self.eos)
         own = read_template(tokenizer, chat_template) if chat_template or getattr(tokenizer, "chat_template", None) \
-            else None
-        self.chat_settings = {"template": hashlib.sha256((own or "").encode()).hexdigest(), "train_on": train_on}
-        self.key = cache_key(files, tokenizer, text_field, self.template, self.chat_settings)
+            else ""
+        self.chat = {"template": hashlib.sha256(own.encode()).hexdigest(), "train_on": train_on}
+        self.key = cache_key(files, tokenizer, text_field, self.template, self.chat)
 
-    def function(self, parts: list[Any]) -> Tokenise:
-        has_chat = any(CHAT in p.column_names for p in parts)
-        renderer = ChatRenderer(self.tokenizer, read_template(self.tokenizer, self.chat_file), self.train_on,
-                                self.eos) if has_chat else None
-        return Tokenise(self.tokenizer, self.template, renderer)
+    def function(self, parts: list[Any]) -> tk.Tokenise:
+        chat = any(src.CHAT in p.column_names for p in parts)
+        return tk.Tokenise(self.tokenizer, self.template, ChatRenderer(
+            self.tokenizer, read_template(self.tokenizer, self.chat_file), self.train_on, self.eos) if chat else None)
 
+    def fill(self, batch_size: int = 256, num_proc: int = 1, progress: bool = False):
+        """``fill(write_tokens, write_mask) -> doc_starts``: tokenise and pack, chunk by chunk."""
+        import datasets
 
-def _fill(recipe: _Recipe, batch_size: int, num_proc: int, progress: bool):
-    """``fill(write_tokens, write_mask) -> doc_starts`` for `write_store`, and for the in-memory build."""
-    import datasets
+        def fill(write_tokens, write_mask) -> np.ndarray:
+            parts = src.load_documents(self.files, self.text_field)
+            fn = self.function(parts)
+            masked = fn.chat is not None and self.train_on == "assistant"
+            features = datasets.Features({tk.IDS: datasets.List(datasets.Value("int32")), **(
+                {tk.MASK: datasets.List(datasets.Value("uint8"))} if masked else {})})
+            starts, total = [np.zeros(0, np.int64)], 0
+            for out in tk.tokenise(parts, fn, self.key, batch_size=batch_size, num_proc=num_proc,
+                                   progress=progress, features=features):
+                for table in out.with_format("arrow").iter(batch_size=65536):
+                    ids = table.column(tk.IDS).combine_chunks()
+                    lengths = ids.value_lengths().to_numpy().astype(np.int64)
+                    write_tokens(ids.flatten().to_numpy().astype(np.int32, copy=False))
+                    if masked:
+                        write_mask(table.column(tk.MASK).combine_chunks().flatten().to_numpy().astype(np.uint8))
+                    starts.append(total + np.cumsum(lengths) - lengths)
+                    total += int(lengths.sum())
+            return np.concatenate(starts)
 
-    def fill(write_tokens, write_mask) -> np.ndarray:
-        parts = load_documents(recipe.files, recipe.text_field)
-        fn = recipe.function(parts)
-        masked = fn.chat is not None and recipe.train_on == "assistant"
-        features = datasets.Features({IDS: datasets.List(datasets.Value("int32")),
-                                      **({MASK: datasets.List(datasets.Value("uint8"))} if masked else {})})
-        starts, total = [], 0
-        for out in tokenise(parts, fn, recipe.key, batch_size=batch_size, num_proc=num_proc, progress=progress,
-                            features=features):
-            for table in out.with_format("arrow").iter(batch_size=65536):
-                ids = table.column(IDS).combine_chunks()
-                lengths = ids.value_lengths().to_numpy().astype(np.int64)
-                write_tokens(ids.flatten().to_numpy().astype(np.int32, copy=False))
-                if masked:
-                    write_mask(table.column(MASK).combine_chunks().flatten().to_numpy().astype(np.uint8))
-                starts.append(total + np.concatenate(([0], np.cumsum(lengths[:-1]))) if len(lengths) else
-                              np.zeros(0, np.int64))
-                total += int(lengths.sum())
-        return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
-
-    return fill
+        return fill
 
 
 def _checker(paths, text_field: str, seq_len: int):
@@ -152,14 +122,13 @@ def _checker(paths, text_field: str, seq_len: int):
 
 
 def open_prepared(folder: Path, tokenizer: Any, seq_len: int) -> PackedDataset:
-    """A folder written by `lrc prepare`, refused when the teacher's tokenizer is not the one it was made with."""
-    meta = json.loads((folder / PREPARED_MARKER).read_text())
-    mine = {k: v for k, v in tokenizer_fingerprint(tokenizer).items() if k != "name_or_path"}
-    theirs = {k: v for k, v in meta.get("tokenizer", {}).items() if k != "name_or_path"}
-    if meta.get("format") != CACHE_FORMAT or mine != theirs:
-        made_with = meta.get("tokenizer", {}).get("name_or_path") or "another tokenizer"
-        raise UserError(f"{folder} was prepared with {made_with}, whose tokenizer differs from the teacher's "
-                        f"({tokenizer_name(tokenizer)}); run `lrc prepare` again with this --teacher")
+    """A folder from `lrc prepare`, refused when the teacher's tokenizer is not the one it was made with."""
+    meta = json.loads((folder / src.PREPARED_MARKER).read_text())
+    mine, theirs = tk.tokenizer_fingerprint(tokenizer), meta.get("tokenizer", {})
+    if meta.get("format") != CACHE_FORMAT or {**mine, "name_or_path": 0} != {**theirs, "name_or_path": 0}:
+        raise UserError(f"{folder} was prepared with {theirs.get('name_or_path') or 'another tokenizer'}, whose "
+                        f"tokenizer differs from the teacher's ({tk.tokenizer_name(tokenizer)}); run `lrc prepare` "
+                        "again with this --teacher")
     ds = open_store(folder, "tokens", seq_len)
     if ds is None:
         raise UserError(f"{folder} is damaged (its token files are missing or cut short); run `lrc prepare` again")
@@ -167,110 +136,90 @@ def open_prepared(folder: Path, tokenizer: Any, seq_len: int) -> PackedDataset:
     return ds
 
 
-def build_packed_dataset(paths, tokenizer: Any, seq_len: int, cache_dir: Path | None = None,
-                         text_field: str = "text", batch_size: int = 256, *, num_proc: int = 1,
-                         chat_template: str | None = None, train_on: str = "all",
-                         progress: bool = False) -> PackedDataset:
-    """Tokenise and pack the documents under `paths` (see the module docstring); with `cache_dir` the stream is
-    stored there and memory-mapped, without it kept in memory. A folder from `lrc prepare` is opened as is.
-
-    Raises:
-        UserError: bad paths or formats, a tokenizer without EOS or whose special tokens do not just wrap a
-            text, no text, fewer than `seq_len` tokens, or a `cache_dir` that is a file; nothing is committed.
-    """
+def build_packed_dataset(paths, tokenizer: Any, seq_len: int, cache_dir: Path | None = None, text_field: str = "text",
+                         batch_size: int = 256, *, num_proc: int = 1, chat_template: str | None = None,
+                         train_on: str = "all", progress: bool = False) -> PackedDataset:
+    """The documents under `paths` tokenised and packed; stored in `cache_dir` and memory-mapped (without it: in
+    memory). A folder from `lrc prepare` is opened as it is. Every UserError (bad paths, formats or
+    tokenizer, no text, fewer than `seq_len` tokens, a `cache_dir` that is a file) comes before a commit."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise UserError(f"sequence length must be an integer >= 2, got {seq_len!r}; pass --seq-len N")
-    files = resolve_data_files(list(paths))
-    if len(files) == 1 and isinstance(files[0], Path) and (files[0] / PREPARED_MARKER).is_file():
+    files = src.resolve_data_files(list(paths))
+    if len(files) == 1 and isinstance(files[0], Path) and (files[0] / src.PREPARED_MARKER).is_file():
         return open_prepared(files[0], tokenizer, seq_len)
-    recipe = _Recipe(files, tokenizer, text_field, chat_template, train_on)
+    recipe = Recipe(files, tokenizer, text_field, chat_template, train_on)
     logger.info("documents are framed as %s + text + %s", list(recipe.template.prefix), list(recipe.template.suffix))
-    fill, check = _fill(recipe, batch_size, num_proc, progress), _checker(paths, text_field, seq_len)
+    fill, check = recipe.fill(batch_size, num_proc, progress), _checker(paths, text_field, seq_len)
     if cache_dir is None:
         tokens: list[np.ndarray] = []
         masks: list[np.ndarray] = []
         starts = fill(tokens.append, masks.append)
         check(starts, sum(len(t) for t in tokens))
-        mask = np.concatenate(masks) if masks else None
-        return PackedDataset(np.concatenate(tokens), starts, seq_len, mask)
-    cache_dir = Path(cache_dir)
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise UserError(f"cache path {cache_dir} is a file, not a folder; pass a folder for the token cache")
-    stem = f"tokens-{recipe.key}"
+        return PackedDataset(np.concatenate(tokens), starts, seq_len, np.concatenate(masks) if masks else None)
+    folder, stem = Path(cache_dir), f"tokens-{recipe.key}"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cache path {folder} is a file, not a folder; pass a folder for the token cache")
 
-    def build() -> PackedDataset:
-        ds = open_store(cache_dir, stem, seq_len)
-        if ds is None:
-            write_store(cache_dir, stem, fill, check)
-            ds = open_store(cache_dir, stem, seq_len)
-        assert ds is not None
-        check(ds.doc_starts, len(ds.tokens))
-        return ds
+    def build() -> PackedDataset | None:
+        if open_store(folder, stem, seq_len) is None:
+            write_store(folder, stem, fill, check)
+        return open_store(folder, stem, seq_len)
 
     ds = once_per_machine(build)
-    logger.info("data %s: %d documents, %d tokens (token cache %s)", _describe(paths), len(ds.doc_starts),
-                len(ds.tokens), cache_dir / stem)
+    assert ds is not None
+    check(ds.doc_starts, len(ds.tokens))
+    logger.info("data %s: %d documents, %d tokens (cache %s)", _describe(paths), len(ds.doc_starts), len(ds.tokens),
+                folder / stem)
     return ds
 
 
 def prepare_tokens(paths, tokenizer: Any, out: Path, seq_len: int, text_field: str = "text", num_proc: int = 1,
                    chat_template: str | None = None, train_on: str = "all", progress: bool = True) -> PackedDataset:
-    """`lrc prepare`: the packed stream of `paths` written into the new folder `out`, with ``lrc-tokens.json``."""
+    """`lrc prepare`: the packed stream of `paths` into the new folder `out`, with ``lrc-tokens.json``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; choose a new --out for the prepared tokens")
-    files = resolve_data_files(list(paths))
-    recipe = _Recipe(files, tokenizer, text_field, chat_template, train_on)
-    write_store(out, "tokens", _fill(recipe, 256, num_proc, progress), _checker(paths, text_field, seq_len))
+    recipe = Recipe(src.resolve_data_files(list(paths)), tokenizer, text_field, chat_template, train_on)
+    write_store(out, "tokens", recipe.fill(256, num_proc, progress), _checker(paths, text_field, seq_len))
     ds = open_store(out, "tokens", seq_len)
     assert ds is not None
-    meta = {"format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "sources": [str(f) for f in files],
-            "text_field": text_field, "chat": recipe.chat_settings, "documents": int(len(ds.doc_starts)),
-            "tokens": int(len(ds.tokens))}
-    tmp = out / (PREPARED_MARKER + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / PREPARED_MARKER)
+    meta = {"format": CACHE_FORMAT, "tokenizer": tk.tokenizer_fingerprint(tokenizer), "chat": recipe.chat,
+            "sources": [str(f) for f in recipe.files], "text_field": text_field,
+            "documents": len(ds.doc_starts), "tokens": len(ds.tokens)}
+    (out / "meta.tmp").write_text(json.dumps(meta, indent=1))
+    (out / "meta.tmp").replace(out / src.PREPARED_MARKER)  # last: marks the folder complete
     return ds
 
 
 def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_dir: Path, streaming: bool = False,
                         **options):
-    """`--data` items -> one packed dataset, a `Mixture` when the items carry weights (PATH:WEIGHT), or with
-    `streaming` a `TokenStream`."""
+    """`--data` items -> a packed dataset, a `Mixture` (items with weights), or with `streaming` a `TokenStream`."""
     from lrc.data.sampler import Mixture
+    from lrc.data.stream import TokenStream
 
-    sources = split_weights(items)
+    sources = src.split_weights(items)
+    if streaming and len(sources) > 1:
+        raise UserError("--streaming reads one source in order; mixtures (PATH:WEIGHT) need stored tokens: drop "
+                        "--streaming or the weights")
     if streaming:
-        if len(sources) > 1:
-            raise UserError("--streaming reads one source in order; mixtures (PATH:WEIGHT) need stored tokens: "
-                            "drop --streaming or the weights")
-        return build_stream(items, tokenizer, seq_len, options.get("text_field", "text"),
-                            options.get("chat_template"), options.get("train_on", "all"))
+        files = src.resolve_data_files(items, streaming=True)
+        options.pop("num_proc", None)
+        recipe = Recipe(files, tokenizer, **options)
+        parts = src.load_documents(files, recipe.text_field, streaming=True)
+        logger.info("data %s: streamed, tokenised on the fly", _describe(items))
+        return TokenStream(parts, recipe.function(parts), seq_len)
     parts = [build_packed_dataset(paths, tokenizer, seq_len, cache_dir, **options) for paths, _ in sources]
-    if len(sources) == 1:
+    if len(parts) == 1:
         return parts[0]
     mixture = Mixture(parts, [w for _, w in sources], [" ".join(p) for p, _ in sources])
     logger.info("data mixture: %s", mixture.describe())
     return mixture
 
 
-def build_stream(paths, tokenizer: Any, seq_len: int, text_field: str = "text", chat_template: str | None = None,
-                 train_on: str = "all"):
-    """`--streaming`: the sources read and tokenised on the fly (see `lrc.data.stream`)."""
-    from lrc.data.stream import TokenStream
-
-    files = resolve_data_files(list(paths), streaming=True)
-    recipe = _Recipe(files, tokenizer, text_field, chat_template, train_on)
-    parts = load_documents(files, text_field, streaming=True)
-    logger.info("data %s: streamed, tokenised on the fly", _describe(paths))
-    return TokenStream(parts, recipe.function(parts), seq_len)
-
-
 def make_batches(train: Any, seed: int, rank: int = 0, world_size: int = 1):
-    """The trainer's source of micro-batches for what `build_training_data` returned."""
+    """The trainer's micro-batches (`next`, `state_dict`, `load_state_dict`) for `build_training_data`'s result."""
     from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
-    from lrc.data.stream import TokenStream
 
-    if isinstance(train, TokenStream):
+    if hasattr(train, "head"):  # a TokenStream batches itself
         train.rank, train.world_size = rank, world_size
         return train
     if isinstance(train, Mixture):

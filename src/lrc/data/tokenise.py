@@ -100,9 +100,7 @@ class Tokenise:
         self.tokenizer, self.template, self.chat = tokenizer, template, chat
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        if CHAT in batch:
-            if self.chat is None:
-                raise UserError("chat rows (messages) need a chat renderer; this is a bug")
+        if CHAT in batch and self.chat is not None:
             rendered = [self.chat.render(m) for m in batch[CHAT] if m]
             out = {IDS: [ids for ids, _ in rendered]}
             if self.chat.train_on == "assistant":
@@ -116,45 +114,28 @@ class Tokenise:
 
 def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
              features: Any = None):
-    """Yield the tokenised form of every part (a `datasets.Dataset`) in contiguous shards, in order.
+    """The tokenised form of every part (a `datasets.Dataset`), in contiguous shards, in order.
 
-    Each shard is one ``map(batched=True, num_proc=...)``, cached by `datasets` under a fingerprint made of
-    `key` (everything the ids depend on), the part and the shard; between shards a progress line shows
-    documents, tokens, tokens/s and the ETA (from the share of documents done).
+    Each shard is one ``map(batched=True, num_proc=...)`` that `datasets` caches under a fingerprint made of
+    `key` (everything the ids depend on), the part and the shard; between shards a bar shows documents, tokens,
+    tokens/s and an ETA (from the documents done). Sharding costs a worker pool per shard (at most 32).
     """
-    total_docs = sum(len(p) for p in parts)
-    shards_per_part = [max(1, min(32, math.ceil(len(p) / max(1, num_proc * batch_size * 8)))) for p in parts]
-    bar = _Progress(total_docs) if progress else None
-    for index, (part, shards) in enumerate(zip(parts, shards_per_part)):
+    import pyarrow.compute as pc
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(p) for p in parts), unit=" docs", desc="tokenising", disable=not progress)
+    tokens, start = 0, time.time()
+    for index, part in enumerate(parts):
+        shards = max(1, min(32, math.ceil(len(part) / (num_proc * batch_size * 8))))
         for s in range(shards):
             piece = part.shard(shards, s, contiguous=True) if shards > 1 else part
             fingerprint = hashlib.sha256(f"{key}/{part._fingerprint}/{index}/{s}/{shards}".encode()).hexdigest()[:32]
             procs = min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None
             out = piece.map(fn, batched=True, batch_size=batch_size, num_proc=procs,
                             remove_columns=piece.column_names, new_fingerprint=fingerprint, features=features)
-            if bar is not None:
-                bar.update(len(piece), out)
+            tokens += sum(int(pc.sum(c.value_lengths()).as_py() or 0) for c in out.data.column(IDS).chunks)
+            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / max(1e-9, time.time() - start):,.0f} tokens/s",
+                                refresh=False)
+            bar.update(len(piece))
             yield out
-    if bar is not None:
-        bar.close()
-
-
-class _Progress:
-    """tqdm over documents, with tokens and tokens/s as its postfix (datasets' own bars are off)."""
-
-    def __init__(self, total_docs: int):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total_docs, unit=" docs", desc="tokenising", dynamic_ncols=True, mininterval=1.0)
-        self.tokens, self.start = 0, time.time()
-
-    def update(self, docs: int, out: Any) -> None:
-        import pyarrow.compute as pc
-
-        self.tokens += sum(int(pc.sum(chunk.value_lengths()).as_py() or 0) for chunk in out.data.column(IDS).chunks)
-        rate = self.tokens / max(1e-9, time.time() - self.start)
-        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
-        self.bar.update(docs)
-
-    def close(self) -> None:
-        self.bar.close()
+    bar.close()
