@@ -24,6 +24,7 @@ from lrc.data import (
 )
 from lrc.errors import UserError
 from lrc.losses import IGNORE_INDEX
+from lrc.methods import _kl_mask
 from lrc.tokenizer import train_bpe
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -96,13 +97,27 @@ def test_train_on_assistant_counts_only_the_assistants_tokens(tmp_path, tokenize
     answers = "".join("".join(f"{m['content']}<|im_end|>\n" for m in c if m["role"] == "assistant")
                       + tokenizer.eos_token for c in CHATS)
     assert tokenizer.decode(targets.tolist()) == answers
-    # Labels: the next token's mask decides; a sequence's labels are never a non-target.
+    # Labels and the KL's mask: position j counts exactly when token j+1 is a target (and lies in the sequence).
     mask = np.asarray(ds.loss_mask)
     for i in range(len(ds)):
-        labels = ds.get(i)["labels"]
-        for j in range(ds.seq_len - 1):
-            if not mask[i * ds.seq_len + j + 1]:
-                assert labels[j] == IGNORE_INDEX
+        item = ds.get(i)
+        want = torch.tensor([bool(mask[i * ds.seq_len + j + 1]) for j in range(ds.seq_len - 1)] + [False])
+        assert torch.equal(item["loss_mask"], want)
+        assert (item["labels"][~want] == IGNORE_INDEX).all()
+        assert torch.equal(_kl_mask(item["labels"], None, item["loss_mask"]), want)
+
+
+def test_distill_on_chat_data_with_assistant_targets(tmp_path, teacher, monkeypatch):
+    # The CLI path: --chat-template for a tokenizer without one, --train-on assistant through the trainer,
+    # a mixture of chat (masked) and plain text (unmasked) sources in the same batches.
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc-cache"))
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS * 10])
+    template = tmp_path / "t.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    text = write_data(tmp_path / "d", "jsonl")
+    run("distill", "--teacher", teacher, "--data", f"{chat}:1", f"{text}:1", "--out", tmp_path / "run",
+        "--chat-template", template, "--train-on", "assistant", "--max-steps", "2", *COMMON)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
 
 
 def test_chat_without_a_template_is_a_user_error(tmp_path, tokenizer):

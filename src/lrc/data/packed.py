@@ -69,11 +69,11 @@ class PackedDataset:
         ids = torch.from_numpy(np.asarray(self.tokens[start:stop], dtype=np.int64))
         offsets = np.arange(start, stop, dtype=np.int64)
         pos = torch.from_numpy(offsets - self.doc_starts[np.searchsorted(self.doc_starts, offsets, side="right") - 1])
-        labels = next_token_labels(ids, pos)
+        item = {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
         if self.loss_mask is not None:
-            targets = torch.from_numpy(np.asarray(self.loss_mask[start + 1:stop + 1], dtype=np.bool_))
-            labels[:len(targets)][~targets] = IGNORE_INDEX
-        return {"input_ids": ids, "position_ids": pos, "labels": labels}
+            item["loss_mask"] = next_is_target(self.loss_mask[start + 1:stop])
+            item["labels"][~item["loss_mask"]] = IGNORE_INDEX
+        return item
 
     __getitem__ = get  # a map-style dataset for torch's DataLoader too
 
@@ -81,10 +81,20 @@ class PackedDataset:
         return len(self) * self.seq_len
 
 
+def next_is_target(mask) -> torch.Tensor:
+    """(T,) bool "loss_mask" from the T-1 target flags of tokens 1..T-1: which positions' next token the losses
+    count (KL as well as CE; the last position's next token lies outside the sequence: not counted)."""
+    return torch.cat([torch.as_tensor(np.asarray(mask, dtype=np.bool_)), torch.zeros(1, dtype=torch.bool)])
+
+
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack the (T,) tensors of `items` into (B, T) tensors, key by key."""
+    """Stack the (T,) tensors of `items` into (B, T) tensors, key by key (a mixture of masked and unmasked
+    sources: the unmasked ones count every position)."""
     if not items:
         raise ValueError("cannot collate an empty batch")
+    if any("loss_mask" in item for item in items):
+        items = [item if "loss_mask" in item else
+                 {**item, "loss_mask": torch.ones_like(item["labels"], dtype=torch.bool)} for item in items]
     if any(item.keys() != items[0].keys() for item in items):
         raise ValueError("all items of a batch must have the same keys")
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lrc.data.packed import PackedDataset, collate
+from lrc.data.packed import PackedDataset, collate, next_is_target
 from lrc.data.tokenise import IDS, MASK, Tokenise
 from lrc.errors import UserError
 from lrc.losses import IGNORE_INDEX, next_token_labels
@@ -32,6 +32,7 @@ class TokenStream:
         self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=p.column_names) for p in parts]
         self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
+        self.masked = fn.chat is not None and fn.chat.train_on == "assistant"
         self.position: dict[str, Any] = {"part": 0, "state": None, "offset": 0, "epoch": 0}
         self._iter: Any = None
 
@@ -77,13 +78,14 @@ class TokenStream:
                     yield ids, pos, mask, nxt
                     ids, pos, mask = [], [], []
 
-    @staticmethod
-    def _item(ids, pos, mask) -> dict:
+    def _item(self, ids, pos, mask) -> dict:
         """As `PackedDataset.get`: labels -100 at the end, before a document start, and before a non-target."""
         ids_t, pos_t = torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
-        labels = next_token_labels(ids_t, pos_t)
-        labels[:-1][torch.tensor(mask[1:], dtype=torch.bool).logical_not()] = IGNORE_INDEX
-        return {"input_ids": ids_t, "position_ids": pos_t, "labels": labels}
+        item = {"input_ids": ids_t, "position_ids": pos_t, "labels": next_token_labels(ids_t, pos_t)}
+        if self.masked:
+            item["loss_mask"] = next_is_target(mask[1:])
+            item["labels"][~item["loss_mask"]] = IGNORE_INDEX
+        return item
 
     def take(self, n: int) -> list[tuple]:
         """The next `n` raw sequences (ids, positions, mask) of the stream (every rank's), advancing."""
@@ -106,7 +108,7 @@ class TokenStream:
             self.position, self._iter = position, None
         ids, pos, mask = (np.concatenate([np.asarray(r[i]) for r in raw]) for i in range(3))
         starts = np.unique(np.arange(len(ids)) - pos)  # a token at offset o and position p: its document starts at o-p
-        return PackedDataset(ids.astype(np.int32), starts, self.seq_len, mask.astype(np.uint8))
+        return PackedDataset(ids.astype(np.int32), starts, self.seq_len, mask.astype(np.uint8) if self.masked else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": copy.deepcopy(self.position)}
