@@ -99,7 +99,8 @@ class LRC(Method):
                          step=step)
         return lrc_objective(fwd.hidden, fwd.head, fwd.teacher_hidden, fwd.teacher_head, fwd.clone_errors,
                              labels.reshape(-1), _kl_mask(labels, attention_mask, loss_mask), w,
-                             ce_denominator=ce_denominator, scale=scale, chunk_size=self.chunk_size, fused=self.fused_loss)
+                             ce_denominator=ce_denominator, scale=scale, chunk_size=self.chunk_size,
+                             fused=self.fused_loss)
 
     def begin_step(self, micro_batches: int) -> StepWeights | None:
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
