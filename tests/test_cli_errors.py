@@ -318,6 +318,7 @@ BAD_VALUES = [
     ("--chunk-size", "-1", "--chunk-size must be >= 0 (got -1)"),
     ("--seed", "-1", "--seed must be in [0, 18446744073709551615] (got -1)"),
     ("--hidden-size", "-8", "--hidden-size must be a positive integer (got -8)"),
+    ("--num-proc", "0", "--num-proc must be a positive integer (got 0)"),
 ]
 
 

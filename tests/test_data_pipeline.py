@@ -287,3 +287,21 @@ def test_torchrun_tokenises_once_per_machine(tmp_path, teacher):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ranks = set(marker.read_text().split())
     assert ranks == {"0"}, ranks
+
+
+def test_one_line_errors_of_the_new_options(tmp_path, teacher, capsys):
+    data = write_data(tmp_path / "d", "jsonl")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [(["prepare", "--teacher", teacher, "--data", data, "--out", tmp_path / "full"], "is not empty"),
+             (["prepare", "--teacher", teacher, "--data", data, "--out", tmp_path / "p", "--num-proc", "0"],
+              "--num-proc must be a positive integer"),
+             (["distill", "--teacher", teacher, "--data", f"{data}:1", f"{data}:2", "--out", tmp_path / "r",
+               "--streaming", "--max-steps", "1", *COMMON], "--streaming reads one source"),
+             (["distill", "--teacher", teacher, "--data", f"{data}:1", str(data), "--out", tmp_path / "r",
+               "--max-steps", "1", *COMMON], "give every item a weight")]
+    for argv, needle in cases:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
