@@ -198,6 +198,31 @@ def test_stream_equals_the_stored_stream_and_resumes_exactly(tmp_path, tokenizer
             assert all(torch.equal(a[key], b[key]) for key in a), stop
 
 
+def test_hub_id_is_streamed_without_known_columns(tokenizer, monkeypatch):
+    # A hub stream whose features are unknown until read (a generator): columns are found by reading a row,
+    # and the stream resumes exactly. Catches a full download (streaming=True not passed) too.
+    import datasets
+
+    texts = corpus(n_docs=12, seed=3)
+
+    def rows():
+        yield from ({"text": t, "id": i} for i, t in enumerate(texts))
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        assert streaming, "a streamed hub id must not be downloaded whole"
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    straight = make_batches(build_training_data(["owner/stream"], tokenizer, 16, None, streaming=True), seed=0)
+    want = [straight.next(2) for _ in range(6)]
+    first = make_batches(build_training_data(["owner/stream"], tokenizer, 16, None, streaming=True), seed=0)
+    got = [first.next(2) for _ in range(3)]
+    resumed = make_batches(build_training_data(["owner/stream"], tokenizer, 16, None, streaming=True), seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [resumed.next(2) for _ in range(3)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(got, want, strict=True) for k in a)
+
+
 # ----------------------------------------------------------------------------------------- CLI: prepare
 
 

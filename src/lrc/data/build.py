@@ -80,7 +80,7 @@ class Recipe:
         self.key = cache_key(files, tokenizer, text_field, self.template, self.chat)
 
     def function(self, parts: list[Any]) -> tk.Tokenise:
-        chat = any(src.CHAT in p.column_names for p in parts)
+        chat = any(src.CHAT in src.columns(p) for p in parts)
         return tk.Tokenise(self.tokenizer, self.template, ChatRenderer(
             self.tokenizer, read_template(self.tokenizer, self.chat_file), self.train_on, self.eos) if chat else None)
 

@@ -190,9 +190,14 @@ def _load_saved(path: Path) -> tuple[Any, str]:
     return loaded, str(path)
 
 
+def columns(ds: Any) -> list[str]:
+    """A dataset's columns; a stream without known features shows them only by reading a row."""
+    return list(ds.column_names or next(iter(ds), {}).keys())
+
+
 def _one_column(ds: Any, where: str, text_field: str) -> Any:
     """`ds` reduced to its documents, as column TEXT (type-checked) or CHAT."""
-    names = list(ds.column_names or next(iter(ds), {}).keys())  # a stream may learn its columns only by reading
+    names = columns(ds)
     column = text_field if text_field in names else next((c for c in ("messages", "conversations") if c in names), 0)
     if not column:
         raise UserError(f"{where} has no field '{text_field}'; pass --text-field NAME (fields: "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lrc.data.packed import PackedDataset, collate, next_is_target
+from lrc.data.sources import columns
 from lrc.data.tokenise import IDS, MASK, Tokenise
 from lrc.errors import UserError
 from lrc.losses import IGNORE_INDEX, next_token_labels
@@ -29,7 +30,7 @@ class TokenStream:
 
     def __init__(self, parts: list[Any], fn: Tokenise, seq_len: int, batch_size: int = 256, rank: int = 0,
                  world_size: int = 1):
-        self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=p.column_names) for p in parts]
+        self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=columns(p)) for p in parts]
         self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.masked = fn.chat is not None and fn.chat.train_on == "assistant"
