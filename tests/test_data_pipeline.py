@@ -187,7 +187,7 @@ def test_stream_equals_the_stored_stream_and_resumes_exactly(tmp_path, tokenizer
     for k in range(n // 3):  # the first epoch in file order, like the stored stream unshuffled
         for key in ("input_ids", "position_ids", "labels"):
             assert torch.equal(want[k][key], torch.stack([stored.get(3 * k + j)[key] for j in range(3)])), (k, key)
-    for stop in (1, 2, n // 3 + 1):
+    for stop in (1, 2, n // 3, n // 3 + 1):  # n // 3: the state may sit at the very end of the first epoch
         first = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
         got = [first.next(3) for _ in range(stop)]
         state = json.loads(json.dumps(first.state_dict()))
@@ -196,6 +196,13 @@ def test_stream_equals_the_stored_stream_and_resumes_exactly(tmp_path, tokenizer
         got += [resumed.next(3) for _ in range(len(want) - stop)]
         for a, b in zip(got, want, strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a), stop
+    # One sequence per epoch: the saved position is the very end of the stream, and a resume goes on to epoch 2.
+    whole = len(stored.tokens)
+    first = make_batches(build_training_data([str(data)], tokenizer, whole, None, streaming=True), seed=0)
+    head = first.next(1)
+    resumed = make_batches(build_training_data([str(data)], tokenizer, whole, None, streaming=True), seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert torch.equal(resumed.next(1)["input_ids"], head["input_ids"])
 
 
 def test_hub_id_is_streamed_without_known_columns(tokenizer, monkeypatch):

@@ -41,7 +41,7 @@ class TokenStream:
         """(part, state before the document, document ids, mask), from `position` on, endlessly."""
         part, state, epoch = position["part"], position["state"], position["epoch"]
         while True:
-            found = False
+            found, from_start = False, part == 0 and state is None
             for k in range(part, len(self.parts)):
                 ds = self.parts[k]
                 ds.load_state_dict(copy.deepcopy(state if state is not None else self.fresh[k]))
@@ -54,7 +54,7 @@ class TokenStream:
                     found = True
                     yield k, before, epoch, row[IDS], row.get(MASK)
                 state = None
-            if not found and part == 0 and position["offset"] == 0:
+            if not found and from_start:
                 raise UserError("the streamed data holds no text: every document is empty or blank; check --data "
                                 "and --text-field")
             part, epoch = 0, epoch + 1
