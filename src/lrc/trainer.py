@@ -216,7 +216,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
     log.info(f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
              f"hidden {cfg.hidden_size}; {sum(p.numel() for p in params):,} trainable parameters; "
-             f"{len(prep.train) if hasattr(prep.train, '__len__') else 'streamed'} training sequences of "
+             f"{f'{len(prep.train):,}' if hasattr(prep.train, '__len__') else 'streamed'} training sequences of "
              f"{cfg.seq_len}; {steps} steps on {info.world_size} x "
              f"{device}" + (f"; init {cfg.init}: {init_info}" if init_info else "") + (f"; {note}" if note else ""))
     if info.is_main:  # the forecast of `lrc plan`, from the loaded teacher's config
