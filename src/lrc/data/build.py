@@ -97,7 +97,7 @@ class Recipe:
             starts, total = [np.zeros(0, np.int64)], 0
             for out in tk.tokenise(parts, fn, self.key, batch_size=batch_size, num_proc=num_proc,
                                    progress=progress, features=features):
-                for table in out.with_format("arrow").iter(batch_size=65536):
+                for table in out.with_format("arrow").iter(batch_size=1024):  # rows: memory stays flat
                     ids = table.column(tk.IDS).combine_chunks()
                     lengths = ids.value_lengths().to_numpy().astype(np.int64)
                     write_tokens(ids.flatten().to_numpy().astype(np.int32, copy=False))
