@@ -97,15 +97,18 @@ def lrc(*argv: str, env: dict | None = None, marker: str | None = None) -> dict:
     return out
 
 
-def prepare(num_proc: int) -> None:
-    out = ROOT / f"prepared-np{num_proc}"
+def prepare(num_proc: int, arrow_from: str | None = None) -> None:
+    """A fresh datasets cache (the JSON -> Arrow conversion is counted too), or with `arrow_from` the cache of
+    another run: its Arrow copy of the corpus is reused, the tokenising map is not (other shards)."""
+    out = ROOT / f"prepared-np{num_proc}" if arrow_from is None else ROOT / f"prepared-np{num_proc}-warm-arrow"
     shutil.rmtree(out, ignore_errors=True)
-    hf = ROOT / f"hf-cache-np{num_proc}"  # fresh datasets cache: the Arrow conversion is counted too
-    shutil.rmtree(hf, ignore_errors=True)
+    hf = ROOT / (arrow_from or f"hf-cache-np{num_proc}")
+    if arrow_from is None:
+        shutil.rmtree(hf, ignore_errors=True)
     r = lrc("prepare", "--teacher", str(ROOT / "teacher"), "--data", str(ROOT / "big"), "--out", str(out),
             "--num-proc", str(num_proc), env={"HF_DATASETS_CACHE": str(hf)})
     meta = json.loads((out / "lrc-tokens.json").read_text())
-    print(json.dumps({"num_proc": num_proc, "tokens": meta["tokens"], "documents": meta["documents"],
+    print(json.dumps({"num_proc": num_proc, "arrow_from": arrow_from, "tokens": meta["tokens"], "documents": meta["documents"],
                       "seconds": r["seconds"], "tokens_per_s": round(meta["tokens"] / r["seconds"]),
                       "peak_rss_mib": r["peak_rss_mib"], "summary": r["last_lines"][-2]}), flush=True)
 
@@ -141,6 +144,6 @@ if __name__ == "__main__":
     if what == "corpus":
         make_corpus()
     elif what == "prepare":
-        prepare(int(sys.argv[2]))
+        prepare(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     elif what == "startup":
         startup()
