@@ -108,7 +108,8 @@ def prepare(num_proc: int, arrow_from: str | None = None) -> None:
     r = lrc("prepare", "--teacher", str(ROOT / "teacher"), "--data", str(ROOT / "big"), "--out", str(out),
             "--num-proc", str(num_proc), env={"HF_DATASETS_CACHE": str(hf)})
     meta = json.loads((out / "lrc-tokens.json").read_text())
-    print(json.dumps({"num_proc": num_proc, "arrow_from": arrow_from, "tokens": meta["tokens"], "documents": meta["documents"],
+    print(json.dumps({"num_proc": num_proc, "arrow_from": arrow_from, "tokens": meta["tokens"],
+                      "documents": meta["documents"],
                       "seconds": r["seconds"], "tokens_per_s": round(meta["tokens"] / r["seconds"]),
                       "peak_rss_mib": r["peak_rss_mib"], "summary": r["last_lines"][-2]}), flush=True)
 
