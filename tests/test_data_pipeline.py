@@ -120,6 +120,16 @@ def test_distill_on_chat_data_with_assistant_targets(tmp_path, teacher, monkeypa
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
 
 
+def test_text_beside_chat_rows_counts_every_token(tmp_path, tokenizer):
+    # One source of chat rows and plain text files under --train-on assistant: the text is all targets.
+    (tmp_path / "src").mkdir()
+    _jsonl(tmp_path / "src" / "a.jsonl", [{"messages": c} for c in CHATS])
+    (tmp_path / "src" / "b.txt").write_text("the king and the queen")
+    ds = build_packed_dataset([tmp_path / "src"], tokenizer, 8, train_on="assistant")
+    text = np.asarray(ds.loss_mask)[ds.doc_starts[-1]:]
+    assert len(ds.doc_starts) == 3 and text.all() and not np.asarray(ds.loss_mask).all()
+
+
 def test_chat_without_a_template_is_a_user_error(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     plain = train_bpe(corpus(), vocab_size=300)

@@ -109,7 +109,10 @@ class Tokenise:
         texts = [t for t in batch[TEXT] if t and t.strip()]
         # verbose=False: the "longer than model_max_length" warning is irrelevant when packing
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)[IDS] if texts else []
-        return {IDS: [self.template.frame(i) for i in ids if len(i)]}
+        framed = [self.template.frame(i) for i in ids if len(i)]
+        if self.chat is not None and self.chat.train_on == "assistant":  # plain text beside chat: all targets
+            return {IDS: framed, MASK: [[1] * len(f) for f in framed]}
+        return {IDS: framed}
 
 
 def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
