@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, default=512, help="checks that the data fills one sequence; "
                     "distill may use any --seq-len")
     pr.add_argument("--text-field", default="text", help="text field of jsonl/json/parquet data")
-    pr.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    pr.add_argument("--chat-template", default=None, help="Jinja chat template file; None: the tokenizer's own")
     pr.add_argument("--train-on", default="all", choices=("all", "assistant"), help="targets of chat rows")
     pr.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code from the hub")
     pr.set_defaults(fn=cmd_prepare)
