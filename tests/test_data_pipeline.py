@@ -347,3 +347,16 @@ def test_one_line_errors_of_the_new_options(tmp_path, teacher, capsys):
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_data_error_stops_every_process(tmp_path, teacher):
+    # Catches a waiting process left hanging at the barrier when the first one fails (the timeout would hit).
+    blank = _jsonl(tmp_path / "blank.jsonl", [{"text": "  "}] * 3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrc",
+           "distill", "--teacher", str(teacher), "--data", str(blank), "--out", str(tmp_path / "run"),
+           "--max-steps", "1", *COMMON]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path / "cache"), timeout=120)
+    assert proc.returncode != 0
+    assert "no text found" in proc.stderr and "failed in another process" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ LOCAL_RANK 0 builds a missing entry while the machine's other processes wait; th
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -56,8 +57,12 @@ def once_per_machine(build):
             result = build()
         except Exception as e:  # raised below, after telling the others
             error = e
-    failed = torch.tensor([float(error is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(failed)  # the barrier (under the process group's timeout: large corpora, run `lrc prepare`)
+    # The barrier: a gloo group of its own with a day's timeout, since tokenising a large corpus outlasts the
+    # training group's (NCCL: 10 minutes).
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, group=group)
+    dist.destroy_process_group(group)
     if error is not None:
         raise error
     if failed.item() > 0:
