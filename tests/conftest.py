@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -99,3 +101,20 @@ def one_thread():
 def teacher(request):
     family, tied = request.param
     return make_teacher(family, tied)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _datasets_cache(tmp_path_factory):
+    """Data is read through `datasets`, which keeps Arrow copies in its cache: keep the tests' out of the home
+    folder (subprocesses inherit the variable)."""
+    import datasets
+
+    path = tmp_path_factory.mktemp("hf-datasets")
+    old_env, old = os.environ.get("HF_DATASETS_CACHE"), datasets.config.HF_DATASETS_CACHE
+    os.environ["HF_DATASETS_CACHE"], datasets.config.HF_DATASETS_CACHE = str(path), path
+    yield
+    datasets.config.HF_DATASETS_CACHE = old
+    if old_env is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = old_env

@@ -320,6 +320,7 @@ BAD_VALUES = [
     ("--hidden-size", "-8", "--hidden-size must be a positive integer (got -8)"),
     ("--ffn-size", "0", "--ffn-size must be a positive integer (got 0)"),
     ("--layers", "0", "--layers must be a positive integer (got 0)"),
+    ("--num-proc", "0", "--num-proc must be a positive integer (got 0)"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`lrc`: distill, plan, export, eval, demo, bench. Each subcommand maps onto one plain function.
+"""`lrc`: distill, prepare, plan, export, eval, demo, bench. Each subcommand maps onto one plain function.
 
 Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit status 2.
 """
@@ -28,6 +28,26 @@ def cmd_distill(args) -> int:
         return 1
     except RunInterrupted as e:
         return 128 + e.signum  # the shell convention, so `lrc distill ... && lrc export ...` stops here
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    import time
+
+    from lrc.config import check_option
+    from lrc.data import prepare_tokens
+    from lrc.loading import load_tokenizer
+
+    check_option("seq_len", args.seq_len)
+    check_option("num_proc", args.num_proc)
+    tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    start = time.time()
+    ds = prepare_tokens(args.data, tokenizer, Path(args.out), args.seq_len, text_field=args.text_field,
+                        num_proc=args.num_proc, chat_template=args.chat_template, train_on=args.train_on)
+    secs = time.time() - start
+    print(f"prepared {len(ds.doc_starts):,} documents, {len(ds.tokens):,} tokens in {secs:.1f} s "
+          f"({len(ds.tokens) / max(secs, 1e-9):,.0f} tokens/s) into {args.out}; train with "
+          f"`lrc distill --teacher {args.teacher} --data {args.out} ...`")
     return 0
 
 
@@ -136,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(d)
     d.set_defaults(fn=cmd_distill)
 
+    pr = sub.add_parser("prepare", help="tokenise and pack data once, for `lrc distill --data OUT`",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.add_argument("--teacher", required=True, help="the teacher whose tokenizer is used (directory or hub id)")
+    pr.add_argument("--data", nargs="+", required=True, help="files, folders or a hub dataset, as for distill")
+    pr.add_argument("--out", required=True, help="folder to write (must be new or empty)")
+    pr.add_argument("--num-proc", type=int, default=1, help="tokenising processes")
+    pr.add_argument("--seq-len", type=int, default=512, help="checks that the data fills one sequence; "
+                    "distill may use any --seq-len")
+    pr.add_argument("--text-field", default="text", help="text field of jsonl/json/parquet data")
+    pr.add_argument("--chat-template", default=None, help="Jinja chat template file; None: the tokenizer's own")
+    pr.add_argument("--train-on", default="all", choices=("all", "assistant"), help="targets of chat rows")
+    pr.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code from the hub")
+    pr.set_defaults(fn=cmd_prepare)
+
     pl = sub.add_parser("plan", help="what an `lrc distill` run will cost (memory, FLOPs), from the teacher's "
                         "config alone",
                         description="Memory per process by part and FLOPs per token of `lrc distill` with the same "
@@ -203,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         log.configure(int(os.environ.get("RANK", "0")))  # progress of the data pipeline, start-up lines
 
         hf_logging.disable_progress_bar()  # our own progress lines are enough
+        import datasets
+
+        datasets.disable_progress_bars()  # lrc.data shows one bar of its own
         return args.fn(args)
     except UserError as e:
         msg = " ".join(str(e).split())

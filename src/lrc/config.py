@@ -35,12 +35,19 @@ def opt(default, help: str, choices=None, **kw):
 class RunConfig:
     # what to distil
     teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
-    data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet, save_to_disk folders, "
-                                  "or folders of them; or, when online, a hub dataset [owner/]name[:config][@split] "
-                                  "(split default train), e.g. roneneldan/TinyStories or wikitext:wikitext-2-raw-v1")
+    data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet (text or chat messages), "
+                                  "save_to_disk folders, folders of them, an `lrc prepare` folder, or, when online, a "
+                                  "hub dataset [owner/]name[:config][@split]; PATH:WEIGHT items make a mixture "
+                                  "sampled in proportion to the weights, e.g. web/:0.6 code.jsonl:0.4")
     val_data: list[str] = opt([], "held-out data (default: hold out --val-fraction of --data)")
     val_fraction: float = opt(0.02, "share of the training sequences held out when --val-data is not given")
     text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/datasets data")
+    num_proc: int = opt(1, "processes tokenising the data (datasets' map num_proc)")
+    streaming: bool = opt(False, "read and tokenise --data on the fly, in order, with the stream position in "
+                          "every checkpoint (for corpora larger than the disk)")
+    chat_template: str | None = opt(None, "Jinja chat template file for chat rows (default: the tokenizer's own)")
+    train_on: str = opt("all", "which tokens of chat rows the losses count: all, or only the assistant's",
+                        choices=("all", "assistant"))
     hidden_size: int | None = opt(None, "student hidden size d_S (at most the teacher's)")
     # student shape beyond the hidden size (docs/student-shape.md)
     ffn_size: int | None = opt(None, "student FFN width M (at most the teacher's intermediate size), through a "
@@ -129,7 +136,7 @@ class RunConfig:
 
 # Options that may differ when resuming a run; everything else must match the saved run.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
-                     "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data"}
+                     "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data", "num_proc"}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
@@ -176,6 +183,7 @@ RANGES: dict[str, Range] = {
     "hidden_size": _at_least(1),
     "ffn_size": _at_least(1),
     "layers": _at_least(1),
+    "num_proc": _at_least(1),
     "calib_batches": _at_least(1),
     "max_steps": _at_least(0),
     "max_tokens": _at_least(0),

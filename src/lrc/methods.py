@@ -39,7 +39,10 @@ from lrc.weights import StepWeights
 Calibration = Callable[[], Iterable[dict]]
 
 
-def _kl_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _kl_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None,
+             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    if loss_mask is not None:  # positions whose next token is a target (e.g. --train-on assistant)
+        return loss_mask.bool().reshape(-1)
     if attention_mask is not None:
         return attention_mask.bool().reshape(-1)
     return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device)
@@ -86,7 +89,7 @@ class LRC(Method):
         self.fused_loss = fused_loss
         self.reuse_weights = reuse_weights
 
-    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, *,
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
                 ce_denominator: float | None = None, scale: float = 1.0,
                 step: StepWeights | None = None) -> LossOutput:
         w = self.loss_weights
@@ -95,8 +98,9 @@ class LRC(Method):
         fwd = self.clone(input_ids, position_ids, attention_mask, terms=w.clone_terms(), teacher_logits=w.kl != 0.0,
                          step=step)
         return lrc_objective(fwd.hidden, fwd.head, fwd.teacher_hidden, fwd.teacher_head, fwd.clone_errors,
-                             labels.reshape(-1), _kl_mask(labels, attention_mask), w, ce_denominator=ce_denominator,
-                             scale=scale, chunk_size=self.chunk_size, fused=self.fused_loss)
+                             labels.reshape(-1), _kl_mask(labels, attention_mask, loss_mask), w,
+                             ce_denominator=ce_denominator, scale=scale, chunk_size=self.chunk_size,
+                             fused=self.fused_loss)
 
     def begin_step(self, micro_batches: int) -> StepWeights | None:
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
@@ -150,7 +154,7 @@ class Direct(Method):
             self.teacher.eval()
         return self
 
-    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, *,
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
                 ce_denominator: float | None = None, scale: float = 1.0, step: Any = None) -> LossOutput:
         w = self.loss_weights
         if labels is None:
@@ -168,7 +172,7 @@ class Direct(Method):
         head = gathered(cast(nn.Linear, self.model.get_submodule(self.family.head)).weight)
         loss, ce, kl = kd_lm_loss(
             h.reshape(-1, h.shape[-1]), head, t_hidden, t_head,
-            labels.reshape(-1), _kl_mask(labels, attention_mask), ce_weight=w.ce, kl_weight=w.kl,
+            labels.reshape(-1), _kl_mask(labels, attention_mask, loss_mask), ce_weight=w.ce, kl_weight=w.kl,
             temperature=w.kl_temperature, chunk_size=self.chunk_size, ce_denominator=ce_denominator,
             kl_scale=scale,
         )

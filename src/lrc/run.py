@@ -16,13 +16,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from lrc import checkpoint as ckpt
 from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, validate
-from lrc.data import PackedDataset, build_packed_dataset, resolve_data_files, split_holdout
+from lrc.data import PackedDataset, build_packed_dataset, build_training_data, resolve_data_files, split_holdout
+from lrc.data.sampler import Mixture
+from lrc.data.sources import split_weights
 from lrc.errors import UserError
 from lrc.loading import load_teacher, load_tokenizer
 from lrc.methods import METHODS, Method, build_method
@@ -37,8 +39,8 @@ class Prepared:
     run_dir: Path
     teacher: PreTrainedModel
     tokenizer: object
-    train: PackedDataset
-    val: PackedDataset | None
+    train: object  # PackedDataset, data.Mixture or data.stream.TokenStream (see data.make_batches)
+    val: PackedDataset | Mixture | None
     resume_from: Path | None
 
 
@@ -101,7 +103,8 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
         raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "
                         f"{cfg.method}")
-    train_files = resolve_data_files(cfg.data)
+    for paths, _ in split_weights(cfg.data):  # missing paths fail before the teacher is loaded
+        resolve_data_files(paths, streaming=cfg.streaming)
     val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
 
     teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
@@ -115,11 +118,19 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     check_shape(cfg, teacher.config)  # --ffn-size, --layers, --drop-layers
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    ds = build_packed_dataset(train_files, tokenizer, cfg.seq_len, cache_dir=cache,
-                              text_field=cfg.text_field)
+    options: dict[str, Any] = dict(text_field=cfg.text_field, num_proc=cfg.num_proc,
+                                   chat_template=cfg.chat_template, train_on=cfg.train_on)
+    ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, **options)
+    train: Any
+    val: Any
     if val_files:
-        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len,
-                                              cache_dir=cache, text_field=cfg.text_field)
+        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len, cache_dir=cache, **options)
+    elif cfg.val_fraction > 0 and cfg.streaming:  # the first sequences of the stream are held out
+        train, val = ds, ds.head(cfg.eval_batches * cfg.batch_size, advance=True)
+    elif cfg.val_fraction > 0 and isinstance(ds, Mixture):  # each source holds out its own share
+        halves = [split_holdout(part, cfg.val_fraction) for part in ds.parts]
+        train = Mixture([t for t, _ in halves], [w for _, w in split_weights(cfg.data)], ds.names)
+        val = Mixture([v for _, v in halves], [w for _, w in split_weights(cfg.data)], ds.names)
     elif cfg.val_fraction > 0:
         train, val = split_holdout(ds, cfg.val_fraction)
     else:

@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lrc import checkpoint as ckpt
 from lrc import log
 from lrc.config import RunConfig, save_config
-from lrc.data import PackedDataset, SequenceSampler, collate
+from lrc.data import collate, make_batches
 from lrc.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -134,9 +135,9 @@ class Session:
     method: Method
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: SequenceSampler
-    train: PackedDataset
-    val: PackedDataset | None
+    batches: Any  # data.Batches or data.stream.TokenStream: next(batch_size), state_dict, load_state_dict
+    train: Any
+    val: Any
     teacher: torch.nn.Module
     sharded: bool
     steps: int
@@ -173,10 +174,12 @@ def _calibration(prep: Prepared, info: DistInfo) -> Callable | None:
 
     def batches():
         # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on the
-        # same sequences as one process with --batch-size W*b.
-        n = min(len(prep.train), cfg.calib_batches * cfg.batch_size * info.world_size)
+        # same sequences as one process with --batch-size W*b. A stream calibrates on its next sequences.
+        n = cfg.calib_batches * cfg.batch_size * info.world_size
+        data = prep.train.head(n, advance=False) if hasattr(prep.train, "head") else prep.train
+        n = min(len(data), n)
         for s in range(0, n, cfg.batch_size):
-            yield _to(collate([prep.train.get(i) for i in range(s, min(n, s + cfg.batch_size))]), info.device)
+            yield _to(collate([data.get(i) for i in range(s, min(n, s + cfg.batch_size))]), info.device)
 
     return batches
 
@@ -197,8 +200,8 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     warmup = int(round(cfg.warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
-    sampler = SequenceSampler(len(prep.train), seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    step, tokens, elapsed = _restore(prep, resume, device, method, optimizer, sched, sampler)
+    batches = make_batches(prep.train, cfg.seed, info.rank, info.world_size)
+    step, tokens, elapsed = _restore(prep, resume, device, method, optimizer, sched, batches)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
     # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
     all_reduce_sum(torch.zeros((), device=device), info)
@@ -206,14 +209,15 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
         prep.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, prep.run_dir / "config.yaml")
     metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None)
-    s = Session(cfg, prep.run_dir, info, method, optimizer, sched, sampler, prep.train, prep.val, prep.teacher,
+    s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
                 sharded, steps, metrics, step=step, tokens=tokens, elapsed_before=elapsed,
                 fresh=prep.resume_from is None)
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
     note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
     log.info(f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
              f"hidden {cfg.hidden_size}; {sum(p.numel() for p in params):,} trainable parameters; "
-             f"{len(prep.train):,} training sequences of {cfg.seq_len}; {steps} steps on {info.world_size} x "
+             f"{f'{len(prep.train):,}' if hasattr(prep.train, '__len__') else 'streamed'} training sequences of "
+             f"{cfg.seq_len}; {steps} steps on {info.world_size} x "
              f"{device}" + (f"; init {cfg.init}: {init_info}" if init_info else "") + (f"; {note}" if note else ""))
     if info.is_main:  # the forecast of `lrc plan`, from the loaded teacher's config
         from lrc.plan import startup_summary
@@ -227,7 +231,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
 
 
 def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method, optimizer, scheduler,
-             sampler: SequenceSampler) -> tuple[int, int, float]:
+             batches) -> tuple[int, int, float]:
     """Load the checkpoint to resume from into the method, optimizer, schedule and sampler; returns (step,
     tokens, elapsed seconds) of the run so far ((0, 0, 0.0) for a new run)."""
     if prep.resume_from is None:
@@ -238,7 +242,7 @@ def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method,
     method.load_trainable_state_dict(trainable)
     optimizer.load_state_dict(opt_state["optimizer"])
     scheduler.load_state_dict(opt_state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
+    batches.load_state_dict(state["sampler"])
     log.info(f"resuming {prep.run_dir} from step {state['step']} ({state['tokens']:,} tokens)")
     return state["step"], state["tokens"], state.get("elapsed", 0.0)
 
@@ -249,7 +253,7 @@ def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method,
 def _save(s: Session) -> None:
     if not s.info.is_main:
         return
-    state = {"step": s.step, "tokens": s.tokens, "sampler": s.sampler.state_dict(),
+    state = {"step": s.step, "tokens": s.tokens, "sampler": s.batches.state_dict(),
              "elapsed": s.elapsed_before + time.time() - s.started}
     ckpt.save_checkpoint(s.run_dir, s.step, s.method.trainable_state_dict(),
                          {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
@@ -348,8 +352,7 @@ def fit(s: Session) -> Path:
     progress = _Progress(s)
     with _StopFlag() as stop:
         while s.step < s.steps:
-            micro = [collate([s.train.get(i) for i in s.sampler.next_indices(cfg.batch_size)])
-                     for _ in range(cfg.grad_accum)]
+            micro = [s.batches.next(cfg.batch_size) for _ in range(cfg.grad_accum)]
             lr = s.optimizer.param_groups[0]["lr"]
             try:
                 r = train_step(s.method, micro, s.optimizer, device=s.device, precision=cfg.precision, info=s.info,

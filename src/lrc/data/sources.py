@@ -1,0 +1,253 @@
+"""`--data` items -> files, dataset folders and hub splits, read with `datasets` into one document column.
+
+The "text" (one document per file), "json" and "parquet" builders, `load_from_disk` and hub ids do the reading;
+each source becomes a dataset with one column, ``text``, or ``messages`` for chat rows (ShareGPT's
+``conversations`` too). What stays here is what `datasets` does not do: a deterministic folder walk, the hub-id
+and ``PATH:WEIGHT`` syntax, and one-line errors naming the file, line or field to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lrc.errors import UserError
+
+KINDS = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# The files `save_to_disk` writes at the top of its folder, and the one `lrc prepare` writes (lrc.data.build).
+SAVED_MARKERS, PREPARED_MARKER = ("dataset_dict.json", "dataset_info.json", "state.json"), "lrc-tokens.json"
+SUPPORTED = (".txt/.md/.text (one document per file), .jsonl, .json, .parquet, or a folder written by datasets' "
+             "save_to_disk or by lrc prepare")
+# [owner/]name[:config][@split]; a split may carry datasets' slicing syntax ("train[:10%]").
+_HUB_ID = re.compile(
+    r"(?P<repo>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%+-]+))?")
+_FILE_LIKE = (*KINDS, ".csv", ".tsv", ".gz", ".zst", ".arrow")  # a missing "x.jsonl" is a typo, not a hub id
+TEXT, CHAT = "text", "messages"
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A hub split, ``owner/name[:config]@split``; `dataset` (the loaded split) is not part of equality."""
+
+    repo: str
+    config: str | None = None
+    split: str = "train"
+    dataset: Any = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return self.repo + (f":{self.config}" if self.config else "") + f"@{self.split}"
+
+
+DataSource = Path | HubDataset
+
+
+def parse_hub_id(text: str) -> HubDataset | None:
+    """``[owner/]name[:config][@split]`` or None (data-file names, paths starting with . / ~, two slashes)."""
+    match = _HUB_ID.fullmatch(text)
+    if match is None or match["repo"].lower().endswith(_FILE_LIKE):
+        return None
+    return HubDataset(match["repo"], match["config"], match["split"] or "train")
+
+
+def split_weights(items: Sequence[str]) -> list[tuple[list[str], float]]:
+    """``a.jsonl b/`` is one source; ``web/:0.6 code.jsonl:0.4`` are two, drawn 0.6 : 0.4. A trailing
+    ``:NUMBER`` is a weight (a hub config is never a bare number)."""
+    parsed: list[tuple[str, float | None]] = []
+    for item in map(str, items):
+        head, _, tail = item.rpartition(":")
+        try:
+            parsed.append((head, float(tail)) if head else (item, None))
+        except ValueError:
+            parsed.append((item, None))
+    if all(w is None for _, w in parsed):
+        return [([p for p, _ in parsed], 1.0)]
+    for path, weight in parsed:
+        if weight is None:
+            raise UserError(f"--data {path} has no weight while other items have one; give every item a weight "
+                            "(PATH:WEIGHT, e.g. web/:0.6 code.jsonl:0.4) or none")
+        if not 0 < weight < float("inf"):
+            raise UserError(f"--data {path}:{weight} has a weight that is not a positive number; use e.g. {path}:0.5")
+    return [([path], float(weight or 0)) for path, weight in parsed]
+
+
+def _load_hub(source: HubDataset, raw: str | None = None, streaming: bool = False) -> HubDataset:
+    import datasets
+
+    try:
+        return replace(source, dataset=datasets.load_dataset(source.repo, source.config, split=source.split,
+                                                             **({"streaming": True} if streaming else {})))
+    except Exception as err:  # many unrelated types: offline, unknown name, config or split
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        not_local = f" (there is no local path {raw} either)" if raw is not None else ""
+        raise UserError(f"cannot load hub dataset {source}: {reason}; check the name, go online, or pass existing "
+                        f"local files{not_local}") from err
+
+
+def _is_unit(path: Path) -> bool:
+    """A folder read as one dataset (save_to_disk or lrc prepare), not searched for files."""
+    return any((path / name).is_file() for name in (*SAVED_MARKERS, PREPARED_MARKER))
+
+
+def _walk(folder: Path, found: list[DataSource], skipped: list[Path]) -> None:
+    """Depth first in name order (the same on every machine); hidden entries (.git, .cache) are never data."""
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found.append(entry) if _is_unit(entry) else _walk(entry, found, skipped)
+        elif entry.is_file():
+            (found if entry.suffix.lower() in KINDS else skipped).append(entry)
+
+
+def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = False) -> list[DataSource]:
+    """Data paths -> resolved files, dataset folders and hub splits, in order, without duplicates. A hub id
+    (a path that does not exist) is loaded here, as a stream with `streaming`, so it fails before any writing."""
+    if not paths:
+        raise UserError("no data paths given: pass at least one data file or folder")
+    found: list[DataSource] = []
+    skipped: list[Path] = []
+    for raw in paths:
+        path = raw if isinstance(raw, HubDataset) else Path(raw).expanduser()
+        if isinstance(path, HubDataset):
+            found.append(path if path.dataset is not None else _load_hub(path, streaming=streaming))
+        elif not path.exists():
+            hub = parse_hub_id(str(raw))
+            if hub is None:
+                raise UserError(f"data path {raw} does not exist: check the spelling, or pass an existing file or "
+                                "folder")
+            found.append(_load_hub(hub, str(raw), streaming))
+        elif path.is_dir():
+            found.append(path) if _is_unit(path) else _walk(path, found, skipped)
+        elif path.suffix.lower() in KINDS:
+            found.append(path)
+        else:
+            raise UserError(f"data file {raw} has an unsupported format '{path.suffix or '(no extension)'}': "
+                            f"supported are {SUPPORTED}")
+    if not found:
+        note = f" (skipped {len(skipped)} file(s) with other extensions)" if skipped else ""
+        raise UserError(f"no usable data files in {', '.join(map(str, paths))}{note}: supported are {SUPPORTED}")
+    return list(dict.fromkeys(p if isinstance(p, HubDataset) else p.resolve() for p in found))
+
+
+def _bad_json(path: Path) -> str | None:
+    """After a failed load only: the line (or item) of a JSON file at fault, for the message."""
+    hint = "each line must be one JSON object (a .json file may also hold a list of objects)"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        return f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+    rows = []
+    if text.lstrip()[:1] == "[":
+        try:
+            rows = [(f"{path} item {i}", row) for i, row in enumerate(json.loads(text))]
+        except json.JSONDecodeError as err:
+            return f"{path} is not valid JSON ({err.msg} at line {err.lineno}); {hint}"
+    for number, line in enumerate([] if rows else text.splitlines(), start=1):
+        try:
+            rows.append((f"{path} line {number}", json.loads(line))) if line.strip() else None
+        except json.JSONDecodeError as err:
+            return f"{path} line {number} is not valid JSON ({err.msg}); {hint}"
+    return next((f"{name} is a JSON {type(row).__name__}, not an object; {hint}" for name, row in rows
+                 if not isinstance(row, dict)), None)
+
+
+def _load_files(files: list[Path], streaming: bool) -> Any:
+    """One `load_dataset` call for consecutive files of one kind (10,000 .txt files: one call, not 10,000)."""
+    import datasets
+
+    kind = KINDS[files[0].suffix.lower()]
+    text = {"sample_by": "document", "encoding": "utf-8-sig"} if kind == "text" else {}
+    try:
+        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming,
+                                     **text)
+    except Exception as err:  # the parser's error, wrapped in DatasetGenerationError
+        cause = err.__cause__ or err
+        for f in files if kind == "json" else []:
+            if reason := _bad_json(f):
+                raise UserError(reason) from err
+        why = f"not UTF-8 text ({cause.reason})" if isinstance(cause, UnicodeDecodeError) else \
+            (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise UserError(f"cannot read {files[0]}{f' or one of {len(files) - 1} more' if len(files) > 1 else ''} "
+                        f"({why}); check or re-export the file") from err
+
+
+def _load_saved(path: Path) -> tuple[Any, str]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # several unrelated types for a damaged folder
+        raise UserError(f"{path} could not be loaded with datasets.load_from_disk ({type(err).__name__}: {err}); "
+                        "re-save it with save_to_disk") from err
+    if isinstance(loaded, datasets.DatasetDict):  # the "train" split, else the first
+        split = "train" if "train" in loaded else next(iter(loaded), None)
+        return (loaded[split], f"{path} (split '{split}')") if split else (datasets.Dataset.from_dict({TEXT: []}),
+                                                                           str(path))
+    return loaded, str(path)
+
+
+def columns(ds: Any) -> list[str]:
+    """A dataset's columns; a stream without known features shows them only by reading a row."""
+    return list(ds.column_names or next(iter(ds), {}).keys())
+
+
+def _one_column(ds: Any, where: str, text_field: str) -> Any:
+    """`ds` reduced to its documents, as column TEXT (type-checked) or CHAT."""
+    names = columns(ds)
+    column = text_field if text_field in names else next((c for c in ("messages", "conversations") if c in names), 0)
+    if not column:
+        raise UserError(f"{where} has no field '{text_field}'; pass --text-field NAME (fields: "
+                        f"{', '.join(names[:20]) or 'none'})")
+    dtype = getattr((ds.features or {}).get(column), "dtype", "string")
+    if column == text_field and dtype not in ("string", "large_string"):
+        raise UserError(f"{where} field '{column}' holds {dtype} values, not text; pass --text-field NAME")
+    ds = ds.select_columns([column])
+    target = TEXT if column == text_field else CHAT
+    return ds if column == target else ds.rename_column(column, target)
+
+
+def load_documents(files: Sequence[DataSource], text_field: str = "text", streaming: bool = False) -> list[Any]:
+    """The sources as one-column `datasets` datasets (streams with `streaming`), in order."""
+    parts: list[Any] = []
+    run: list[Path] = []
+    for src in [*files, None]:
+        kind = KINDS.get(src.suffix.lower()) if isinstance(src, Path) and not src.is_dir() else None
+        if run and kind != KINDS[run[0].suffix.lower()]:
+            parts.append(_one_column(_load_files(run, streaming), str(run[0]) + (", ..." if run[1:] else ""),
+                                     text_field))
+            run = []
+        if isinstance(src, HubDataset):
+            loaded = src.dataset if src.dataset is not None else _load_hub(src, streaming=streaming).dataset
+            parts.append(_one_column(loaded, f"hub dataset {src}", text_field))
+        elif isinstance(src, Path) and src.is_dir():
+            if (src / PREPARED_MARKER).is_file():
+                raise UserError(f"{src} holds tokens from `lrc prepare`: give it alone as a --data source")
+            ds, where = _load_saved(src)
+            parts.append(_one_column(ds.to_iterable_dataset() if streaming else ds, where, text_field))
+        elif isinstance(src, Path):
+            run.append(src)
+    return parts
+
+
+def iter_documents(paths: Sequence[DataSource], text_field: str = "text"):
+    """The non-blank documents (texts, or turn lists of chat rows) of resolved sources, in order."""
+    for part in load_documents(paths, text_field):
+        for batch in part.iter(batch_size=1024):
+            yield from (d for d in batch[part.column_names[0]] if d and (not isinstance(d, str) or d.strip()))
+
+
+def file_fingerprints(files: Sequence[DataSource]) -> list[list[Any]]:
+    """(path, size, mtime_ns) of every file, those inside dataset folders too; a hub split's id and `datasets`
+    fingerprint. Contents are not hashed: that would cost a full read."""
+    rows: list[list[Any]] = []
+    for path in files:
+        if isinstance(path, HubDataset):
+            rows.append(["hub", path.repo, path.config, path.split, getattr(path.dataset, "_fingerprint", None)])
+            continue
+        for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            rows.append([str(member), member.stat().st_size, member.stat().st_mtime_ns])
+    return rows

@@ -1,0 +1,120 @@
+"""`--streaming`: documents read and tokenised on the fly (corpora larger than the disk), resumable exactly.
+
+Sources are `datasets` IterableDatasets (hub ids and local files alike), tokenised by the same map function
+as a stored stream and packed into the same sequences, in file order: a shuffle buffer would not survive a
+resume. The position is (source, the source's ``state_dict()`` taken just before the document the next
+sequence starts in, the offset of that start in the document, epoch). `datasets` restores an
+IterableDataset's state exactly, also inside a batched map, so a resumed run re-reads that document and
+continues at the same token. Under torchrun every process reads the whole stream and keeps its slice of
+each global batch (tokenising W times over, which is cheap next to training). After the last source the
+stream starts again (a new epoch).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from lrc.data.packed import PackedDataset, collate, next_is_target
+from lrc.data.sources import columns
+from lrc.data.tokenise import IDS, MASK, Tokenise
+from lrc.errors import UserError
+from lrc.losses import IGNORE_INDEX, next_token_labels
+
+
+class TokenStream:
+    """Endless packed sequences from streamed sources; `state_dict` is the start of the next global batch."""
+
+    def __init__(self, parts: list[Any], fn: Tokenise, seq_len: int, batch_size: int = 256, rank: int = 0,
+                 world_size: int = 1):
+        self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=columns(p)) for p in parts]
+        self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
+        self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
+        self.masked = fn.chat is not None and fn.chat.train_on == "assistant"
+        self.position: dict[str, Any] = {"part": 0, "state": None, "offset": 0, "epoch": 0}
+        self._iter: Any = None
+
+    def _documents(self, position: dict[str, Any]):
+        """(part, state before the document, document ids, mask), from `position` on, endlessly."""
+        part, state, epoch = position["part"], position["state"], position["epoch"]
+        while True:
+            found, from_start = False, part == 0 and state is None
+            for k in range(part, len(self.parts)):
+                ds = self.parts[k]
+                ds.load_state_dict(copy.deepcopy(state if state is not None else self.fresh[k]))
+                it = iter(ds)
+                while True:
+                    before = ds.state_dict()
+                    row: dict | None = next(it, None)
+                    if row is None:
+                        break
+                    found = True
+                    yield k, before, epoch, row[IDS], row.get(MASK)
+                state = None
+            if not found and from_start:
+                raise UserError("the streamed data holds no text: every document is empty or blank; check --data "
+                                "and --text-field")
+            part, epoch = 0, epoch + 1
+
+    def _sequences(self, position: dict[str, Any]):
+        """(ids, positions, mask or None, position of the following sequence) for each packed sequence."""
+        ids: list[int] = []
+        pos: list[int] = []
+        mask: list[int] = []
+        skip = position["offset"]
+        for k, before, epoch, doc, doc_mask in self._documents(position):
+            i, skip = skip, 0
+            while i < len(doc):
+                take = min(self.seq_len - len(ids), len(doc) - i)
+                ids += doc[i:i + take]
+                pos += range(i, i + take)
+                mask += doc_mask[i:i + take] if doc_mask is not None else [1] * take
+                i += take
+                if len(ids) == self.seq_len:
+                    nxt = {"part": k, "state": before, "offset": i, "epoch": epoch} if i < len(doc) else \
+                        {"part": k, "state": self.parts[k].state_dict(), "offset": 0, "epoch": epoch}
+                    yield ids, pos, mask, nxt
+                    ids, pos, mask = [], [], []
+
+    def _item(self, ids, pos, mask) -> dict:
+        """As `PackedDataset.get`: labels -100 at the end, before a document start, and before a non-target."""
+        ids_t, pos_t = torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
+        item = {"input_ids": ids_t, "position_ids": pos_t, "labels": next_token_labels(ids_t, pos_t)}
+        if self.masked:
+            item["loss_mask"] = next_is_target(mask[1:])
+            item["labels"][~item["loss_mask"]] = IGNORE_INDEX
+        return item
+
+    def take(self, n: int) -> list[tuple]:
+        """The next `n` raw sequences (ids, positions, mask) of the stream (every rank's), advancing."""
+        it = self._iter = self._iter or self._sequences(self.position)
+        out = []
+        for _ in range(n):
+            ids, pos, mask, self.position = next(it)
+            out.append((ids, pos, mask))
+        return out
+
+    def next(self, batch_size: int) -> dict:
+        batch = self.take(batch_size * self.world_size)[self.rank * batch_size:(self.rank + 1) * batch_size]
+        return collate([self._item(*raw) for raw in batch])
+
+    def head(self, n: int, advance: bool) -> PackedDataset:
+        """The next `n` sequences as a packed dataset (held-out data, calibration); `advance`: skip them."""
+        position = copy.deepcopy(self.position)
+        raw = self.take(n)
+        if not advance:
+            self.position, self._iter = position, None
+        ids, pos, mask = (np.concatenate([np.asarray(r[i]) for r in raw]) for i in range(3))
+        starts = np.unique(np.arange(len(ids)) - pos)  # a token at offset o and position p: its document starts at o-p
+        return PackedDataset(ids.astype(np.int32), starts, self.seq_len, mask.astype(np.uint8) if self.masked else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": copy.deepcopy(self.position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "stream" not in state:
+            raise UserError("the saved run did not stream its data; resume it without --streaming")
+        self.position, self._iter = copy.deepcopy(state["stream"]), None

@@ -1,0 +1,144 @@
+"""Documents -> token ids, framed the way the teacher's tokenizer frames a text, in parallel with `datasets`.
+
+Text documents are encoded with ``add_special_tokens=False`` in batches (fast) and wrapped in the special
+tokens the tokenizer itself puts around a text (`DocumentTemplate`, detected, not looked up by model name):
+its BOS where it adds one (Llama 3, Mistral), nothing for Qwen, then exactly one EOS. A teacher fed
+documents without the BOS it was trained with sees unfamiliar input and its logits (the target) are off.
+Chat rows are rendered by `lrc.data.chat`. `tokenise` runs this as ``Dataset.map(batched=True,
+num_proc=N)``; `datasets` caches each map under a fingerprint we derive from everything the ids depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lrc.data.chat import ChatRenderer
+from lrc.data.sources import CHAT, TEXT
+from lrc.errors import UserError
+
+IDS, MASK = "input_ids", "loss_mask"
+_PROBE = "Hello world"  # encoded with and without special tokens, it shows what a tokenizer puts around a text
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+@dataclass(frozen=True)
+class DocumentTemplate:
+    """Ids put around every document's text tokens: `prefix` is what the tokenizer puts before a text with
+    ``add_special_tokens=True`` (its BOS, or nothing), `suffix` what it puts after, followed by EOS unless that
+    already ends with EOS, so every document ends with exactly one EOS, which separates it from the next."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+
+    def frame(self, text_ids: list[int]) -> list[int]:
+        return [*self.prefix, *text_ids, *self.suffix]
+
+
+def detect_document_template(tokenizer: Any, eos_id: int) -> DocumentTemplate:
+    """Encode a probe with and without special tokens and split the difference into prefix and suffix.
+
+    Raises:
+        UserError: the special tokens do not just wrap the text (the plain encoding is not a contiguous part of
+            the encoding with special tokens), so no template can be told.
+    """
+    plain = list(tokenizer.encode(_PROBE, add_special_tokens=False))
+    full = list(tokenizer.encode(_PROBE, add_special_tokens=True))
+    cut = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None) \
+        if plain else None
+    if cut is None:
+        raise UserError(f"cannot tell which special tokens tokenizer {tokenizer_name(tokenizer)} adds around a text: "
+                        f"{_PROBE!r} encodes to {plain} without special tokens and to {full} with them; use a "
+                        "tokenizer whose special tokens only wrap the text")
+    prefix, suffix = full[:cut], full[cut + len(plain):]
+    if not suffix or suffix[-1] != eos_id:
+        suffix = suffix + [eos_id]
+    return DocumentTemplate(tuple(int(i) for i in prefix), tuple(int(i) for i in suffix))
+
+
+def eos_id_of(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise UserError(f"tokenizer {tokenizer_name(tokenizer)} has no EOS token, which is needed to separate packed "
+                        "documents; use a tokenizer whose config sets eos_token")
+    return int(eos)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """What identifies a tokenizer's output: name, vocabulary sizes, EOS id and a hash of its serialised form
+    (for a slow tokenizer, of its vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        material = backend.to_str()
+    elif hasattr(tokenizer, "get_vocab"):
+        material = json.dumps(sorted(tokenizer.get_vocab().items()))
+    else:
+        material = None
+    try:
+        total = len(tokenizer)
+    except TypeError:
+        total = None
+    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab_size": getattr(tokenizer, "vocab_size", None), "len": total,
+            "eos_token_id": tokenizer.eos_token_id,
+            "backend_sha256": hashlib.sha256(material.encode()).hexdigest() if material is not None else None}
+
+
+class Tokenise:
+    """The batched map function: a batch of TEXT or CHAT rows -> IDS (and MASK when only some tokens are
+    targets). Documents that give no tokens (blank, null) are dropped. A class, so worker processes get it
+    pickled with the tokenizer."""
+
+    def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None):
+        self.tokenizer, self.template, self.chat = tokenizer, template, chat
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if CHAT in batch and self.chat is not None:
+            rendered = [self.chat.render(m) for m in batch[CHAT] if m]
+            out = {IDS: [ids for ids, _ in rendered]}
+            if self.chat.train_on == "assistant":
+                out[MASK] = [mask for _, mask in rendered]
+            return out
+        texts = [t for t in batch[TEXT] if t and t.strip()]
+        # verbose=False: the "longer than model_max_length" warning is irrelevant when packing
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)[IDS] if texts else []
+        framed = [self.template.frame(i) for i in ids if len(i)]
+        if self.chat is not None and self.chat.train_on == "assistant":  # plain text beside chat: all targets
+            return {IDS: framed, MASK: [[1] * len(f) for f in framed]}
+        return {IDS: framed}
+
+
+def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
+             features: Any = None):
+    """The tokenised form of every part (a `datasets.Dataset`), in contiguous shards, in order.
+
+    Each shard is one ``map(batched=True, num_proc=...)`` that `datasets` caches under a fingerprint made of
+    `key` (everything the ids depend on), the part and the shard; between shards a bar shows documents, tokens,
+    tokens/s and an ETA (from the documents done). Sharding costs a worker pool per shard (at most 32).
+    """
+    import pyarrow.compute as pc
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(p) for p in parts), unit=" docs", desc="tokenising", disable=not progress)
+    tokens, start = 0, time.time()
+    for index, part in enumerate(parts):
+        shards = max(1, min(32, math.ceil(len(part) / (num_proc * batch_size * 8))))
+        for s in range(shards):
+            piece = part.shard(shards, s, contiguous=True) if shards > 1 else part
+            fingerprint = hashlib.sha256(f"{key}/{part._fingerprint}/{index}/{s}/{shards}".encode()).hexdigest()[:32]
+            procs = min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None
+            out = piece.map(fn, batched=True, batch_size=batch_size, num_proc=procs,
+                            remove_columns=piece.column_names, new_fingerprint=fingerprint, features=features)
+            tokens += sum(int(pc.sum(c.value_lengths()).as_py() or 0) for c in out.data.column(IDS).chunks)
+            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / max(1e-9, time.time() - start):,.0f} tokens/s",
+                                refresh=False)
+            bar.update(len(piece))
+            yield out
+    bar.close()

@@ -1,0 +1,362 @@
+"""The data pipeline on `datasets`: parallel tokenisation and its cache, chat rows and assistant-only targets,
+weighted mixtures, streaming with exact resume, `lrc prepare`, and tokenising once per machine under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import corpus, env, records, run, save_teacher, write_data
+
+from lrc.cli import main
+from lrc.data import (
+    Mixture,
+    MixtureSampler,
+    PackedDataset,
+    build_packed_dataset,
+    build_training_data,
+    make_batches,
+)
+from lrc.errors import UserError
+from lrc.losses import IGNORE_INDEX
+from lrc.methods import _kl_mask
+from lrc.tokenizer import train_bpe
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATS = [
+    [{"role": "system", "content": "speak like a king"}, {"role": "user", "content": "the castle at night"},
+     {"role": "assistant", "content": "the queen and the crown"}, {"role": "user", "content": "the river"},
+     {"role": "assistant", "content": "gold field wind rose"}],
+    [{"role": "user", "content": "love death honour"}, {"role": "assistant", "content": "the ghost of the storm"}],
+]
+
+
+def _sharegpt(chat):
+    return [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
+            for m in chat]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_bpe(corpus(), vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------ parallel + cache
+
+
+def test_num_proc_gives_the_same_stream_and_datasets_keeps_the_cache(tmp_path, tokenizer, monkeypatch):
+    # Catches shards packed out of order or dropped by the multi-process map, and a map whose result is not
+    # kept in datasets' cache (a fresh lrc token cache must then be filled without tokenising again).
+    data = write_data(tmp_path / "d", "jsonl", n_docs=60)
+    one = build_packed_dataset([data], tokenizer, 16, batch_size=4)
+    two = build_packed_dataset([data], tokenizer, 16, tmp_path / "cache-a", batch_size=4, num_proc=2)
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    np.testing.assert_array_equal(one.doc_starts, two.doc_starts)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenised again"))
+        again = build_packed_dataset([data], tokenizer, 16, tmp_path / "cache-b", batch_size=4, num_proc=2)
+    np.testing.assert_array_equal(again.tokens, one.tokens)
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+
+def test_chat_rows_use_the_template_in_both_layouts(tmp_path, tokenizer):
+    # Catches chat rows read as text, ShareGPT's from/value not mapped, and a missing or doubled EOS.
+    a = _jsonl(tmp_path / "messages.jsonl", [{"messages": c} for c in CHATS])
+    b = _jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": _sharegpt(c)} for c in CHATS])
+    eos = tokenizer.eos_token_id
+    want = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) + [eos] for c in CHATS]
+    for path in (a, b):
+        ds = build_packed_dataset([path], tokenizer, 8)
+        docs = np.split(np.asarray(ds.tokens), ds.doc_starts[1:])
+        assert [d.tolist() for d in docs] == want
+        assert ds.loss_mask is None  # --train-on all: every token is a target
+
+
+def test_train_on_assistant_counts_only_the_assistants_tokens(tmp_path, tokenizer):
+    # Catches user/system tokens or role headers left as targets, and assistant tokens masked out.
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    ds = build_packed_dataset([path], tokenizer, 8, train_on="assistant")
+    targets = np.asarray(ds.tokens)[np.asarray(ds.loss_mask, dtype=bool)]
+    # Each answer with its end-of-turn marker, and the EOS after a conversation's last answer.
+    answers = "".join("".join(f"{m['content']}<|im_end|>\n" for m in c if m["role"] == "assistant")
+                      + tokenizer.eos_token for c in CHATS)
+    assert tokenizer.decode(targets.tolist()) == answers
+    # Labels and the KL's mask: position j counts exactly when token j+1 is a target (and lies in the sequence).
+    mask = np.asarray(ds.loss_mask)
+    for i in range(len(ds)):
+        item = ds.get(i)
+        want = torch.tensor([bool(mask[i * ds.seq_len + j + 1]) for j in range(ds.seq_len - 1)] + [False])
+        assert torch.equal(item["loss_mask"], want)
+        assert (item["labels"][~want] == IGNORE_INDEX).all()
+        assert torch.equal(_kl_mask(item["labels"], None, item["loss_mask"]), want)
+
+
+def test_distill_on_chat_data_with_assistant_targets(tmp_path, teacher, monkeypatch):
+    # The CLI path: --chat-template for a tokenizer without one, --train-on assistant through the trainer,
+    # a mixture of chat (masked) and plain text (unmasked) sources in the same batches.
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc-cache"))
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS * 10])
+    template = tmp_path / "t.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    text = write_data(tmp_path / "d", "jsonl")
+    run("distill", "--teacher", teacher, "--data", f"{chat}:1", f"{text}:1", "--out", tmp_path / "run",
+        "--chat-template", template, "--train-on", "assistant", "--max-steps", "2", *COMMON)
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+
+
+def test_text_beside_chat_rows_counts_every_token(tmp_path, tokenizer):
+    # One source of chat rows and plain text files under --train-on assistant: the text is all targets.
+    (tmp_path / "src").mkdir()
+    _jsonl(tmp_path / "src" / "a.jsonl", [{"messages": c} for c in CHATS])
+    (tmp_path / "src" / "b.txt").write_text("the king and the queen")
+    ds = build_packed_dataset([tmp_path / "src"], tokenizer, 8, train_on="assistant")
+    text = np.asarray(ds.loss_mask)[ds.doc_starts[-1]:]
+    assert len(ds.doc_starts) == 3 and text.all() and not np.asarray(ds.loss_mask).all()
+
+
+def test_chat_without_a_template_is_a_user_error(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    plain = train_bpe(corpus(), vocab_size=300)
+    with pytest.raises(UserError, match="has no chat template; pass --chat-template FILE"):
+        build_packed_dataset([path], plain, 8)
+    template = tmp_path / "t.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    assert len(build_packed_dataset([path], plain, 8, chat_template=str(template)).tokens) > 0
+
+
+# --------------------------------------------------------------------------------------------- mixtures
+
+
+def _mixture(sizes, weights, seq_len=4) -> Mixture:
+    parts = [PackedDataset(np.full(n * seq_len, k, np.int32), np.array([0]), seq_len) for k, n in enumerate(sizes)]
+    return Mixture(parts, weights, [f"s{k}" for k in range(len(sizes))])
+
+
+def test_mixture_proportions_determinism_and_resume():
+    # Catches sampling by dataset size instead of weight (sizes here are 10:50:200 against weights 6:3:1),
+    # a non-deterministic choice, and a resume that does not continue the same stream.
+    mix = _mixture([10, 50, 200], [0.6, 0.3, 0.1])
+    drawn = [mix.get(i)["input_ids"][0].item() for i in MixtureSampler(mix, seed=1).next_indices(3000)]
+    shares = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.abs(shares - [0.6, 0.3, 0.1]).max() < 0.02, shares
+    straight = MixtureSampler(mix, seed=1)
+    expected = [straight.next_indices(7) for _ in range(6)]
+    assert expected[0] == MixtureSampler(mix, seed=1).next_indices(7)
+    first = MixtureSampler(mix, seed=1)
+    got = [first.next_indices(7) for _ in range(2)]
+    resumed = MixtureSampler(mix, seed=1)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert got + [resumed.next_indices(7) for _ in range(4)] == expected
+    with pytest.raises(UserError, match="other data"):
+        MixtureSampler(_mixture([10, 51, 200], [1, 1, 1]), seed=1).load_state_dict(first.state_dict())
+    # Two ranks with batch 7 see the global batches of one process with batch 14.
+    single = MixtureSampler(mix, seed=3).next_indices(14)
+    assert MixtureSampler(mix, 3, 0, 2).next_indices(7) + MixtureSampler(mix, 3, 1, 2).next_indices(7) == single
+
+
+def test_weighted_data_items_make_a_mixture(tmp_path, tokenizer, caplog):
+    a = write_data(tmp_path / "a", "jsonl", n_docs=20, seed=1)
+    b = write_data(tmp_path / "b", "txt", n_docs=10, seed=2)
+    with caplog.at_level("INFO", logger="lrc"):
+        mix = build_training_data([f"{a}:3", f"{b}:1"], tokenizer, 16, tmp_path / "cache")
+    assert isinstance(mix, Mixture) and mix.weights == [0.75, 0.25]
+    assert "75.0% of the sequences" in caplog.text and "tokens" in caplog.text
+    with pytest.raises(UserError, match="give every item a weight"):
+        build_training_data([f"{a}:3", str(b)], tokenizer, 16, tmp_path / "cache")
+    with pytest.raises(UserError, match="not a positive number"):
+        build_training_data([f"{a}:0", f"{b}:1"], tokenizer, 16, tmp_path / "cache")
+
+
+# -------------------------------------------------------------------------------------------- streaming
+
+
+def test_stream_equals_the_stored_stream_and_resumes_exactly(tmp_path, tokenizer):
+    # Catches a stream that packs differently from the stored path, and a resume that restarts at a document
+    # boundary or re-reads from the start instead of continuing at the saved token.
+    data = write_data(tmp_path / "d", "jsonl", n_docs=12)
+    stored = build_packed_dataset([data], tokenizer, 24)
+    n = len(stored)
+    straight = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
+    want = [straight.next(3) for _ in range(n // 3 + 4)]  # runs into the second epoch
+    for k in range(n // 3):  # the first epoch in file order, like the stored stream unshuffled
+        for key in ("input_ids", "position_ids", "labels"):
+            assert torch.equal(want[k][key], torch.stack([stored.get(3 * k + j)[key] for j in range(3)])), (k, key)
+    for stop in (1, 2, n // 3, n // 3 + 1):  # n // 3: the state may sit at the very end of the first epoch
+        first = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
+        got = [first.next(3) for _ in range(stop)]
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = make_batches(build_training_data([str(data)], tokenizer, 24, None, streaming=True), seed=0)
+        resumed.load_state_dict(state)
+        got += [resumed.next(3) for _ in range(len(want) - stop)]
+        for a, b in zip(got, want, strict=True):
+            assert all(torch.equal(a[key], b[key]) for key in a), stop
+    # One sequence per epoch: the saved position is the very end of the stream, and a resume goes on to epoch 2.
+    whole = len(stored.tokens)
+    first = make_batches(build_training_data([str(data)], tokenizer, whole, None, streaming=True), seed=0)
+    head = first.next(1)
+    resumed = make_batches(build_training_data([str(data)], tokenizer, whole, None, streaming=True), seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert torch.equal(resumed.next(1)["input_ids"], head["input_ids"])
+
+
+def test_hub_id_is_streamed_without_known_columns(tokenizer, monkeypatch):
+    # A hub stream whose features are unknown until read (a generator): columns are found by reading a row,
+    # and the stream resumes exactly. Catches a full download (streaming=True not passed) too.
+    import datasets
+
+    texts = corpus(n_docs=12, seed=3)
+
+    def rows():
+        yield from ({"text": t, "id": i} for i, t in enumerate(texts))
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, **kwargs):
+        assert streaming, "a streamed hub id must not be downloaded whole"
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    straight = make_batches(build_training_data(["owner/stream"], tokenizer, 16, None, streaming=True), seed=0)
+    want = [straight.next(2) for _ in range(6)]
+    first = make_batches(build_training_data(["owner/stream"], tokenizer, 16, None, streaming=True), seed=0)
+    got = [first.next(2) for _ in range(3)]
+    resumed = make_batches(build_training_data(["owner/stream"], tokenizer, 16, None, streaming=True), seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [resumed.next(2) for _ in range(3)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(got, want, strict=True) for k in a)
+
+
+# ----------------------------------------------------------------------------------------- CLI: prepare
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "llama")
+
+
+COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
+          "1", "--eval-batches", "1", "--log-every", "1", "--device", "cpu"]
+
+
+def test_prepare_then_distill_and_a_tokenizer_mismatch(tmp_path, teacher, monkeypatch, capsys):
+    # Catches a prepared folder that is tokenised again by distill, or accepted for another tokenizer.
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc-cache"))
+    data = write_data(tmp_path / "d", "jsonl")
+    run("prepare", "--teacher", teacher, "--data", data, "--out", tmp_path / "tokens", "--num-proc", "2")
+    assert "tokens/s" in capsys.readouterr().out
+    from transformers import PreTrainedTokenizerFast
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedTokenizerFast, "__call__", lambda *a, **k: pytest.fail("tokenised again"))
+        run("distill", "--teacher", teacher, "--data", tmp_path / "tokens", "--out", tmp_path / "run",
+            "--max-steps", "1", *COMMON)
+    assert not (tmp_path / "lrc-cache" / "tokens").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    tok = train_bpe(corpus(seed=5), vocab_size=280)
+    tok.save_pretrained(other)
+    for f in ("config.json", "model.safetensors"):
+        (other / f).write_bytes((teacher / f).read_bytes())
+    assert main(["distill", "--teacher", str(other), "--data", str(tmp_path / "tokens"), "--out",
+                 str(tmp_path / "run2"), "--max-steps", "1", *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer differs from the teacher's" in err and "lrc prepare" in err and err.count("\n") == 1
+    assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.slow
+def test_streaming_distill_resumes_exactly(tmp_path, teacher, monkeypatch):
+    # The issue's check: a local file read as a stream, interrupted (4 of 8 steps) and resumed, gives the
+    # losses of an uninterrupted run.
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc-cache"))
+    data = write_data(tmp_path / "d", "jsonl")
+    args = ["--streaming", "--lr", "3e-3", "--schedule", "constant", "--eval-every", "0", *COMMON]
+    run("distill", "--teacher", teacher, "--data", data, "--out", tmp_path / "straight", "--max-steps", "8", *args)
+    run("distill", "--teacher", teacher, "--data", data, "--out", tmp_path / "split", "--max-steps", "4", *args)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["sampler"]["stream"]["offset"] > 0 or state["sampler"]["stream"]["state"]
+    run("distill", "--data", data, "--out", tmp_path / "split", "--max-steps", "8", "--resume")
+    a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+
+
+# -------------------------------------------------------------------------------------------- torchrun
+
+_COUNTING = """
+import os, sys
+from pathlib import Path
+from transformers import PreTrainedTokenizerFast
+real = PreTrainedTokenizerFast.__call__
+def counting(self, *args, **kwargs):
+    with open(os.environ["TOKENISED_BY"], "a") as f:
+        f.write(os.environ.get("RANK", "?") + "\\n")
+    return real(self, *args, **kwargs)
+PreTrainedTokenizerFast.__call__ = counting
+from lrc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_tokenises_once_per_machine(tmp_path, teacher):
+    # Catches every process tokenising the corpus (each would write its rank to the marker file), and a
+    # waiting process that reads the cache before it is complete (it would tokenise or fail).
+    script = tmp_path / "counting_lrc.py"
+    script.write_text(_COUNTING)
+    marker = tmp_path / "tokenised-by.txt"
+    data = write_data(tmp_path / "d", "jsonl", n_docs=80)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "run"),
+           "--max-steps", "1", *COMMON]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(tmp_path / "cache"),
+                          TOKENISED_BY=str(marker)), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = set(marker.read_text().split())
+    assert ranks == {"0"}, ranks
+
+
+def test_one_line_errors_of_the_new_options(tmp_path, teacher, capsys):
+    data = write_data(tmp_path / "d", "jsonl")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [(["prepare", "--teacher", teacher, "--data", data, "--out", tmp_path / "full"], "is not empty"),
+             (["prepare", "--teacher", teacher, "--data", data, "--out", tmp_path / "p", "--num-proc", "0"],
+              "--num-proc must be a positive integer"),
+             (["distill", "--teacher", teacher, "--data", f"{data}:1", f"{data}:2", "--out", tmp_path / "r",
+               "--streaming", "--max-steps", "1", *COMMON], "--streaming reads one source"),
+             (["distill", "--teacher", teacher, "--data", f"{data}:1", str(data), "--out", tmp_path / "r",
+               "--max-steps", "1", *COMMON], "give every item a weight")]
+    for argv, needle in cases:
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_data_error_stops_every_process(tmp_path, teacher):
+    # Catches a waiting process left hanging at the barrier when the first one fails (the timeout would hit).
+    blank = _jsonl(tmp_path / "blank.jsonl", [{"text": "  "}] * 3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrc",
+           "distill", "--teacher", str(teacher), "--data", str(blank), "--out", str(tmp_path / "run"),
+           "--max-steps", "1", *COMMON]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path / "cache"), timeout=120)
+    assert proc.returncode != 0
+    assert "no text found" in proc.stderr and "failed in another process" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
