@@ -106,7 +106,9 @@ def load_tasks(spec: TaskSpec, manager) -> None:
         if spec.needs_hub:
             why = "the network is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if _offline() else \
                 f"it failed: {e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            raise UserError(f"tasks {', '.join(spec.needs_hub)} need the network to fetch their data from the "
+            which = f"tasks {', '.join(spec.needs_hub)} need" if len(spec.needs_hub) > 1 else \
+                f"task {spec.needs_hub[0]} needs"
+            raise UserError(f"{which} the network to fetch their data from the "
                             f"Hugging Face hub (once; then it is cached), and {why}; offline, use local tasks: "
                             f"lrc_next_line or a task YAML file over local json") from None
         raise UserError(f"task data could not be loaded: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
