@@ -104,7 +104,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 4)" in text and text.count("(default:") == 7  # one per option but --help
+    assert "(default: 4)" in text and text.count("(default:") == 10  # one per option but --help
 
 
 # ------------------------------------------------------------------------------------------- end to end
