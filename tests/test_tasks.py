@@ -110,6 +110,7 @@ def test_eval_task_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, need
         pytest.importorskip("lm_eval")
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
     model = save_teacher(tmp_path / "m")
+    capsys.readouterr()  # saving prints a progress bar
     assert main(["eval", str(model), "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
@@ -120,6 +121,7 @@ def test_eval_tasks_without_lm_eval_is_one_line(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     model = save_teacher(tmp_path / "m")
+    capsys.readouterr()  # saving prints a progress bar
     assert main(["eval", str(model), "--device", "cpu", "--tasks", TASK]) == 2
     err = capsys.readouterr().err
     assert "needs lm-eval" in err and "lowrankclone[eval]" in err and err.count("\n") == 1
@@ -133,6 +135,7 @@ def test_paper_tasks_offline_say_they_need_the_network(tmp_path, capsys, monkeyp
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))  # nothing cached
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     model = save_teacher(tmp_path / "m")
+    capsys.readouterr()  # saving prints a progress bar
     assert main(["eval", str(model), "--device", "cpu", "--tasks", "paper"]) == 2
     err = capsys.readouterr().err
     assert "need the network" in err and "arc_easy" in err and "mmlu" in err and err.count("\n") == 1, err

@@ -85,6 +85,7 @@ def test_wandb_missing_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypa
     monkeypatch.setitem(sys.modules, "wandb", None)
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
     teacher, data, out = save_teacher(tmp_path / "t"), write_data(tmp_path / "data"), tmp_path / "run"
+    capsys.readouterr()  # saving prints a progress bar
     assert main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *ARGS,
                  "--wandb", "p"]) == 2
     err = capsys.readouterr().err
