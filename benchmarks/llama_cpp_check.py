@@ -82,7 +82,12 @@ def compare(model_dir: Path, gguf: Path, n_tokens: int, threads: int) -> list[di
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    llm = Llama(str(gguf), n_ctx=512, logits_all=True, verbose=False, n_threads=threads, seed=0)
+    # Mistral's sliding window: the stock converter writes Mistral as the llama architecture, without one
+    window = getattr(model.config, "sliding_window", None)
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, sliding_window=None).eval() \
+        if window else None
+    n_ctx = min(512, model.config.max_position_embeddings)
+    llm = Llama(str(gguf), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads, seed=0)
     rows = []
     try:
         for prompt in PROMPTS:
@@ -106,7 +111,13 @@ def compare(model_dir: Path, gguf: Path, n_tokens: int, threads: int) -> list[di
             with torch.no_grad():
                 hf_logits = model(torch.tensor([seq])).logits[0].double().numpy()
             top2 = np.sort(hf_logits[len(ids) - 1:], axis=-1)[:, -2:]
-            rows.append({"prompt": prompt, "tokenization_matches": same_tokens, "tokens": len(hf),
+            if full is not None:  # the same weights with full attention: what llama.cpp's llama arch computes
+                with torch.no_grad():
+                    full_logits = full(torch.tensor([seq])).logits[0].double().numpy()
+                extra = {"max_abs_logit_diff_full_attention": float(np.abs(cpp_logits - full_logits).max())}
+            else:
+                extra = {}
+            rows.append({**extra, "prompt": prompt, "tokenization_matches": same_tokens, "tokens": len(hf),
                          "greedy_matches": hf == cpp, "first_difference": first,
                          "max_abs_logit_diff": float(np.abs(cpp_logits - hf_logits).max()),
                          "logit_scale": float(np.abs(hf_logits).max()),
@@ -143,7 +154,8 @@ def main() -> int:
                "converter": str(sources / "convert_hf_to_gguf.py"), "models": []}
     for model_dir in models:
         config = json.loads((model_dir / "config.json").read_text())
-        entry = {"model": str(model_dir), "hidden_size": config["hidden_size"],
+        entry = {"model": str(model_dir), "model_type": config["model_type"], "hidden_size": config["hidden_size"],
+                 "sliding_window": config.get("sliding_window"),
                  "heads": config["num_attention_heads"], "kv_heads": config.get("num_key_value_heads"),
                  "head_dim": config.get("head_dim"), "dtype": config.get("dtype"), "outtypes": {}}
         for outtype in args.outtype:
@@ -157,8 +169,9 @@ def main() -> int:
           "| smallest top-2 gap |")
     print("|---|---|---|---|---|---|---|")
     for entry in results["models"]:
-        shape = (f"hidden {entry['hidden_size']}, {entry['heads']} heads x {entry['head_dim']} "
-                 f"({entry['kv_heads']} KV)")
+        shape = (f"{entry['model_type']}, hidden {entry['hidden_size']}, {entry['heads']} heads x "
+                 f"{entry['head_dim']} ({entry['kv_heads']} KV)"
+                 + (f", sliding window {entry['sliding_window']}" if entry["sliding_window"] else ""))
         for outtype, rows in entry["outtypes"].items():
             firsts = [str(r["first_difference"]) for r in rows if r["first_difference"] is not None]
             print(f"| {shape} | {outtype} | {sum(r['tokenization_matches'] for r in rows)}/{len(rows)} | "
@@ -166,6 +179,9 @@ def main() -> int:
                   f"({sum(r['tokens'] for r in rows)} tokens) | {', '.join(firsts) or '-'} | "
                   f"{max(r['max_abs_logit_diff'] for r in rows):.2e} | "
                   f"{min(r['min_top1_top2_gap'] for r in rows):.2e} |")
+            if "max_abs_logit_diff_full_attention" in rows[0]:
+                print(f"|  | {outtype}: against transformers without the sliding window | | | | "
+                      f"{max(r['max_abs_logit_diff_full_attention'] for r in rows):.2e} | |")
     return 0
 
 
