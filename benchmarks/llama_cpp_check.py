@@ -111,6 +111,7 @@ def compare(model_dir: Path, gguf: Path, n_tokens: int, threads: int) -> list[di
             with torch.no_grad():
                 hf_logits = model(torch.tensor([seq])).logits[0].double().numpy()
             top2 = np.sort(hf_logits[len(ids) - 1:], axis=-1)[:, -2:]
+            gaps = top2[:, 1] - top2[:, 0]  # transformers' top-1 minus top-2 logit at each generated token
             if full is not None:  # the same weights with full attention: what llama.cpp's llama arch computes
                 with torch.no_grad():
                     full_logits = full(torch.tensor([seq])).logits[0].double().numpy()
@@ -121,7 +122,10 @@ def compare(model_dir: Path, gguf: Path, n_tokens: int, threads: int) -> list[di
                          "greedy_matches": hf == cpp, "first_difference": first,
                          "max_abs_logit_diff": float(np.abs(cpp_logits - hf_logits).max()),
                          "logit_scale": float(np.abs(hf_logits).max()),
-                         "min_top1_top2_gap": float((top2[:, 1] - top2[:, 0]).min()),
+                         "min_top1_top2_gap": float(gaps.min()),
+                         "gap_at_first_difference": None if first is None else float(gaps[first]),
+                         "logit_diff_at_first_difference": None if first is None else float(
+                             np.abs(cpp_logits[len(ids) - 1 + first] - hf_logits[len(ids) - 1 + first]).max()),
                          "transformers": tok.decode(hf), "llama_cpp": tok.decode(cpp)})
     finally:
         llm.close()
@@ -165,15 +169,16 @@ def main() -> int:
         results["models"].append(entry)
     (args.out / "llama_cpp_check.json").write_text(json.dumps(results, indent=2))
 
-    print("| student | GGUF type | tokenization equal | greedy tokens equal | first difference | max logit diff "
-          "| smallest top-2 gap |")
+    print("| student | GGUF type | tokenization equal | greedy tokens equal | first difference (top-2 gap there, "
+          "logit diff there) | max logit diff | smallest top-2 gap |")
     print("|---|---|---|---|---|---|---|")
     for entry in results["models"]:
         shape = (f"{entry['model_type']}, hidden {entry['hidden_size']}, {entry['heads']} heads x "
                  f"{entry['head_dim']} ({entry['kv_heads']} KV)"
                  + (f", sliding window {entry['sliding_window']}" if entry["sliding_window"] else ""))
         for outtype, rows in entry["outtypes"].items():
-            firsts = [str(r["first_difference"]) for r in rows if r["first_difference"] is not None]
+            firsts = [f"{r['first_difference']} ({r['gap_at_first_difference']:.1e}, "
+                      f"{r['logit_diff_at_first_difference']:.1e})" for r in rows if r["first_difference"] is not None]
             print(f"| {shape} | {outtype} | {sum(r['tokenization_matches'] for r in rows)}/{len(rows)} | "
                   f"{sum(r['greedy_matches'] for r in rows)}/{len(rows)} prompts "
                   f"({sum(r['tokens'] for r in rows)} tokens) | {', '.join(firsts) or '-'} | "
