@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install lowrankclone with its test tools.
+# Create .venv and install lowrankclone with its test tools and the eval and wandb extras.
 # torch: with an NVIDIA GPU, the newest build pip resolves (no old pin). Without one, a CPU build: a local
 # torch==2.13.0 CPU wheel where pip's find-links has one; else the index named by LRC_TORCH_INDEX_URL (e.g.
 # PyTorch's CPU-only index); else torch as pip resolves it (on Linux that is a large CUDA build).
@@ -24,5 +24,6 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch>=2.6"
   fi
 fi
-python -m pip install -q -e ".[test]"
+# eval (lm-eval) and wandb: their tests (the shipped next-line task against a hand count, W&B offline) run in CI
+python -m pip install -q -e ".[test,eval,wandb]"
 echo "lowrankclone installed in $(pwd)/.venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

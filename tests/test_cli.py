@@ -3,6 +3,7 @@ files, baselines, exact resume (also after SIGTERM and SIGKILL) and torchrun dat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import signal
@@ -104,7 +105,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 4)" in text and text.count("(default:") == 7  # one per option but --help
+    assert "(default: 4)" in text and text.count("(default:") == 10  # one per option but --help
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -146,6 +147,13 @@ def test_distill_export_eval(kind, tmp_path, teacher, datasets, capsys):
     direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert direct["tokens"] == exported["tokens"]
     assert direct["loss"] == pytest.approx(exported["loss"], rel=1e-4)
+    if kind == "txt" and importlib.util.find_spec("lm_eval"):
+        # a run directory with --tasks (exported in memory) scores as its export, in one table
+        run("eval", out, model_dir, "--tasks", "lrc_next_line", "--limit", "4", "--json", "--device", "cpu")
+        both = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert [r["model"] for r in both] == [str(out), str(model_dir)]
+        direct, exported = (r["tasks"]["lrc_next_line"] for r in both)
+        assert direct == pytest.approx(exported) and direct["samples"] == 4
 
 
 def test_max_steps_zero_initialises_and_saves(tmp_path, teacher, datasets):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -17,6 +19,18 @@ def test_tiny_demo_writes_report_plot_and_student(tmp_path, monkeypatch, capsys)
     for name in ("teacher", "LRC student", "scratch student"):
         assert f"| {name} |" in report
     assert "perplexity" in report and "heldout_loss.png" in report
+    assert "| next-line acc | next-line acc_norm |" in report
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        assert "Next-line accuracy: not measured" in report
+    else:  # every model has a measured accuracy on the shipped task's first 8 items (a multiple of 1/8)
+        results = json.loads((out / "results.json").read_text())
+        for name in ("teacher", "LRC student", "scratch student"):
+            acc = results[name]["next_line"]
+            assert acc["samples"] == 8 and (acc["acc"] * 8).is_integer() and (acc["acc_norm"] * 8).is_integer()
+            row = next(line for line in report.splitlines() if line.startswith(f"| {name} |")).split(" | ")
+            assert row[5:7] == [f"{acc['acc']:.3f}", f"{acc['acc_norm']:.3f}"]
     png = (out / "heldout_loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     model = AutoModelForCausalLM.from_pretrained(out / "student")

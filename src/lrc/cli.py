@@ -89,23 +89,28 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from lrc.config import check_option
     from lrc.distributed import pick_device
-    from lrc.evaluate import evaluate_path, lm_eval_tasks
+    from lrc.eval_table import format_markdown, format_text
+    from lrc.evaluate import evaluate_models
 
     check_option("batch_size", args.batch_size)
     if args.seq_len is not None:
         check_option("seq_len", args.seq_len)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    if args.limit is not None and not args.limit > 0:
+        raise UserError(f"--limit must be positive (items per task, or a share below 1), got {args.limit}")
+    if not args.tasks and (args.num_fewshot is not None or args.limit is not None):
+        raise UserError("--num-fewshot and --limit apply to --tasks; add --tasks NAMES")
+    markdown = Path(args.markdown) if args.markdown else None
+    if markdown is not None and not markdown.parent.is_dir():
+        raise UserError(f"--markdown: folder {markdown.parent} does not exist; create it or choose another path")
     device = pick_device(args.device)
-    result = evaluate_path(args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                           device=device, text_field=args.text_field)
-    if args.tasks:
-        result["tasks"] = lm_eval_tasks(args.model, args.tasks, device)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{args.model}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
-              f"over {result['tokens']:,} tokens ({result['parameters']:,} parameters)")
-        for task, r in result.get("tasks", {}).items():
-            print(f"  {task}: {r}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    records = evaluate_models(args.model, args.data, args.tasks, seq_len=args.seq_len, batch_size=args.batch_size,
+                              device=device, text_field=args.text_field, num_fewshot=args.num_fewshot, limit=limit)
+    if markdown is not None:
+        markdown.write_text(format_markdown(records))
+    print(json.dumps(records if len(records) > 1 else records[0]) if args.json else format_text(records))
     return 0
 
 
@@ -194,17 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype (default: the dtype the teacher is stored in)")
     e.set_defaults(fn=cmd_export)
 
-    v = sub.add_parser("eval", help="held-out loss and perplexity of a model, run or teacher",
+    v = sub.add_parser("eval", help="models side by side: parameters, held-out loss and perplexity, task accuracy",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    v.add_argument("model", help="exported/HF model directory, hub id, or lrc run directory")
-    v.add_argument("--data", nargs="+", required=True, help="held-out text/jsonl/json/parquet files or folders")
+    v.add_argument("model", nargs="+", help="exported/HF model directories, hub ids, or lrc run directories "
+                   "(exported in memory)")
+    v.add_argument("--data", nargs="+", default=None,
+                   help="held-out text/jsonl/json/parquet files or folders (optional with --tasks)")
     v.add_argument("--seq-len", type=int, default=None,
                    help="sequence length; None: the run's --seq-len, else 512")
-    v.add_argument("--batch-size", type=int, default=4, help="sequences per batch")
+    v.add_argument("--batch-size", type=int, default=4, help="sequences per batch (held-out loss and lm-eval)")
     v.add_argument("--text-field", default="text", help="text field of jsonl/json/parquet data")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    v.add_argument("--tasks", nargs="+", default=None, help="lm-eval tasks to run as well (needs lm-eval)")
-    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--tasks", nargs="+", default=None,
+                   help="zero-shot tasks (needs lm-eval): lrc_next_line (shipped, offline), task YAML files, "
+                   "lm-eval task names, or paper (its nine tasks; they fetch data from the hub)")
+    v.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (None: the task's)")
+    v.add_argument("--limit", type=float, default=None,
+                   help="lm-eval items per task (a number below 1: a share of them)")
+    v.add_argument("--json", action="store_true", help="print the records as JSON (one object for one model)")
+    v.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     v.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("demo", help="end-to-end demo on Shakespeare, on CPU, no downloads",

@@ -120,6 +120,8 @@ class RunConfig:
     eval_batches: int = opt(16, "held-out micro-batches per evaluation")
     save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
+    wandb: str | None = opt(None, "also log metrics.jsonl's records to this Weights & Biases project (needs "
+                            "wandb: pip install 'lowrankclone[wandb]'; WANDB_MODE=offline logs without network)")
     cache_dir: str | None = opt(None, "token cache folder "
                                 "(default: $LRC_CACHE/tokens, else ~/.cache/lrc/tokens)")
 
@@ -136,7 +138,8 @@ class RunConfig:
 
 # Options that may differ when resuming a run; everything else must match the saved run.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
-                     "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data", "num_proc"}
+                     "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data", "num_proc",
+                     "wandb"}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 

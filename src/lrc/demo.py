@@ -5,8 +5,9 @@
    tokenizer trained on the training plays. Cached under $LRC_CACHE/demo, so a second run reuses it.
 3. An LRC student at half the teacher's width, exported; and a from-scratch student of exactly the exported
    architecture trained on the same number of tokens.
-4. report.md with held-out perplexities, parameter counts, tokens, wall times, a plot of held-out loss
-   against training tokens, and sampled continuations from each model.
+4. report.md with held-out perplexities, accuracy on the shipped next-line task (`lrc.next_line_task`, when
+   lm-eval is installed), parameter counts, tokens, wall times, a plot of held-out loss against training
+   tokens, and sampled continuations from each model.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class DemoSettings:
     eval_every: int = 25
     eval_batches: int = 8
     final_eval_sequences: int = 256
+    task_items: int | None = None  # items of the next-line task per model (None: all)
 
 
 FULL = DemoSettings()
@@ -51,7 +53,7 @@ QUICK = DemoSettings(teacher_hidden=192, ffn=512, student_hidden=96, teacher_tok
                      student_tokens=80_000, eval_every=10, eval_batches=4, final_eval_sequences=96)
 TINY = DemoSettings(vocab=320, teacher_hidden=48, teacher_layers=2, heads=2, kv_heads=1, ffn=96,
                     student_hidden=24, seq_len=32, batch=4, teacher_tokens=2_048, student_tokens=1_024,
-                    eval_every=4, eval_batches=1, final_eval_sequences=8)
+                    eval_every=4, eval_batches=1, final_eval_sequences=8, task_items=8)
 
 
 def play_files() -> tuple[list[Path], list[Path]]:
@@ -202,11 +204,17 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     val_ds = build_packed_dataset([str(p) for p in val], tokenizer, s.seq_len, cache_dir=cache / "tokens")
     models = {"teacher": teacher_dir, "LRC student": exported["lrc"], "scratch student": exported["scratch"]}
+    task = _next_line_task(cache)
     results = {}
     for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         r = model_loss(model, val_ds, batch_size=s.batch, max_batches=max(1, s.final_eval_sequences // s.batch))
         r["parameters"] = sum(p.numel() for p in model.parameters())
+        if task is not None:
+            from lrc.tasks import run_tasks
+
+            r["next_line"] = run_tasks(model, tokenizer, *task, batch_size=s.batch, limit=s.task_items)[
+                "lrc_next_line"]
         r["samples"] = _samples(model, tokenizer, 12 if tiny else 60)
         results[name] = r
 
@@ -222,6 +230,20 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     return out / "report.md"
 
 
+def _next_line_task(cache: Path):
+    """(spec, lm-eval task manager) of the shipped next-line task, or None without lm-eval."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        _log("lm-eval is not installed: no next-line accuracy (pip install 'lowrankclone[eval]')")
+        return None
+    from lrc.tasks import load_tasks, resolve_tasks
+
+    spec, manager = resolve_tasks(["lrc_next_line"], cache / "tasks")
+    load_tasks(spec, manager)
+    return spec, manager
+
+
 def _report(s, results, timings, curves, total, quick, tiny, held_out) -> str:
     lrc, scratch, teacher = results["LRC student"], results["scratch student"], results["teacher"]
     gap = scratch["loss"] - lrc["loss"]
@@ -235,15 +257,18 @@ def _report(s, results, timings, curves, total, quick, tiny, held_out) -> str:
         f"Students: hidden {s.student_hidden} (half), {s.student_tokens:,} training tokens each, sequences of "
         f"{s.seq_len}. Held-out plays: {', '.join(held_out)}.",
         "",
-        "| model | parameters | training tokens | held-out loss | held-out perplexity | wall time |",
-        "|---|---|---|---|---|---|",
+        "| model | parameters | training tokens | held-out loss | held-out perplexity | next-line acc | "
+        "next-line acc_norm | wall time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     toks = {"teacher": s.teacher_tokens, "LRC student": s.student_tokens, "scratch student": s.student_tokens}
     secs = {"teacher": timings["teacher"], "LRC student": timings["lrc"], "scratch student": timings["scratch"]}
     for name, r in results.items():
         t = "cached" if name == "teacher" and secs[name] == 0 else f"{secs[name]:.0f} s"
+        acc = r.get("next_line", {})
         lines.append(f"| {name} | {r['parameters']:,} | {toks[name]:,} | {r['loss']:.4f} | "
-                     f"{r['perplexity']:.2f} | {t} |")
+                     f"{r['perplexity']:.2f} | {acc.get('acc', float('nan')):.3f} | "
+                     f"{acc.get('acc_norm', float('nan')):.3f} | {t} |")
     verdict = "beats" if gap > 0 else "does not beat"
     lines += [
         "",
@@ -255,6 +280,8 @@ def _report(s, results, timings, curves, total, quick, tiny, held_out) -> str:
         f"Measured on held-out sequences of {s.seq_len} tokens ({lrc['tokens']:,} predicted tokens). Total demo "
         f"wall time: {total:.0f} s.",
         "",
+        _next_line_note(lrc),
+        "",
         "![held-out loss against training tokens](heldout_loss.png)",
         "",
         "## Samples (top-k 40, temperature 0.8)",
@@ -264,3 +291,12 @@ def _report(s, results, timings, curves, total, quick, tiny, held_out) -> str:
         for text in r["samples"]:
             lines += ["```", text.strip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _next_line_note(r: dict) -> str:
+    if "next_line" not in r:
+        return "Next-line accuracy: not measured (lm-eval is not installed: pip install 'lowrankclone[eval]')."
+    return (f"Next-line accuracy: `lrc_next_line`, zero-shot, {r['next_line'].get('samples', '?')} items from the "
+            "held-out plays: which of four lines of the same play comes next after six lines of context (chance "
+            "0.25); acc_norm divides each line's log-likelihood by its length in characters. The same task runs "
+            "with `lrc eval MODEL ... --tasks lrc_next_line`.")

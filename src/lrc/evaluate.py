@@ -94,20 +94,42 @@ def load_for_eval(path: str, device="cpu"):
 
 def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
                   device="cpu", text_field: str = "text", cache_dir: Path | None = None) -> dict:
-    files = resolve_data_files(list(data))
-    model, tokenizer, run_seq_len = load_for_eval(path, device)
-    seq_len = seq_len or run_seq_len or 512
-    ds = build_packed_dataset(files, tokenizer, seq_len, cache_dir=cache_dir, text_field=text_field)
-    result = model_loss(model, ds, batch_size=batch_size, device=device, precision="auto")
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    return result
+    """Held-out loss of one model, run or teacher: {"loss", "perplexity", "tokens", "parameters"}."""
+    return evaluate_models([path], data, seq_len=seq_len, batch_size=batch_size, device=device,
+                           text_field=text_field, cache_dir=cache_dir)[0]
 
 
-def lm_eval_tasks(path: str, tasks: list[str], device="cpu") -> dict:
-    """lm-evaluation-harness tasks on an exported model, when lm-eval is installed."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise UserError("--tasks needs lm-eval: pip install 'lowrankclone[eval]'") from None
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path}", tasks=tasks, device=str(device))
-    return {t: r for t, r in out["results"].items()}
+def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] | None = None, *,
+                    seq_len: int | None = None, batch_size: int = 4, device="cpu", text_field: str = "text",
+                    cache_dir: Path | None = None, num_fewshot: int | None = None,
+                    limit: float | None = None) -> list[dict]:
+    """One record per model (`lrc eval`): {"model", "parameters", and with data "loss", "perplexity", "tokens",
+    with tasks "tasks": {task: {"acc", "acc_norm", "samples"}}}.
+
+    Every input is checked first (data files, task names, task data), then each model is loaded in turn (a
+    run directory is exported in memory) and dropped before the next."""
+    if not data and not tasks:
+        raise UserError("give --data FILES (held-out loss) or --tasks NAMES (accuracy), or both")
+    files = resolve_data_files(list(data)) if data else None
+    spec = manager = None
+    if tasks:
+        from lrc.tasks import load_tasks, resolve_tasks
+
+        spec, manager = resolve_tasks(tasks)
+        load_tasks(spec, manager)
+    records = []
+    for path in paths:
+        model, tokenizer, run_seq_len = load_for_eval(path, device)
+        record: dict = {"model": path, "parameters": sum(p.numel() for p in model.parameters())}
+        if files:
+            ds = build_packed_dataset(files, tokenizer, seq_len or run_seq_len or 512, cache_dir=cache_dir,
+                                      text_field=text_field)
+            record.update(model_loss(model, ds, batch_size=batch_size, device=device, precision="auto"))
+        if spec is not None:
+            from lrc.tasks import run_tasks
+
+            record["tasks"] = run_tasks(model, tokenizer, spec, manager, batch_size=batch_size,
+                                        num_fewshot=num_fewshot, limit=limit)
+        records.append(record)
+        del model
+    return records

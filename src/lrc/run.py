@@ -99,6 +99,10 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise UserError("give a training budget: --max-steps N or --max-tokens N")
     validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
+    if cfg.wandb:
+        from lrc.tracking import require_wandb
+
+        require_wandb()
     if cfg.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
         sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
         raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "
@@ -140,12 +144,14 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), rank 0 only."""
+    """metrics.jsonl (and TensorBoard when installed, and W&B with --wandb PROJECT), rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, truncate_after: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, truncate_after: int | None = None,
+                 wandb_project: str | None = None, config: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         if truncate_after is not None and self.path.exists():
@@ -165,6 +171,10 @@ class MetricsLog:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         except ImportError:
             self.tb = None
+        if wandb_project:
+            from lrc.tracking import WandbTracker
+
+            self.wandb = WandbTracker(wandb_project, run_dir, config or {})
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -176,10 +186,15 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "split"):
                     self.tb.add_scalar(f"{split}/{k}", v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def load_run(run_dir: str | Path, device="cpu") -> tuple[RunConfig, Method, object, torch.nn.Module]:

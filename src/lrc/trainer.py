@@ -208,7 +208,8 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     if info.is_main:
         prep.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, prep.run_dir / "config.yaml")
-    metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None)
+    metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None,
+                         wandb_project=cfg.wandb, config=cfg.to_dict())
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
                 sharded, steps, metrics, step=step, tokens=tokens, elapsed_before=elapsed,
                 fresh=prep.resume_from is None)
