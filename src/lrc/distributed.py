@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -135,7 +136,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, info: DistInfo) 
     if not sharded:
         if max_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0
+        return float(torch.sqrt(cast(torch.Tensor, sum((g.float() ** 2).sum() for g in grads)))) if grads else 0.0
     locals_ = [g.to_local() for g in sharded]  # type: ignore[attr-defined]
     dev = locals_[0].device
     square = sum((t.double() ** 2).sum() for t in locals_)

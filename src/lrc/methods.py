@@ -35,7 +35,7 @@ from lrc.errors import UserError
 from lrc.export import build_student_model
 from lrc.families import family_for
 from lrc.losses import LossOutput, LossWeights, kd_lm_loss, lrc_objective, next_token_labels
-from lrc.sharding import Projections, gathered, local_bytes, shard_projections
+from lrc.sharding import Projections, gather, gathered, local_bytes, shard_projections
 from lrc.weights import StepWeights, generate_weights
 
 Calibration = Callable[[], Iterable[dict]]
@@ -133,12 +133,11 @@ class LRC(Method):
         w = self.loss_weights
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
-        if step is None:
-            step = self._generate()
+        weights = step if step is not None else self._generate()
         fwd = self.clone(input_ids, position_ids, attention_mask, terms=w.clone_terms(), teacher_logits=w.kl != 0.0,
-                         step=cast(StepWeights, step))
+                         step=cast(StepWeights, weights))
         if self.projections is not None and not torch.is_grad_enabled():
-            self.projections.reshard()  # evaluation: no backward will reshard it
+            gather(self.projections, False)  # evaluation: no backward will reshard it
         return lrc_objective(fwd.hidden, fwd.head, fwd.teacher_hidden, fwd.teacher_head, fwd.clone_errors,
                              labels.reshape(-1), _kl_mask(labels, attention_mask), w, ce_denominator=ce_denominator,
                              scale=scale, chunk_size=self.chunk_size, fused=self.fused_loss)
@@ -177,11 +176,11 @@ class LRC(Method):
         unit = self.projections
         if unit is None:
             return build_student_model(self.clone, dtype)
-        unit.unshard()
+        gather(unit, True)
         try:
             return build_student_model(self.clone, dtype)
         finally:
-            unit.reshard()
+            gather(unit, False)
 
     def held_bytes(self) -> int:
         """Bytes of trainable parameters this process holds (a shard counts its own part only)."""

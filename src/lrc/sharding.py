@@ -107,6 +107,17 @@ class Projections(nn.Module):
         return generate()
 
 
+def gather(unit: nn.Module, whole: bool) -> None:
+    """Gather (whole=True) or reshard a `fully_shard`-ed module outside its forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = cast(FSDPModule, unit)
+    if whole:
+        fsdp.unshard()
+    else:
+        fsdp.reshard()
+
+
 def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[Projections, int, int]:
     """Shard `layers` (the clone's `LayerProjections`, identical on every rank) over all ranks of the default
     process group as one FSDP2 unit that stays gathered after its forward (see `Projections`).
