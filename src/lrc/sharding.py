@@ -18,7 +18,7 @@ on every rank and are averaged by `distributed.average_gradients`, which skips t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -105,6 +105,19 @@ class Projections(nn.Module):
 
     def forward(self, generate: Callable[[], tuple[Any, list[torch.Tensor]]]) -> tuple[Any, list[torch.Tensor]]:
         return generate()
+
+
+def held_bytes(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, tuple[int, int]]:
+    """Of the sharded `params` and of everything else trained: (bytes this rank holds, bytes whole) of the
+    parameters and of their optimizer state (AdamW's moments), as allocated now."""
+    out: dict[str, tuple[int, int]] = {}
+    for kind, chosen in (("sharded", [p for p in params if is_sharded(p)]),
+                         ("whole", [p for p in params if not is_sharded(p)])):
+        state = [t for p in chosen for t in optimizer.state.get(p, {}).values()
+                 if isinstance(t, torch.Tensor) and t.dim() > 0]  # not AdamW's step counters
+        out[f"{kind} params"] = (local_bytes(chosen), sum(t.numel() * t.element_size() for t in chosen))
+        out[f"{kind} optimizer"] = (local_bytes(state), sum(t.numel() * t.element_size() for t in state))
+    return out
 
 
 def gather(unit: nn.Module, whole: bool) -> None:

@@ -393,9 +393,23 @@ def fit(s: Session) -> Path:
                 log.info(f"interrupted at step {s.step}: checkpoint saved; continue with "
                          f"`lrc distill --out {s.run_dir} --resume`")
                 raise RunInterrupted(int(stop.signal or signal.SIGTERM))  # or another rank's signal
+    if _has_sharded_trainables(s.method):
+        _log_held(s)
     s.log.close()
     log.info(f"done: {s.step} steps, {s.tokens:,} tokens. Export with `lrc export {s.run_dir} --out MODEL_DIR`")
     return s.run_dir
+
+
+def _log_held(s: Session) -> None:
+    """What each process holds of the trainables and their optimizer state (the largest over processes)."""
+    from lrc.sharding import held_bytes
+
+    held = held_bytes(s.method.trainable_parameters(), s.optimizer)
+    keys = sorted(held)
+    mine = torch.tensor([held[k][0] for k in keys], dtype=torch.float64, device=s.device)
+    torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
+    shown = ", ".join(f"{k} {float(v) / 2**20:.4g} MiB of {held[k][1] / 2**20:.4g} MiB" for k, v in zip(keys, mine))
+    log.info(f"held per process (largest): {shown}")
 
 
 def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False) -> Path:
