@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from lrc.errors import UserError
 
@@ -64,7 +66,9 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer_state: 
     return final
 
 
-def _corrupt(path: Path, e: Exception) -> UserError:
+def _corrupt(path: Path, e: BaseException) -> UserError:
+    if isinstance(e, CheckpointException) and e.failures:  # one per rank: the first rank's says what is wrong
+        e = next(iter(e.failures.values()))[0]
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     return UserError(f"checkpoint {path} is corrupt ({reason}); delete that folder to resume from the one before it")
 
@@ -79,7 +83,7 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict, dict]
             return _read_sharded_trainables(path / SHARDED, device), {}, state
         trainable = load_file(str(path / "trainable.safetensors"), device=str(device))
         opt_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, ValueError, EOFError) as e:
+    except (OSError, SafetensorError, RuntimeError, ValueError, EOFError, CheckpointException) as e:
         raise _corrupt(path, e) from None
     return trainable, opt_state, state
 
@@ -103,7 +107,9 @@ def _read_sharded_trainables(folder: Path, device: torch.device) -> dict[str, to
               if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if not wanted:
         raise ValueError("no trainable tensors in it")
-    dcp.load({"trainable": wanted}, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"trainable": wanted}, checkpoint_id=str(folder), no_dist=True)
     return wanted
 
 
@@ -171,7 +177,7 @@ def restore_sharded(path: Path, method: nn.Module, optimizer: torch.optim.Optimi
         dcp.load(content, checkpoint_id=str(path / SHARDED))
         scheduler_state = torch.load(path / "scheduler.pt", map_location=device, weights_only=True)
         state = json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
+    except (OSError, RuntimeError, ValueError, EOFError, CheckpointException) as e:
         raise _corrupt(path, e) from None
     method.load_trainable_state_dict(content["trainable"])  # type: ignore[operator]
     set_optimizer_state_dict(method, optimizer, content["optimizer"])
