@@ -1,4 +1,4 @@
-"""A frozen teacher sharded across processes with FSDP2 (`--parallel fsdp`), for teachers too big for one device.
+"""`--parallel fsdp`: the frozen teacher and LRC's trainable layer projections sharded across processes (FSDP2).
 
 Every decoder layer and the base model are `fully_shard`-ed, so the teacher's forward all-gathers one layer
 at a time through FSDP2's own hooks and frees it again. LRC also reads teacher matrices outside any forward
