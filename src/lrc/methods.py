@@ -35,7 +35,7 @@ from lrc.errors import UserError
 from lrc.export import build_student_model
 from lrc.families import family_for
 from lrc.losses import LossOutput, LossWeights, kd_lm_loss, lrc_objective, next_token_labels
-from lrc.sharding import Projections, gather, gathered, local_bytes, shard_projections
+from lrc.sharding import Projections, gather, gathered, shard_projections
 from lrc.weights import StepWeights, generate_weights
 
 Calibration = Callable[[], Iterable[dict]]
@@ -115,7 +115,7 @@ class LRC(Method):
         self.__dict__["_projections"] = unit
         return f"layer projections sharded (FSDP2): {held / 2**20:.4g} MiB of {whole / 2**20:.4g} MiB on each"
 
-    def _generate(self) -> StepWeights | _Generated | None:
+    def _generate(self) -> _Generated | None:
         """The clone's weights for one micro-batch, generated inside the FSDP2 unit when it is sharded."""
         unit = self.projections
         if unit is None:
@@ -181,10 +181,6 @@ class LRC(Method):
             return build_student_model(self.clone, dtype)
         finally:
             gather(unit, False)
-
-    def held_bytes(self) -> int:
-        """Bytes of trainable parameters this process holds (a shard counts its own part only)."""
-        return local_bytes(self.trainable_parameters())
 
 
 class Direct(Method):
