@@ -89,14 +89,14 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
 
 
 class Projections(nn.Module):
-    """The FSDP2 unit of the trainable layer projections (`shard_projections`).
+    """The FSDP2 root over the trainable layer projections (`shard_projections`; one group per layer).
 
-    Its `forward(generate)` returns `generate()`, run while the unit is gathered: FSDP2's forward pre-hook
-    all-gathers the projections first, and its forward post-hook puts a pre-backward hook on every tensor
-    `generate` returns that needs a gradient. So `generate` returns (anything, [generated weights]): the
-    backward through those weights is the one after which FSDP2 reduce-scatters the projections' gradients
-    (accumulated over the whole step, also from the clone-loss hooks) and reshards them. Leaf tensors (the
-    gathered parameters themselves) must not be among the returned tensors: they would collect a hook per call.
+    Its `forward(generate)` gathers every layer (one all-gather each) and returns `generate()`; FSDP2's
+    forward post-hook puts a pre-backward hook on every tensor `generate` returns that needs a gradient. So
+    `generate` returns (anything, [generated weights]): the backward through those weights is the one after
+    which FSDP2's root callback reduce-scatters each layer's gradients (accumulated over the whole step, also
+    from the clone-loss hooks) and reshards it. Leaf tensors (the gathered parameters themselves) must not be
+    among the returned tensors: they would collect a hook per call.
     """
 
     def __init__(self, layers: nn.ModuleList):
@@ -104,6 +104,7 @@ class Projections(nn.Module):
         self.layers = layers  # the clone's own modules: FSDP2 swaps their parameters in place
 
     def forward(self, generate: Callable[[], tuple[Any, list[torch.Tensor]]]) -> tuple[Any, list[torch.Tensor]]:
+        gather(self, True)
         return generate()
 
 
@@ -121,14 +122,16 @@ def held_bytes(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer)
 
 
 def gather(unit: nn.Module, whole: bool) -> None:
-    """Gather (whole=True) or reshard a `fully_shard`-ed module outside its forward."""
+    """Gather (whole=True) or reshard the layers of a `shard_projections` unit outside FSDP2's own hooks, one
+    layer's collective at a time."""
     from torch.distributed.fsdp import FSDPModule
 
-    fsdp = cast(FSDPModule, unit)
-    if whole:
-        fsdp.unshard()
-    else:
-        fsdp.reshard()
+    for module in unit.modules():
+        if isinstance(module, FSDPModule) and module is not unit:
+            if whole:
+                module.unshard()
+            else:
+                module.reshard()
 
 
 def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[Projections, int, int]:
@@ -139,6 +142,11 @@ def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[Proj
     from torch.distributed.fsdp import fully_shard
 
     whole = sum(p.numel() * p.element_size() for p in layers.parameters())
+    mesh = _world_mesh(device)
+    # A parameter group per layer: all-gathers and reduce-scatters go one layer at a time, so their flat
+    # buffers are one layer's; the root holds no parameter and only lends its forward and backward hooks.
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
     unit = Projections(layers)
-    fully_shard(unit, mesh=_world_mesh(device), reshard_after_forward=False)
+    fully_shard(unit, mesh=mesh, reshard_after_forward=False)
     return unit, local_bytes(layers.parameters()), whole
