@@ -366,8 +366,10 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     back_grads = layer_part * 4 * (1.0 if grad_accum == 1 else projected)
     gathered_grads = Part("projections gathered", int(layer_part * 4 + back_grads),
                           "whole, and their gradients so far (fsdp)")
-    # at the step's end: the whole gradients and FSDP2's reduce-scatter buffer (the gathered ones are freed)
-    reduce = Part("gradient reduce-scatter", layer_part * 8, "whole gradients + FSDP2's buffer (fsdp)")
+    # at the step's end: the gathered projections and their whole gradients, reduce-scattered (and resharded)
+    # one layer at a time through one layer's flat buffer
+    reduce = Part("gradient reduce-scatter", layer_part * 8 + layer_part * 4 // max(1, s.layers),
+                  "gathered projections + whole gradients, then one layer at a time (fsdp)")
 
     outs = s.role_outs
     gen_el = s.layers * s.d_s * sum(outs[r] for r in ROLES if roles[r] == "generated")
