@@ -18,6 +18,7 @@ import yaml
 from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
+from lrc import checkpoint as ckpt
 from lrc.cli import main
 
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
@@ -66,6 +67,8 @@ def logged(run_dir: Path) -> list[dict]:
 
 def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    if ckpt.is_sharded_checkpoint(last):  # --parallel fsdp under torchrun: torch.distributed.checkpoint shards
+        return ckpt.load_checkpoint(last, torch.device("cpu"))[0]
     return load_file(str(last / "trainable.safetensors"))
 
 

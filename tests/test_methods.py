@@ -87,3 +87,51 @@ def test_held_out_batches_in_lockstep_for_a_sharded_teacher():
     assert eval_batches(5, 2, 10, r1, lockstep=True) == [([1, 3], True), ([0, 2], False)]
     assert len(eval_batches(5, 2, 10, r0, lockstep=True)) == 2
     assert eval_batches(100, 2, 1, r1, lockstep=True) == [([1, 3], True)]  # max_batches caps both ranks
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accum", [1, 2])  # generated in each micro-batch's forward, or once per step
+def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
+    """FSDP2's unit (one rank here: torchrun tests cover two) gathers the projections where the student is
+    generated, keeps the clone-term gradients of the micro-batches and sends all of them to the shards."""
+    from lrc.distributed import DistInfo
+    from lrc.losses import next_token_labels
+    from lrc.sharding import gathered, is_sharded
+    from lrc.trainer import train_step
+
+    teacher = make_teacher("llama", False)
+    runs = []
+    for shard in (False, True):
+        torch.manual_seed(0)
+        method, _ = build_method(_cfg("lrc"), teacher)
+        if shard:
+            assert "layer projections sharded" in method.shard_trainables(torch.device("cpu"))
+            assert is_sharded(method.clone.layers[0].o) and not is_sharded(method.clone.embed)
+        opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-2)
+        logged = []
+        for step in range(3):
+            micro = []
+            for s in range(accum):
+                ids, pos = packed_batch(seed=10 * step + s)
+                micro.append({"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)})
+            r = train_step(method, micro, opt, device=torch.device("cpu"), precision="fp32", info=DistInfo(),
+                           grad_clip=0.05)  # small enough to clip: the norm scales the update
+            logged += [r.loss, r.grad_norm, r.terms["clone"]]
+        with torch.no_grad():
+            held_out = method(*packed_batch(seed=99)).loss.item()
+        weights = {k: gathered(v).clone() for k, v in method.trainable_state_dict().items()}
+        runs.append((logged, held_out, weights))
+    (a, held_a, wa), (b, held_b, wb) = runs
+    assert b == pytest.approx(a, rel=1e-5)
+    assert held_b == pytest.approx(held_a, rel=1e-5)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6), k

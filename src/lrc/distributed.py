@@ -4,7 +4,9 @@ One process without torchrun is rank 0 of 1. Under torchrun (RANK/WORLD_SIZE/LOC
 group (NCCL on CUDA, gloo on CPU). Every method's trainables are kept in step by hand
 (`broadcast_from_rank0` once, `average_gradients` once per optimizer step): LRC's gradients arrive only at the
 end of a step (the student is generated once per step), so DDP's per-backward hooks cannot serve it, and one
-way serves all methods. Only rank 0 writes files and prints.
+way serves all methods. Parameters sharded by FSDP2 (LRC's projections under `--parallel fsdp`, see
+`lrc.sharding`) are FSDP2's own: it averages their gradients when it reduce-scatters them, so the functions
+here leave them alone, and the gradient norm sums their shards over ranks. Only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
 
 from lrc.errors import UserError
+from lrc.sharding import is_sharded
 
 
 @dataclass
@@ -106,7 +110,8 @@ def broadcast_from_rank0(params: Sequence[torch.Tensor], info: DistInfo) -> None
     if info.enabled:
         with torch.no_grad():
             for p in params:
-                dist.broadcast(p, src=0)
+                if not is_sharded(p):  # a shard is its own rank's: FSDP2 sharded a tensor already broadcast
+                    dist.broadcast(p, src=0)
 
 
 def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
@@ -114,10 +119,36 @@ def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
     teacher the projections' gradients run to gigabytes)."""
     if not info.enabled:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # a sharded gradient was reduce-scattered (and averaged) by FSDP2 already
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
     for work in [dist.all_reduce(g, async_op=True) for g in grads]:
         work.wait()
     torch._foreach_div_(grads, float(info.world_size))
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, info: DistInfo) -> float:
+    """The global L2 norm of the gradients of `params` (after averaging), scaling them down to `max_norm` first
+    when max_norm > 0 (the rule of `torch.nn.utils.clip_grad_norm_`, which serves where nothing is sharded).
+
+    Sharded gradients count the squares of every rank's shard (one all-reduce); whole ones count once."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if is_sharded(g)]
+    if not sharded:
+        if max_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.sqrt(cast(torch.Tensor, sum((g.float() ** 2).sum() for g in grads)))) if grads else 0.0
+    locals_ = [g.to_local() for g in sharded]  # type: ignore[attr-defined]
+    dev = locals_[0].device
+    square = sum((t.double() ** 2).sum() for t in locals_)
+    square = all_reduce_sum(torch.as_tensor(square, dtype=torch.float64, device=dev), info)
+    whole = [g for g in grads if not is_sharded(g)]
+    square = square + sum((g.double() ** 2).sum().to(dev) for g in whole)
+    norm = float(torch.sqrt(square))
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        if coef < 1.0:
+            torch._foreach_mul_(locals_ + whole, coef)
+    return norm
 
 
 def cleanup(info: DistInfo) -> None:

@@ -9,6 +9,8 @@ export and evaluation see only this surface:
   student once per optimizer step and sends the accumulated gradients back through the generation once);
 * `prepare(tokens_per_micro_batch, reuse, sharded)`: choices that depend on the batch (LRC's generated or
   factored matrices), returning a note for the start-up line;
+* `shard_trainables(device)`: under `--parallel fsdp`, shard what is trained over the processes (LRC: its
+  layer projections, with FSDP2), returning a note for the start-up line;
 * `trainable_state_dict` / `load_trainable_state_dict`: what a checkpoint holds;
 * `student_model(dtype)`: the student as an ordinary Hugging Face model (export, evaluation).
 
@@ -33,8 +35,8 @@ from lrc.errors import UserError
 from lrc.export import build_student_model
 from lrc.families import family_for
 from lrc.losses import LossOutput, LossWeights, kd_lm_loss, lrc_objective, next_token_labels
-from lrc.sharding import gathered
-from lrc.weights import StepWeights
+from lrc.sharding import Projections, gather, gathered, shard_projections
+from lrc.weights import StepWeights, generate_weights
 
 Calibration = Callable[[], Iterable[dict]]
 
@@ -62,6 +64,9 @@ class Method(nn.Module):
     def prepare(self, tokens_per_micro_batch: int, reuse: int, sharded: bool) -> str:
         return ""
 
+    def shard_trainables(self, device: torch.device) -> str:
+        return ""
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -75,8 +80,22 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+class _Generated:
+    """Weights generated for one micro-batch, in the shape of `StepWeights` (the head generated in forward)."""
+
+    head = None
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights
+
+
 class LRC(Method):
-    """Low-Rank Clone: the student generated from the teacher by trainable projections (`LowRankClone`)."""
+    """Low-Rank Clone: the student generated from the teacher by trainable projections (`LowRankClone`).
+
+    With its layer projections sharded (`shard_trainables`), every generation runs inside the FSDP2 unit's
+    forward (`lrc.sharding.Projections`): gathered there, kept gathered for the step, and reduce-scattered and
+    resharded by FSDP2 after the backward through the generated weights (`finish_step`, or the micro-batch's
+    backward when nothing is reused)."""
 
     def __init__(self, clone: LowRankClone, loss_weights: LossWeights | None = None, *, chunk_size: int = 0,
                  fused_loss: bool = True, reuse_weights: bool = True):
@@ -88,6 +107,28 @@ class LRC(Method):
         # (the naive path, for benchmarks and tests)
         self.fused_loss = fused_loss
         self.reuse_weights = reuse_weights
+        self.__dict__["_projections"] = None  # the FSDP2 unit, outside the module tree (its modules are ours)
+
+    @property
+    def projections(self) -> Projections | None:
+        return self.__dict__["_projections"]
+
+    def shard_trainables(self, device: torch.device) -> str:
+        unit, held, whole = shard_projections(self.clone.layers, device)
+        self.__dict__["_projections"] = unit
+        return f"layer projections sharded (FSDP2): {held / 2**20:.4g} MiB of {whole / 2**20:.4g} MiB on each"
+
+    def _generate(self) -> _Generated | None:
+        """The clone's weights for one micro-batch, generated inside the FSDP2 unit when it is sharded."""
+        unit = self.projections
+        if unit is None:
+            return None
+
+        def generate():
+            weights = generate_weights(self.clone)
+            return _Generated(weights), [w for w in weights.values() if w.requires_grad and not w.is_leaf]
+
+        return unit(generate)[0]
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
                 ce_denominator: float | None = None, scale: float = 1.0,
@@ -95,8 +136,11 @@ class LRC(Method):
         w = self.loss_weights
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
+        weights = step if step is not None else self._generate()
         fwd = self.clone(input_ids, position_ids, attention_mask, terms=w.clone_terms(), teacher_logits=w.kl != 0.0,
-                         step=step)
+                         step=cast(StepWeights, weights))
+        if self.projections is not None and not torch.is_grad_enabled():
+            gather(self.projections, False)  # evaluation: no backward will reshard it
         return lrc_objective(fwd.hidden, fwd.head, fwd.teacher_hidden, fwd.teacher_head, fwd.clone_errors,
                              labels.reshape(-1), _kl_mask(labels, attention_mask, loss_mask), w,
                              ce_denominator=ce_denominator, scale=scale, chunk_size=self.chunk_size,
@@ -104,7 +148,16 @@ class LRC(Method):
 
     def begin_step(self, micro_batches: int) -> StepWeights | None:
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
-        return StepWeights(self.clone) if micro_batches > 1 and self.reuse_weights else None
+        if micro_batches <= 1 or not self.reuse_weights:
+            return None
+        if self.projections is None:
+            return StepWeights(self.clone)
+
+        def generate():
+            step = StepWeights(self.clone)
+            return step, step.generated
+
+        return self.projections(generate)[0]
 
     def finish_step(self, step: StepWeights | None) -> None:
         if step is not None:
@@ -124,7 +177,14 @@ class LRC(Method):
         self.clone.load_trainable_state_dict(state)
 
     def student_model(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-        return build_student_model(self.clone, dtype)
+        unit = self.projections
+        if unit is None:
+            return build_student_model(self.clone, dtype)
+        gather(unit, True)
+        try:
+            return build_student_model(self.clone, dtype)
+        finally:
+            gather(unit, False)
 
 
 class Direct(Method):

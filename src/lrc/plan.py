@@ -359,8 +359,13 @@ def cpu_heap_slack_applies() -> bool:
 def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param: int, trainable: int,
                   roles: dict[str, str], precision: str, batch: int, seq_len: int, grad_accum: int,
                   chunk: int, kl: bool, terms: set[str], grad_checkpointing: bool, nproc: int, sharded: bool,
-                  device: str, evaluates: bool = True, heap_slack: bool | None = None) -> dict[str, list[Part]]:
-    """The parts alive in each phase of a run (see the module docstring), per process."""
+                  device: str, evaluates: bool = True, heap_slack: bool | None = None,
+                  shard_trainables: bool = True) -> dict[str, list[Part]]:
+    """The parts alive in each phase of a run (see the module docstring), per process.
+
+    shard_trainables (under fsdp): the layer projections, their gradients and moments are sharded too (1/nproc
+    each, `lrc.sharding.shard_projections`), gathered whole for the step and their gradients reduce-scattered
+    at its end; False: the projections whole on every process (fsdp before they were sharded)."""
     s = shape
     n = batch * seq_len
     tb = teacher_bytes_per_param
@@ -373,10 +378,28 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     teacher = Part("teacher weights", teacher_held,
                    f"{teacher_params / 1e9:.3g}B x {tb} B" + (f", 1/{nproc} per process (fsdp)" if sharded else ""))
 
+    split = sharded and shard_trainables
+    layer_part = s.layers * (len(ROLES) * s.d_t * s.d_s + 2 * s.d_s) if split else 0  # the sharded unit
+    held_train = math.ceil(layer_part / nproc) + trainable - layer_part
+
     def trainables(grads: bool):
         per = 12 + (4 if grads else 0)
-        return Part("trainables (fp32)", trainable * per, f"{trainable / 1e6:.4g}M x {per} B: params + AdamW "
-                    f"moments" + (" + gradients" if grads else " (gradients not yet allocated)"))
+        return Part("trainables (fp32)", held_train * per, f"{trainable / 1e6:.4g}M x {per} B: params + AdamW "
+                    f"moments" + (" + gradients" if grads else " (gradients not yet allocated)")
+                    + (f"; layer projections 1/{nproc} per process (fsdp)" if split else ""))
+
+    # the sharded layer projections gathered whole for a step; in its backward also their whole gradients
+    gathered_params = Part("projections gathered", layer_part * 4, "whole for the step (fsdp)")
+    # in a micro-batch's backward, gradients reach the whole P_o / P_down through the clone targets; the rest
+    # arrive with the generation's backward (at once without accumulation, at the step's end with it)
+    projected = len({"attn_out", "ffn_out"} & terms) / len(ROLES)
+    back_grads = layer_part * 4 * (1.0 if grad_accum == 1 else projected)
+    gathered_grads = Part("projections gathered", int(layer_part * 4 + back_grads),
+                          "whole, and their gradients so far (fsdp)")
+    # at the step's end: the gathered projections and their whole gradients, reduce-scattered (and resharded)
+    # one layer at a time through one layer's flat buffer
+    reduce = Part("gradient reduce-scatter", layer_part * 8 + layer_part * 4 // max(1, s.layers),
+                  "gathered projections + whole gradients, then one layer at a time (fsdp)")
 
     outs = dict(s.role_outs)
     ffn_mid = 0
@@ -432,6 +455,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
 
     phases: dict[str, list[Part]] = {}
     phases["loss"] = [runtime, teacher, trainables(grads=False), gen, act_part, loss, *extra]
+    if split:
+        phases["loss"].insert(3, gathered_params)
 
     # Backward start: chunks, the teacher's hidden states and head copy are gone; the head's gradient is
     # scaled (a second V x d_S) and sent back through H_T (fetched in fp32 when stored lower).
@@ -440,6 +465,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     gen_back = gen if grad_accum > 1 else Part(gen.name, gen_el * per_el, "without the head (freed)")
     phases["backward"] = [runtime, teacher, trainables(grads=False), gen_back, act_part,
                           Part("loss", back_loss, "head/hidden gradients and their scaled copies"), *extra]
+    if split:
+        phases["backward"].insert(3, gathered_grads)
 
     # The optimizer step (gradients and both moments; AdamW is fused on CUDA, per tensor on CPU). With
     # accumulation the step's leaves and their gradients live until `train_step` returns.
@@ -450,6 +477,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                         "leaves and their gradients, until the step ends"))
         opt.append(Part("transient", largest, "one teacher matrix fetched in fp32 (gradients sent back)"))
     phases["optimizer"] = [*opt, *extra]
+    if split:
+        phases["optimizer"].insert(3, reduce)
 
     # The end: held-out evaluation (no grad: generated weights, clone targets, the loss's chunks) and the
     # checkpoint (safetensors copies the projections while writing).
@@ -520,12 +549,13 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         chunk = auto_chunk_size(shape.vocab)
     n_train = trainable_params(shape)
 
-    def phases_with(grad_checkpointing: bool) -> dict[str, list[Part]]:
+    def phases_with(grad_checkpointing: bool, shard_trainables: bool = True) -> dict[str, list[Part]]:
         return memory_phases(
             shape, teacher_params=_count(t_meta), teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
             roles=roles, precision=precision, batch=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
             chunk=chunk, kl=kl, terms=terms, grad_checkpointing=grad_checkpointing, nproc=nproc, sharded=sharded,
-            device=device, evaluates=cfg.val_fraction > 0 or bool(cfg.val_data), heap_slack=heap_slack)
+            device=device, evaluates=cfg.val_fraction > 0 or bool(cfg.val_data), heap_slack=heap_slack,
+            shard_trainables=shard_trainables)
 
     phases = phases_with(cfg.grad_checkpointing)
     totals = {k: _total(v) for k, v in phases.items()}
@@ -544,8 +574,10 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
     notes = []
     if sharded:
-        notes.append("fsdp: the projections and AdamW state stay whole on every process; every process first "
-                     "reads the whole teacher into CPU memory")
+        whole = max(_total(v) for v in phases_with(cfg.grad_checkpointing, shard_trainables=False).values())
+        notes.append(f"fsdp: the layer projections, their gradients and AdamW state are sharded too (peak "
+                     f"{whole / GiB:.2f} GiB per process if they were not); every process first reads the whole "
+                     "teacher into CPU memory")
     if precision == "fp32" and DTYPE_BYTES[dtype] < 4:
         notes.append(f"{dtype} teacher under fp32: each teacher matrix is cast to fp32 only while it is used")
     return Plan(

@@ -36,6 +36,7 @@ from lrc.distributed import (
     average_gradients,
     broadcast_from_rank0,
     cleanup,
+    clip_gradients,
     init_distributed,
 )
 from lrc.evaluate import heldout_loss
@@ -110,10 +111,7 @@ def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimiz
     vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
     terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}
     loss = total_loss(terms, method.loss_weights)
-    if grad_clip > 0:
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        gnorm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+    gnorm = clip_gradients(params, grad_clip, info)
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
         raise TrainingDiverged(f"non-finite loss ({loss}) or gradient norm ({gnorm})")
     optimizer.step()
@@ -194,6 +192,11 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     torch.manual_seed(cfg.seed)
     method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
     method.to(device)
+    if sharded:  # every rank cuts its shards from rank 0's tensors
+        broadcast_from_rank0(method.trainable_parameters(), info)
+        note = method.shard_trainables(device)
+        if note:
+            log.info(note)
     params = method.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
@@ -201,7 +204,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
     batches = make_batches(prep.train, cfg.seed, info.rank, info.world_size)
-    step, tokens, elapsed = _restore(prep, resume, device, method, optimizer, sched, batches)
+    step, tokens, elapsed = _restore(prep, resume, info, method, optimizer, sched, batches)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
     # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
     all_reduce_sum(torch.zeros((), device=device), info)
@@ -231,7 +234,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     return s
 
 
-def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method, optimizer, scheduler,
+def _restore(prep: Prepared, resume: bool, info: DistInfo, method: Method, optimizer, scheduler,
              batches) -> tuple[int, int, float]:
     """Load the checkpoint to resume from into the method, optimizer, schedule and sampler; returns (step,
     tokens, elapsed seconds) of the run so far ((0, 0, 0.0) for a new run)."""
@@ -239,10 +242,16 @@ def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method,
         if resume:
             log.info(f"resuming {prep.run_dir}: no checkpoint yet, starting from step 0")
         return 0, 0, 0.0
-    trainable, opt_state, state = ckpt.load_checkpoint(prep.resume_from, device)
-    method.load_trainable_state_dict(trainable)
-    optimizer.load_state_dict(opt_state["optimizer"])
-    scheduler.load_state_dict(opt_state["scheduler"])
+    sharded = _has_sharded_trainables(method)
+    ckpt.check_resumable(prep.resume_from, info.world_size, sharded)
+    if sharded:
+        sched_state, state = ckpt.restore_sharded(prep.resume_from, method, optimizer, info.device)
+        scheduler.load_state_dict(sched_state)
+    else:
+        trainable, opt_state, state = ckpt.load_checkpoint(prep.resume_from, info.device)
+        method.load_trainable_state_dict(trainable)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
     batches.load_state_dict(state["sampler"])
     log.info(f"resuming {prep.run_dir} from step {state['step']} ({state['tokens']:,} tokens)")
     return state["step"], state["tokens"], state.get("elapsed", 0.0)
@@ -251,11 +260,21 @@ def _restore(prep: Prepared, resume: bool, device: torch.device, method: Method,
 # ------------------------------------------------------------------------------------------- the loop
 
 
+def _has_sharded_trainables(method: Method) -> bool:
+    from lrc.sharding import is_sharded
+
+    return any(is_sharded(p) for p in method.trainable_parameters())
+
+
 def _save(s: Session) -> None:
-    if not s.info.is_main:
-        return
     state = {"step": s.step, "tokens": s.tokens, "sampler": s.batches.state_dict(),
              "elapsed": s.elapsed_before + time.time() - s.started}
+    if _has_sharded_trainables(s.method):  # every process writes its own shards
+        ckpt.save_sharded_checkpoint(s.run_dir, s.step, s.method, s.optimizer, s.scheduler.state_dict(), state,
+                                     s.cfg.keep_checkpoints, s.info.rank, s.info.world_size)
+        return
+    if not s.info.is_main:
+        return
     ckpt.save_checkpoint(s.run_dir, s.step, s.method.trainable_state_dict(),
                          {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
                          state, keep=s.cfg.keep_checkpoints)
@@ -378,9 +397,23 @@ def fit(s: Session) -> Path:
                 log.info(f"interrupted at step {s.step}: checkpoint saved; continue with "
                          f"`lrc distill --out {s.run_dir} --resume`")
                 raise RunInterrupted(int(stop.signal or signal.SIGTERM))  # or another rank's signal
+    if _has_sharded_trainables(s.method):
+        _log_held(s)
     s.log.close()
     log.info(f"done: {s.step} steps, {s.tokens:,} tokens. Export with `lrc export {s.run_dir} --out MODEL_DIR`")
     return s.run_dir
+
+
+def _log_held(s: Session) -> None:
+    """What each process holds of the trainables and their optimizer state (the largest over processes)."""
+    from lrc.sharding import held_bytes
+
+    held = held_bytes(s.method.trainable_parameters(), s.optimizer)
+    keys = sorted(held)
+    mine = torch.tensor([held[k][0] for k in keys], dtype=torch.float64, device=s.device)
+    torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
+    shown = ", ".join(f"{k} {float(v) / 2**20:.4g} MiB of {held[k][1] / 2**20:.4g} MiB" for k, v in zip(keys, mine))
+    log.info(f"held per process (largest): {shown}")
 
 
 def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False) -> Path:

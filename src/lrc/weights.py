@@ -201,6 +201,11 @@ class StepWeights:
             self.weights[name] = self._reuse(w) if w.requires_grad and not w.is_leaf else w
         self.head = self._reuse(head) if head is not None else None
 
+    @property
+    def generated(self) -> list[torch.Tensor]:
+        """The generated tensors whose gradients `finish` sends back (not leaves)."""
+        return [w for w, _ in self._pairs]
+
     def _reuse(self, w: torch.Tensor) -> torch.Tensor:
         leaf = w.detach().float().requires_grad_()
         self._pairs.append((w, leaf))
