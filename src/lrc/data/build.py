@@ -96,9 +96,8 @@ class Recipe:
         def fill(write_tokens, write_mask) -> np.ndarray:
             parts = src.load_documents(self.files, self.text_field)
             fn = self.function(parts)
-            masked = fn.chat is not None and self.train_on == "assistant"
             features = datasets.Features({tk.IDS: datasets.List(datasets.Value("int32")), **(
-                {tk.MASK: datasets.List(datasets.Value("uint8"))} if masked else {})})
+                {tk.MASK: datasets.List(datasets.Value("uint8"))} if fn.masked else {})})
             starts, total = [np.zeros(0, np.int64)], 0
             for out in tk.tokenise(parts, fn, self.key, batch_size=batch_size, num_proc=num_proc,
                                    progress=progress, features=features):
@@ -106,7 +105,7 @@ class Recipe:
                     ids = table.column(tk.IDS).combine_chunks()
                     lengths = ids.value_lengths().to_numpy().astype(np.int64)
                     write_tokens(ids.flatten().to_numpy().astype(np.int32, copy=False))
-                    if masked:
+                    if fn.masked:
                         write_mask(table.column(tk.MASK).combine_chunks().flatten().to_numpy().astype(np.uint8))
                     starts.append(total + np.cumsum(lengths) - lengths)
                     total += int(lengths.sum())

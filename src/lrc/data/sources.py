@@ -1,10 +1,6 @@
-"""`--data` items -> files, dataset folders and hub splits, read with `datasets` into one document column.
-
-The "text" (one document per file), "json" and "parquet" builders, `load_from_disk` and hub ids do the reading;
-each source becomes a dataset with one column, ``text``, or ``messages`` for chat rows (ShareGPT's
-``conversations`` too). What stays here is what `datasets` does not do: a deterministic folder walk, the hub-id
-and ``PATH:WEIGHT`` syntax, and one-line errors naming the file, line or field to fix.
-"""
+"""`--data` items -> files, dataset folders and hub splits, read with `datasets` into one column: ``text``, or
+``messages`` for chat rows. Kept here is what `datasets` does not do: a deterministic folder walk, the hub-id and
+``PATH:WEIGHT`` syntax, and one-line errors naming the file, line or field to fix."""
 
 from __future__ import annotations
 
@@ -74,6 +70,10 @@ def split_weights(items: Sequence[str]) -> list[tuple[list[str], float]]:
     return [([path], float(weight or 0)) for path, weight in parsed]
 
 
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _load_hub(source: HubDataset, raw: str | None = None, streaming: bool = False) -> HubDataset:
     import datasets
 
@@ -81,31 +81,28 @@ def _load_hub(source: HubDataset, raw: str | None = None, streaming: bool = Fals
         return replace(source, dataset=datasets.load_dataset(source.repo, source.config, split=source.split,
                                                              **({"streaming": True} if streaming else {})))
     except Exception as err:  # many unrelated types: offline, unknown name, config or split
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         not_local = f" (there is no local path {raw} either)" if raw is not None else ""
         raise UserError(f"cannot load hub dataset {source}: {reason}; check the name, go online, or pass existing "
                         f"local files{not_local}") from err
 
 
-def _is_unit(path: Path) -> bool:
-    """A folder read as one dataset (save_to_disk or lrc prepare), not searched for files."""
-    return any((path / name).is_file() for name in (*SAVED_MARKERS, PREPARED_MARKER))
-
-
 def _walk(folder: Path, found: list[DataSource], skipped: list[Path]) -> None:
-    """Depth first in name order (the same on every machine); hidden entries (.git, .cache) are never data."""
+    """A saved dataset or `lrc prepare` folder is one source; others are walked depth first in name order (the
+    same on every machine), skipping hidden entries (.git, .cache)."""
+    if any((folder / name).is_file() for name in (*SAVED_MARKERS, PREPARED_MARKER)):
+        found.append(folder)
+        return
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            found.append(entry) if _is_unit(entry) else _walk(entry, found, skipped)
-        elif entry.is_file():
+        if entry.is_dir() and not entry.name.startswith("."):
+            _walk(entry, found, skipped)
+        elif entry.is_file() and not entry.name.startswith("."):
             (found if entry.suffix.lower() in KINDS else skipped).append(entry)
 
 
 def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = False) -> list[DataSource]:
-    """Data paths -> resolved files, dataset folders and hub splits, in order, without duplicates. A hub id
-    (a path that does not exist) is loaded here, as a stream with `streaming`, so it fails before any writing."""
+    """Resolved files, dataset folders and hub splits, in order, without duplicates. A hub id is loaded here
+    (a stream with `streaming`), so it fails before anything is written."""
     if not paths:
         raise UserError("no data paths given: pass at least one data file or folder")
     found: list[DataSource] = []
@@ -121,7 +118,7 @@ def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = Fals
                                 "folder")
             found.append(_load_hub(hub, str(raw), streaming))
         elif path.is_dir():
-            found.append(path) if _is_unit(path) else _walk(path, found, skipped)
+            _walk(path, found, skipped)
         elif path.suffix.lower() in KINDS:
             found.append(path)
         else:
@@ -170,7 +167,7 @@ def _load_files(files: list[Path], streaming: bool) -> Any:
             if reason := _bad_json(f):
                 raise UserError(reason) from err
         why = f"not UTF-8 text ({cause.reason})" if isinstance(cause, UnicodeDecodeError) else \
-            (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            first_line(cause)
         raise UserError(f"cannot read {files[0]}{f' or one of {len(files) - 1} more' if len(files) > 1 else ''} "
                         f"({why}); check or re-export the file") from err
 
@@ -190,13 +187,11 @@ def _load_saved(path: Path) -> tuple[Any, str]:
     return loaded, str(path)
 
 
-def columns(ds: Any) -> list[str]:
-    """A dataset's columns; a stream without known features shows them only by reading a row."""
+def columns(ds: Any) -> list[str]:  # a stream without known features shows them only in a row
     return list(ds.column_names or next(iter(ds), {}).keys())
 
 
-def _one_column(ds: Any, where: str, text_field: str) -> Any:
-    """`ds` reduced to its documents, as column TEXT (type-checked) or CHAT."""
+def _one_column(ds: Any, where: str, text_field: str) -> Any:  # `ds` as column TEXT (type-checked) or CHAT
     names = columns(ds)
     column = text_field if text_field in names else next((c for c in ("messages", "conversations") if c in names), 0)
     if not column:
@@ -211,7 +206,6 @@ def _one_column(ds: Any, where: str, text_field: str) -> Any:
 
 
 def load_documents(files: Sequence[DataSource], text_field: str = "text", streaming: bool = False) -> list[Any]:
-    """The sources as one-column `datasets` datasets (streams with `streaming`), in order."""
     parts: list[Any] = []
     run: list[Path] = []
     for src in [*files, None]:
@@ -241,13 +235,13 @@ def iter_documents(paths: Sequence[DataSource], text_field: str = "text"):
 
 
 def file_fingerprints(files: Sequence[DataSource]) -> list[list[Any]]:
-    """(path, size, mtime_ns) of every file, those inside dataset folders too; a hub split's id and `datasets`
-    fingerprint. Contents are not hashed: that would cost a full read."""
+    """(path, size, mtime_ns) of every file, in dataset folders too (contents are not hashed: that costs a full
+    read); a hub split's id and `datasets` fingerprint."""
     rows: list[list[Any]] = []
-    for path in files:
-        if isinstance(path, HubDataset):
-            rows.append(["hub", path.repo, path.config, path.split, getattr(path.dataset, "_fingerprint", None)])
-            continue
-        for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            rows.append([str(member), member.stat().st_size, member.stat().st_mtime_ns])
+    for f in files:
+        if isinstance(f, HubDataset):
+            rows.append(["hub", f.repo, f.config, f.split, getattr(f.dataset, "_fingerprint", None)])
+        else:
+            members = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
+            rows += [[str(m), m.stat().st_size, m.stat().st_mtime_ns] for m in members]
     return rows

@@ -33,7 +33,7 @@ class TokenStream:
         self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=columns(p)) for p in parts]
         self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
-        self.masked = fn.chat is not None and fn.chat.train_on == "assistant"
+        self.masked = fn.masked
         self.position: dict[str, Any] = {"part": 0, "state": None, "offset": 0, "epoch": 0}
         self._iter: Any = None
 

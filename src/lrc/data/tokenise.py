@@ -43,12 +43,8 @@ class DocumentTemplate:
 
 
 def detect_document_template(tokenizer: Any, eos_id: int) -> DocumentTemplate:
-    """Encode a probe with and without special tokens and split the difference into prefix and suffix.
-
-    Raises:
-        UserError: the special tokens do not just wrap the text (the plain encoding is not a contiguous part of
-            the encoding with special tokens), so no template can be told.
-    """
+    """A probe encoded with and without special tokens: the difference is the prefix and suffix (refused when
+    the plain encoding is not a contiguous part of the other, as then the special tokens do not just wrap it)."""
     plain = list(tokenizer.encode(_PROBE, add_special_tokens=False))
     full = list(tokenizer.encode(_PROBE, add_special_tokens=True))
     cut = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None) \
@@ -75,12 +71,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     """What identifies a tokenizer's output: name, vocabulary sizes, EOS id and a hash of its serialised form
     (for a slow tokenizer, of its vocabulary)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        material = backend.to_str()
-    elif hasattr(tokenizer, "get_vocab"):
-        material = json.dumps(sorted(tokenizer.get_vocab().items()))
-    else:
-        material = None
+    material = backend.to_str() if hasattr(backend, "to_str") else \
+        json.dumps(sorted(tokenizer.get_vocab().items())) if hasattr(tokenizer, "get_vocab") else None
     try:
         total = len(tokenizer)
     except TypeError:
@@ -98,31 +90,28 @@ class Tokenise:
 
     def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None):
         self.tokenizer, self.template, self.chat = tokenizer, template, chat
+        self.masked = chat is not None and chat.train_on == "assistant"  # then every row gets a MASK
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if CHAT in batch and self.chat is not None:
             rendered = [self.chat.render(m) for m in batch[CHAT] if m]
             out = {IDS: [ids for ids, _ in rendered]}
-            if self.chat.train_on == "assistant":
+            if self.masked:
                 out[MASK] = [mask for _, mask in rendered]
             return out
         texts = [t for t in batch[TEXT] if t and t.strip()]
         # verbose=False: the "longer than model_max_length" warning is irrelevant when packing
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)[IDS] if texts else []
         framed = [self.template.frame(i) for i in ids if len(i)]
-        if self.chat is not None and self.chat.train_on == "assistant":  # plain text beside chat: all targets
-            return {IDS: framed, MASK: [[1] * len(f) for f in framed]}
-        return {IDS: framed}
+        # plain text beside chat under --train-on assistant: all targets
+        return {IDS: framed, MASK: [[1] * len(f) for f in framed]} if self.masked else {IDS: framed}
 
 
 def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
              features: Any = None):
-    """The tokenised form of every part (a `datasets.Dataset`), in contiguous shards, in order.
-
-    Each shard is one ``map(batched=True, num_proc=...)`` that `datasets` caches under a fingerprint made of
-    `key` (everything the ids depend on), the part and the shard; between shards a bar shows documents, tokens,
-    tokens/s and an ETA (from the documents done). Sharding costs a worker pool per shard (at most 32).
-    """
+    """Every part tokenised, in contiguous shards, in order: each shard is one ``map(batched=True, num_proc=N)``
+    cached under a fingerprint of `key`, part and shard. Shards exist for the progress bar (documents, tokens,
+    tokens/s, ETA), updated between them; each costs a worker pool, so there are at most 32."""
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
