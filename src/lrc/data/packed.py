@@ -71,7 +71,9 @@ class PackedDataset:
         pos = torch.from_numpy(offsets - self.doc_starts[np.searchsorted(self.doc_starts, offsets, side="right") - 1])
         item = {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
         if self.loss_mask is not None:
-            item["loss_mask"] = next_is_target(self.loss_mask[start + 1:stop])
+            # which positions' next token the losses count (KL and CE); the last one's lies outside the sequence
+            target = torch.from_numpy(np.asarray(self.loss_mask[start + 1:stop], dtype=np.bool_))
+            item["loss_mask"] = torch.cat([target, torch.zeros(1, dtype=torch.bool)])
             item["labels"][~item["loss_mask"]] = IGNORE_INDEX
         return item
 
@@ -79,12 +81,6 @@ class PackedDataset:
 
     def tokens_used(self) -> int:
         return len(self) * self.seq_len
-
-
-def next_is_target(mask) -> torch.Tensor:
-    """(T,) bool "loss_mask" from the T-1 target flags of tokens 1..T-1: which positions' next token the losses
-    count (KL as well as CE; the last position's next token lies outside the sequence: not counted)."""
-    return torch.cat([torch.as_tensor(np.asarray(mask, dtype=np.bool_)), torch.zeros(1, dtype=torch.bool)])
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
