@@ -125,6 +125,17 @@ def _checker(paths, text_field: str, seq_len: int):
     return check
 
 
+def _stored(folder: Path, stem: str, seq_len: int, fill, check) -> PackedDataset:
+    """The store memory-mapped, written first when missing or damaged; checked either way (seq_len is not in
+    the cache key)."""
+    if (ds := open_store(folder, stem, seq_len)) is None:
+        write_store(folder, stem, fill, check)
+        ds = open_store(folder, stem, seq_len)
+    assert ds is not None
+    check(ds.doc_starts, len(ds.tokens))
+    return ds
+
+
 def open_prepared(folder: Path, tokenizer: Any, seq_len: int) -> PackedDataset:
     """A folder from `lrc prepare`, refused when the teacher's tokenizer is not the one it was made with."""
     meta = json.loads((folder / src.PREPARED_MARKER).read_text())
@@ -163,15 +174,7 @@ def build_packed_dataset(paths, tokenizer: Any, seq_len: int, cache_dir: Path | 
     folder, stem = Path(cache_dir), f"tokens-{recipe.key}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cache path {folder} is a file, not a folder; pass a folder for the token cache")
-
-    def build() -> PackedDataset | None:
-        if open_store(folder, stem, seq_len) is None:
-            write_store(folder, stem, fill, check)
-        return open_store(folder, stem, seq_len)
-
-    ds = once_per_machine(build)
-    assert ds is not None
-    check(ds.doc_starts, len(ds.tokens))
+    ds = once_per_machine(lambda: _stored(folder, stem, seq_len, fill, check))
     logger.info("data %s: %d documents, %d tokens (cache %s)", _describe(paths), len(ds.doc_starts), len(ds.tokens),
                 folder / stem)
     return ds
@@ -183,9 +186,7 @@ def prepare_tokens(paths, tokenizer: Any, out: Path, seq_len: int, text_field: s
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; choose a new --out for the prepared tokens")
     recipe = Recipe(src.resolve_data_files(list(paths)), tokenizer, text_field, chat_template, train_on)
-    write_store(out, "tokens", recipe.fill(256, num_proc, progress), _checker(paths, text_field, seq_len))
-    ds = open_store(out, "tokens", seq_len)
-    assert ds is not None
+    ds = _stored(out, "tokens", seq_len, recipe.fill(256, num_proc, progress), _checker(paths, text_field, seq_len))
     meta = {"format": CACHE_FORMAT, "tokenizer": tk.tokenizer_fingerprint(tokenizer), "chat": recipe.chat,
             "sources": [str(f) for f in recipe.files], "text_field": text_field,
             "documents": len(ds.doc_starts), "tokens": len(ds.tokens)}

@@ -79,9 +79,6 @@ class PackedDataset:
 
     __getitem__ = get  # a map-style dataset for torch's DataLoader too
 
-    def tokens_used(self) -> int:
-        return len(self) * self.seq_len
-
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack the (T,) tensors of `items` into (B, T) tensors, key by key (a mixture of masked and unmasked

@@ -70,7 +70,7 @@ def eos_id_of(tokenizer: Any) -> int:
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     """What identifies a tokenizer's output: name, vocabulary sizes, EOS id and a hash of its serialised form
     (for a slow tokenizer, of its vocabulary)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     material = backend.to_str() if hasattr(backend, "to_str") else \
         json.dumps(sorted(tokenizer.get_vocab().items())) if hasattr(tokenizer, "get_vocab") else None
     try:
