@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -152,11 +153,13 @@ def _bad_json(path: Path) -> str | None:
                  if not isinstance(row, dict)), None)
 
 
-def _load_files(files: list[Path], streaming: bool) -> Any:
-    """One `load_dataset` call for consecutive files of one kind (10,000 .txt files: one call, not 10,000)."""
+def _kind(source: DataSource) -> str | None:  # a data file's builder; None for a folder or hub split
+    return KINDS.get(source.suffix.lower()) if isinstance(source, Path) and not source.is_dir() else None
+
+
+def _load_files(kind: str, files: list, streaming: bool) -> Any:
     import datasets
 
-    kind = KINDS[files[0].suffix.lower()]
     text = {"sample_by": "document", "encoding": "utf-8-sig"} if kind == "text" else {}
     try:
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming,
@@ -207,23 +210,22 @@ def _one_column(ds: Any, where: str, text_field: str) -> Any:  # `ds` as column 
 
 def load_documents(files: Sequence[DataSource], text_field: str = "text", streaming: bool = False) -> list[Any]:
     parts: list[Any] = []
-    run: list[Path] = []
-    for src in [*files, None]:
-        kind = KINDS.get(src.suffix.lower()) if isinstance(src, Path) and not src.is_dir() else None
-        if run and kind != KINDS[run[0].suffix.lower()]:
-            parts.append(_one_column(_load_files(run, streaming), str(run[0]) + (", ..." if run[1:] else ""),
-                                     text_field))
-            run = []
-        if isinstance(src, HubDataset):
-            loaded = src.dataset if src.dataset is not None else _load_hub(src, streaming=streaming).dataset
-            parts.append(_one_column(loaded, f"hub dataset {src}", text_field))
-        elif isinstance(src, Path) and src.is_dir():
+    # Consecutive files of one kind are one `load_dataset` call (10,000 .txt files: one call, not 10,000).
+    for kind, group in itertools.groupby(files, _kind):
+        run = list(group)
+        if kind:
+            ds = _load_files(kind, run, streaming)
+            parts.append(_one_column(ds, str(run[0]) + (", ..." if run[1:] else ""), text_field))
+            continue
+        for src in run:
+            if isinstance(src, HubDataset):
+                loaded = src.dataset if src.dataset is not None else _load_hub(src, streaming=streaming).dataset
+                parts.append(_one_column(loaded, f"hub dataset {src}", text_field))
+                continue
             if (src / PREPARED_MARKER).is_file():
                 raise UserError(f"{src} holds tokens from `lrc prepare`: give it alone as a --data source")
             ds, where = _load_saved(src)
             parts.append(_one_column(ds.to_iterable_dataset() if streaming else ds, where, text_field))
-        elif isinstance(src, Path):
-            run.append(src)
     return parts
 
 
