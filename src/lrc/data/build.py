@@ -24,6 +24,8 @@ from lrc.data import sources as src
 from lrc.data import tokenise as tk
 from lrc.data.chat import ChatRenderer, read_template
 from lrc.data.packed import PackedDataset, open_store, write_store
+from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
+from lrc.data.stream import TokenStream
 from lrc.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -198,9 +200,6 @@ def prepare_tokens(paths, tokenizer: Any, out: Path, seq_len: int, text_field: s
 def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_dir: Path, streaming: bool = False,
                         **options):
     """`--data` items -> a packed dataset, a `Mixture` (items with weights), or with `streaming` a `TokenStream`."""
-    from lrc.data.sampler import Mixture
-    from lrc.data.stream import TokenStream
-
     sources = src.split_weights(items)
     if streaming and len(sources) > 1:
         raise UserError("--streaming reads one source in order; mixtures (PATH:WEIGHT) need stored tokens: drop "
@@ -222,9 +221,7 @@ def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_di
 
 def make_batches(train: Any, seed: int, rank: int = 0, world_size: int = 1):
     """The trainer's micro-batches (`next`, `state_dict`, `load_state_dict`) for `build_training_data`'s result."""
-    from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
-
-    if hasattr(train, "head"):  # a TokenStream batches itself
+    if isinstance(train, TokenStream):  # it batches itself
         train.rank, train.world_size = rank, world_size
         return train
     if isinstance(train, Mixture):

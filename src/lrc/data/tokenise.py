@@ -1,11 +1,9 @@
-"""Documents -> token ids, framed the way the teacher's tokenizer frames a text, in parallel with `datasets`.
+"""Documents -> token ids framed as the teacher's tokenizer frames a text, in parallel with `datasets`.
 
-Text documents are encoded with ``add_special_tokens=False`` in batches (fast) and wrapped in the special
-tokens the tokenizer itself puts around a text (`DocumentTemplate`, detected, not looked up by model name):
-its BOS where it adds one (Llama 3, Mistral), nothing for Qwen, then exactly one EOS. A teacher fed
-documents without the BOS it was trained with sees unfamiliar input and its logits (the target) are off.
-Chat rows are rendered by `lrc.data.chat`. `tokenise` runs this as ``Dataset.map(batched=True,
-num_proc=N)``; `datasets` caches each map under a fingerprint we derive from everything the ids depend on.
+Texts are encoded in batches without special tokens and wrapped in those the tokenizer itself puts around a
+text (detected, not looked up by model name): its BOS where it adds one (Llama 3, Mistral), none for Qwen, then
+exactly one EOS. A teacher fed documents without the BOS it was trained with sees unfamiliar input and its
+logits (the target) are off. Chat rows are rendered by `lrc.data.chat`.
 """
 
 from __future__ import annotations
@@ -31,9 +29,8 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 @dataclass(frozen=True)
 class DocumentTemplate:
-    """Ids put around every document's text tokens: `prefix` is what the tokenizer puts before a text with
-    ``add_special_tokens=True`` (its BOS, or nothing), `suffix` what it puts after, followed by EOS unless that
-    already ends with EOS, so every document ends with exactly one EOS, which separates it from the next."""
+    """Ids the tokenizer puts before and after a text; `suffix` always ends with one EOS (which separates
+    a document from the next)."""
 
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
@@ -68,8 +65,7 @@ def eos_id_of(tokenizer: Any) -> int:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
-    """What identifies a tokenizer's output: name, vocabulary sizes, EOS id and a hash of its serialised form
-    (for a slow tokenizer, of its vocabulary)."""
+    """Name, vocabulary sizes, EOS id and a hash of the serialised form (a slow tokenizer's: its vocabulary)."""
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     material = backend.to_str() if hasattr(backend, "to_str") else \
         json.dumps(sorted(tokenizer.get_vocab().items())) if hasattr(tokenizer, "get_vocab") else None
@@ -84,9 +80,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
 
 class Tokenise:
-    """The batched map function: a batch of TEXT or CHAT rows -> IDS (and MASK when only some tokens are
-    targets). Documents that give no tokens (blank, null) are dropped. A class, so worker processes get it
-    pickled with the tokenizer."""
+    """The batched map function, TEXT or CHAT rows -> IDS (and MASK), dropping documents without tokens; a
+    class, so worker processes get it pickled with the tokenizer."""
 
     def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None):
         self.tokenizer, self.template, self.chat = tokenizer, template, chat
