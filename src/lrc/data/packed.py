@@ -62,7 +62,7 @@ class PackedDataset:
         item = {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
         if self.loss_mask is not None:
             # which positions' next token the losses count (KL and CE); the last one's lies outside the sequence
-            target = torch.from_numpy(np.asarray(self.loss_mask[start + 1:stop], dtype=np.bool_))
+            target = torch.as_tensor(np.asarray(self.loss_mask[start + 1:stop], dtype=np.bool_))
             item["loss_mask"] = torch.cat([target, torch.zeros(1, dtype=torch.bool)])
             item["labels"][~item["loss_mask"]] = IGNORE_INDEX
         return item
