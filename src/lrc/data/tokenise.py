@@ -69,12 +69,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     backend: Any = getattr(tokenizer, "backend_tokenizer", None)
     material = backend.to_str() if hasattr(backend, "to_str") else \
         json.dumps(sorted(tokenizer.get_vocab().items())) if hasattr(tokenizer, "get_vocab") else None
-    try:
-        total = len(tokenizer)
-    except TypeError:
-        total = None
     return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "vocab_size": getattr(tokenizer, "vocab_size", None), "len": total,
+            "vocab_size": getattr(tokenizer, "vocab_size", None),
+            "len": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
             "eos_token_id": tokenizer.eos_token_id,
             "backend_sha256": hashlib.sha256(material.encode()).hexdigest() if material is not None else None}
 
