@@ -1,17 +1,11 @@
-"""Data for distillation: sources read with `datasets` -> tokens framed as the teacher's tokenizer frames a
-text (or rendered with its chat template) -> one packed stream cut into fixed-length sequences -> an exact,
-resumable order over them. One module per job:
-
-`sources` (paths, hub ids, mixture weights, reading), `tokenise` (framing, parallel tokenisation),
-`chat` (chat templates, assistant-only targets), `packed` (the packed stream, on disk and in memory),
-`build` (caching, once per machine, `lrc prepare`, mixtures), `sampler` (orders and batches),
-`stream` (`--streaming`: tokenised on the fly, resumable).
-"""
+"""Data for distillation: `sources` (reading with `datasets`), `tokenise` and `chat` (ids as the teacher frames
+them), `packed` (the packed stream, on disk and in memory), `build` (caching, once per machine, `lrc prepare`,
+mixtures), `sampler` (exact, resumable orders) and `stream` (`--streaming`)."""
 
 from lrc.data.build import CACHE_FORMAT as _CACHE_FORMAT
 from lrc.data.build import build_packed_dataset, build_training_data, make_batches, prepare_tokens
 from lrc.data.build import cache_key as _cache_key
-from lrc.data.packed import PackedDataset, collate, split_holdout
+from lrc.data.packed import PackedDataset, collate, split_holdout, store_paths
 from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
 from lrc.data.sources import DataSource, HubDataset, iter_documents, parse_hub_id, resolve_data_files
 from lrc.data.sources import file_fingerprints as _file_fingerprints
@@ -19,10 +13,7 @@ from lrc.data.tokenise import DocumentTemplate, detect_document_template
 from lrc.data.tokenise import tokenizer_fingerprint as _tokenizer_fingerprint
 
 
-def _cache_paths(cache_dir, key: str):
-    """(tokens, document starts) files of a cache entry."""
-    from lrc.data.packed import store_paths
-
+def _cache_paths(cache_dir, key: str):  # (tokens, document starts) files of a cache entry
     return store_paths(cache_dir, f"tokens-{key}")[:2]
 
 

@@ -24,6 +24,8 @@ from lrc.data import sources as src
 from lrc.data import tokenise as tk
 from lrc.data.chat import ChatRenderer, read_template
 from lrc.data.packed import PackedDataset, open_store, write_store
+from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
+from lrc.data.stream import TokenStream
 from lrc.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -96,9 +98,8 @@ class Recipe:
         def fill(write_tokens, write_mask) -> np.ndarray:
             parts = src.load_documents(self.files, self.text_field)
             fn = self.function(parts)
-            masked = fn.chat is not None and self.train_on == "assistant"
             features = datasets.Features({tk.IDS: datasets.List(datasets.Value("int32")), **(
-                {tk.MASK: datasets.List(datasets.Value("uint8"))} if masked else {})})
+                {tk.MASK: datasets.List(datasets.Value("uint8"))} if fn.masked else {})})
             starts, total = [np.zeros(0, np.int64)], 0
             for out in tk.tokenise(parts, fn, self.key, batch_size=batch_size, num_proc=num_proc,
                                    progress=progress, features=features):
@@ -106,7 +107,7 @@ class Recipe:
                     ids = table.column(tk.IDS).combine_chunks()
                     lengths = ids.value_lengths().to_numpy().astype(np.int64)
                     write_tokens(ids.flatten().to_numpy().astype(np.int32, copy=False))
-                    if masked:
+                    if fn.masked:
                         write_mask(table.column(tk.MASK).combine_chunks().flatten().to_numpy().astype(np.uint8))
                     starts.append(total + np.cumsum(lengths) - lengths)
                     total += int(lengths.sum())
@@ -124,6 +125,17 @@ def _checker(paths, text_field: str, seq_len: int):
             raise UserError(f"{_describe(paths)} has {total} tokens, fewer than one training sequence of {seq_len}; "
                             "add data or lower --seq-len")
     return check
+
+
+def _stored(folder: Path, stem: str, seq_len: int, fill, check) -> PackedDataset:
+    """The store memory-mapped, written first when missing or damaged; checked either way (seq_len is not in
+    the cache key)."""
+    if (ds := open_store(folder, stem, seq_len)) is None:
+        write_store(folder, stem, fill, check)
+        ds = open_store(folder, stem, seq_len)
+    assert ds is not None
+    check(ds.doc_starts, len(ds.tokens))
+    return ds
 
 
 def open_prepared(folder: Path, tokenizer: Any, seq_len: int) -> PackedDataset:
@@ -164,15 +176,7 @@ def build_packed_dataset(paths, tokenizer: Any, seq_len: int, cache_dir: Path | 
     folder, stem = Path(cache_dir), f"tokens-{recipe.key}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cache path {folder} is a file, not a folder; pass a folder for the token cache")
-
-    def build() -> PackedDataset | None:
-        if open_store(folder, stem, seq_len) is None:
-            write_store(folder, stem, fill, check)
-        return open_store(folder, stem, seq_len)
-
-    ds = once_per_machine(build)
-    assert ds is not None
-    check(ds.doc_starts, len(ds.tokens))
+    ds = once_per_machine(lambda: _stored(folder, stem, seq_len, fill, check))
     logger.info("data %s: %d documents, %d tokens (cache %s)", _describe(paths), len(ds.doc_starts), len(ds.tokens),
                 folder / stem)
     return ds
@@ -184,9 +188,7 @@ def prepare_tokens(paths, tokenizer: Any, out: Path, seq_len: int, text_field: s
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; choose a new --out for the prepared tokens")
     recipe = Recipe(src.resolve_data_files(list(paths)), tokenizer, text_field, chat_template, train_on)
-    write_store(out, "tokens", recipe.fill(256, num_proc, progress), _checker(paths, text_field, seq_len))
-    ds = open_store(out, "tokens", seq_len)
-    assert ds is not None
+    ds = _stored(out, "tokens", seq_len, recipe.fill(256, num_proc, progress), _checker(paths, text_field, seq_len))
     meta = {"format": CACHE_FORMAT, "tokenizer": tk.tokenizer_fingerprint(tokenizer), "chat": recipe.chat,
             "sources": [str(f) for f in recipe.files], "text_field": text_field,
             "documents": len(ds.doc_starts), "tokens": len(ds.tokens)}
@@ -198,9 +200,6 @@ def prepare_tokens(paths, tokenizer: Any, out: Path, seq_len: int, text_field: s
 def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_dir: Path, streaming: bool = False,
                         **options):
     """`--data` items -> a packed dataset, a `Mixture` (items with weights), or with `streaming` a `TokenStream`."""
-    from lrc.data.sampler import Mixture
-    from lrc.data.stream import TokenStream
-
     sources = src.split_weights(items)
     if streaming and len(sources) > 1:
         raise UserError("--streaming reads one source in order; mixtures (PATH:WEIGHT) need stored tokens: drop "
@@ -222,9 +221,7 @@ def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_di
 
 def make_batches(train: Any, seed: int, rank: int = 0, world_size: int = 1):
     """The trainer's micro-batches (`next`, `state_dict`, `load_state_dict`) for `build_training_data`'s result."""
-    from lrc.data.sampler import Batches, Mixture, MixtureSampler, SequenceSampler
-
-    if hasattr(train, "head"):  # a TokenStream batches itself
+    if isinstance(train, TokenStream):  # it batches itself
         train.rank, train.world_size = rank, world_size
         return train
     if isinstance(train, Mixture):

@@ -1,17 +1,12 @@
-"""Chat rows -> token ids with the teacher tokenizer's chat template, and which of them the losses count.
+"""Chat rows (``{"role", "content"}`` or ShareGPT's ``{"from", "value"}`` turns) -> token ids with the chat
+template (the tokenizer's own or ``--chat-template FILE``), encoded without special tokens as
+``apply_chat_template`` does, plus an EOS unless the rendering ends with one, like every packed document.
 
-A row is a list of turns: ``{"role", "content"}`` (OpenAI / OpenHermes) or ``{"from", "value"}`` (ShareGPT:
-human -> user, gpt -> assistant). The conversation is rendered to text with the template (the tokenizer's own,
-or ``--chat-template FILE``) and encoded with ``add_special_tokens=False``, as ``apply_chat_template`` does;
-an EOS is appended unless the rendering already ends with one, like every packed document.
-
-``--train-on assistant`` keeps only the assistant's tokens as targets. They are found by rendering prefixes:
-the text of turn i is what ``messages[:i+1]`` adds to ``messages[:i]`` rendered with the generation prompt,
-so the role header is not a target and the end-of-turn marker is. Character spans are mapped onto tokens
-with the fast tokenizer's offsets (a token counts when it overlaps an assistant span). This works with any
-template whose rendering of a prefix is a prefix of the whole rendering; transformers'
-``return_assistant_tokens_mask`` needs ``{% generation %}`` tags that most published templates lack. A
-template without the prefix property (one that rewrites earlier turns) is refused with a one-line error.
+``--train-on assistant`` keeps only the assistant's tokens as targets, found by rendering prefixes: turn i's
+text is what ``messages[:i+1]`` adds to ``messages[:i]`` rendered with the generation prompt, so the role
+header is not a target and the end-of-turn marker is; the fast tokenizer's offsets map those character spans
+onto tokens. transformers' ``return_assistant_tokens_mask`` would need ``{% generation %}`` tags, which most
+published templates lack; a template that rewrites earlier turns is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -26,12 +21,11 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assista
 
 
 def normalise(messages: list[dict]) -> list[dict[str, str]]:
-    """Turns as ``{"role", "content"}``, whichever of the two layouts they came in."""
     out = []
     for turn in messages:
-        if "role" in turn and turn.get("role") is not None:
+        if turn.get("role") is not None:
             out.append({"role": str(turn["role"]), "content": str(turn.get("content") or "")})
-        elif "from" in turn and turn.get("from") is not None:
+        elif turn.get("from") is not None:
             role = _SHAREGPT_ROLES.get(str(turn["from"]).lower(), str(turn["from"]))
             out.append({"role": role, "content": str(turn.get("value") or "")})
         else:
@@ -41,7 +35,6 @@ def normalise(messages: list[dict]) -> list[dict[str, str]]:
 
 
 def read_template(tokenizer: Any, path: str | None) -> str:
-    """The chat template to use: the file given, else the tokenizer's own; a one-line error when neither."""
     if path:
         p = Path(path)
         if not p.is_file():

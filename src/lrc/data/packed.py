@@ -1,23 +1,17 @@
-"""The packed token stream the trainer reads: documents concatenated into one flat int32 array, cut into
-back-to-back sequences of `seq_len` tokens. Nothing is padded, so every token is real training signal.
+"""The packed token stream: documents concatenated into one flat int32 array, cut into back-to-back sequences
+of `seq_len` tokens. Nothing is padded, so every token is real training signal.
 
-A sequence may hold the end of one document and the start of the next, or start mid-document. Two per-token
-tensors keep documents apart: ``position_ids`` count from the real start of the token's document (a sequence
-cut from the middle of a document continues, 37, 38, ..., so positions do not depend on where the cuts fall
-and 0 is the one mark of a document start), and ``labels`` are -100 wherever the next token opens another
-document (and, with a loss mask, wherever it is not a target, e.g. a user's turn under --train-on assistant).
+A sequence may start mid-document or hold the end of one and the start of the next. ``position_ids`` count from
+the real start of the token's document (a cut continues 37, 38, ..., so 0 is the one mark of a document start)
+and ``labels`` are -100 wherever the next token opens another document or, with a loss mask, is not a target.
+With RoPE, attention depends only on position offsets, so a continuation is attended as its tokens alone would
+be. Given these position ids and no attention mask, transformers' masking (``find_packed_sequence_indices``,
+eager/sdpa/flex) builds a block-diagonal causal mask; its flash-attention paths do not (transformers 5.x). A
+document longer than the teacher's context gets positions past ``max_position_embeddings``: harmless for
+default and llama3 RoPE, not for "dynamic"/"longrope".
 
-With RoPE, attention depends only on position offsets, so a continuation is attended as its tokens alone
-would be. Given these position ids and no attention mask, transformers' masking code
-(``find_packed_sequence_indices``, eager/sdpa/flex) starts a new document wherever a position is not the
-previous one plus 1 and builds a block-diagonal causal mask. Its flash-attention paths do not (transformers
-5.x): these batches are meant for eager, sdpa and flex. A document longer than the teacher's context gets
-positions past ``max_position_embeddings``: harmless for default and llama3 RoPE, not for "dynamic"/"longrope".
-
-On disk (`write_store` / `open_store`): the tokens (4 bytes each) and, for masked data, one byte per token are
-memory-mapped, so every process on a machine shares the same pages; document starts are a small .npy file.
-Files are written under temporary names and renamed into place, the token file last (its presence marks a
-complete store), so an interrupted build leaves nothing that looks complete.
+On disk the tokens (and, for masked data, a byte per token) are memory-mapped, so a machine's processes share
+the pages. Files are written under temporary names and renamed, the token file last (it marks a complete store).
 """
 
 from __future__ import annotations
@@ -38,9 +32,8 @@ from lrc.losses import IGNORE_INDEX, next_token_labels
 
 @dataclass
 class PackedDataset:
-    """`tokens` (1-D int32, a read-only memmap when it comes from disk), `doc_starts` (sorted int64 offsets of
-    each document's first token; the first may be negative in a part cut from a larger stream, see
-    `split_holdout`), `seq_len`, and optionally `loss_mask` (uint8 per token: 0 = not a target)."""
+    """`doc_starts`: sorted offsets of each document's first token (the first may be negative in a part cut from
+    a larger stream); `loss_mask`: optional, uint8 per token, 0 = not a target."""
 
     tokens: np.ndarray
     doc_starts: np.ndarray
@@ -55,14 +48,11 @@ class PackedDataset:
         if len(self.tokens) and (len(self.doc_starts) == 0 or self.doc_starts[0] > 0):
             raise ValueError("doc_starts must have an entry at or before offset 0 of tokens")
 
-    def __len__(self) -> int:
-        """Number of full sequences; the tail shorter than `seq_len` is dropped."""
+    def __len__(self) -> int:  # full sequences; a shorter tail is dropped
         return len(self.tokens) // self.seq_len
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
-        """Sequence `index` as int64 tensors of shape (seq_len,): "input_ids", "position_ids" (offset from the
-        start of the token's document, also when that lies in an earlier sequence) and "labels" (the next token;
-        -100 at the last position, where the next token opens another document, and where it is masked)."""
+        """Sequence `index` as (seq_len,) int64 tensors input_ids, position_ids, labels (and bool loss_mask)."""
         if not 0 <= index < len(self):
             raise IndexError(f"sequence index {index} out of range for {len(self)} sequences")
         start, stop = index * self.seq_len, (index + 1) * self.seq_len
@@ -71,25 +61,17 @@ class PackedDataset:
         pos = torch.from_numpy(offsets - self.doc_starts[np.searchsorted(self.doc_starts, offsets, side="right") - 1])
         item = {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
         if self.loss_mask is not None:
-            item["loss_mask"] = next_is_target(self.loss_mask[start + 1:stop])
+            # which positions' next token the losses count (KL and CE); the last one's lies outside the sequence
+            target = torch.as_tensor(np.asarray(self.loss_mask[start + 1:stop], dtype=np.bool_))
+            item["loss_mask"] = torch.cat([target, torch.zeros(1, dtype=torch.bool)])
             item["labels"][~item["loss_mask"]] = IGNORE_INDEX
         return item
 
     __getitem__ = get  # a map-style dataset for torch's DataLoader too
 
-    def tokens_used(self) -> int:
-        return len(self) * self.seq_len
-
-
-def next_is_target(mask) -> torch.Tensor:
-    """(T,) bool "loss_mask" from the T-1 target flags of tokens 1..T-1: which positions' next token the losses
-    count (KL as well as CE; the last position's next token lies outside the sequence: not counted)."""
-    return torch.cat([torch.as_tensor(np.asarray(mask, dtype=np.bool_)), torch.zeros(1, dtype=torch.bool)])
-
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack the (T,) tensors of `items` into (B, T) tensors, key by key (a mixture of masked and unmasked
-    sources: the unmasked ones count every position)."""
+    """(T,) tensors -> (B, T); in a mixture of masked and unmasked sources the unmasked count every position."""
     if not items:
         raise ValueError("cannot collate an empty batch")
     if any("loss_mask" in item for item in items):
@@ -101,9 +83,8 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def split_holdout(ds: PackedDataset, fraction: float) -> tuple[PackedDataset, PackedDataset]:
-    """(train, holdout): the holdout is the last ceil(fraction * n) sequences (at least one when fraction > 0,
-    and at least one is kept). Both are views cut at a sequence boundary; the holdout's `doc_starts` begins
-    with the real (maybe negative) start of the document it opens in, so its positions equal those in `ds`."""
+    """(train, holdout): views cut before the last ceil(fraction * n) sequences (at least one of each when
+    fraction > 0); the holdout's first document start is its real (maybe negative) one, so positions match."""
     if not (0.0 <= fraction < 1.0):  # also rejects NaN
         raise UserError(f"holdout fraction must be in [0, 1), got {fraction}; pass a fraction such as 0.01")
     n = len(ds)
@@ -122,16 +103,12 @@ def split_holdout(ds: PackedDataset, fraction: float) -> tuple[PackedDataset, Pa
     return train, hold
 
 
-# ------------------------------------------------------------------------------------------- on disk
-
-
-def store_paths(folder: Path, stem: str) -> tuple[Path, Path, Path]:
-    """(tokens, document starts, loss mask) files of one stored stream."""
+def store_paths(folder: Path, stem: str) -> tuple[Path, Path, Path]:  # tokens, document starts, loss mask
     return folder / f"{stem}.int32.bin", folder / f"{stem}.doc_starts.npy", folder / f"{stem}.mask.uint8.bin"
 
 
 def open_store(folder: Path, stem: str, seq_len: int) -> PackedDataset | None:
-    """The stored stream memory-mapped, or None when missing or damaged (it is then rebuilt)."""
+    """The stored stream memory-mapped, or None when missing or damaged (then it is rebuilt)."""
     tokens_path, docs_path, mask_path = store_paths(folder, stem)
     if not tokens_path.is_file() or not docs_path.is_file():
         return None
@@ -148,8 +125,8 @@ def open_store(folder: Path, stem: str, seq_len: int) -> PackedDataset | None:
 
 
 def write_store(folder: Path, stem: str, fill: Callable, check: Callable) -> None:
-    """Write a stream: ``fill(write_tokens, write_mask) -> doc_starts`` passes int32/uint8 chunks; `check(starts,
-    total)` may refuse it. Nothing is committed on any failure, and folders created here are removed again."""
+    """``fill(write_tokens, write_mask) -> doc_starts`` writes the chunks; ``check(starts, total)`` may refuse
+    them. On any failure nothing is committed and folders created here are removed again."""
     created, parent = [], folder
     while not parent.exists():
         created.append(parent)

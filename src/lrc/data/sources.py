@@ -1,13 +1,10 @@
-"""`--data` items -> files, dataset folders and hub splits, read with `datasets` into one document column.
-
-The "text" (one document per file), "json" and "parquet" builders, `load_from_disk` and hub ids do the reading;
-each source becomes a dataset with one column, ``text``, or ``messages`` for chat rows (ShareGPT's
-``conversations`` too). What stays here is what `datasets` does not do: a deterministic folder walk, the hub-id
-and ``PATH:WEIGHT`` syntax, and one-line errors naming the file, line or field to fix.
-"""
+"""`--data` items -> files, dataset folders and hub splits, read with `datasets` into one column: ``text``, or
+``messages`` for chat rows. Kept here is what `datasets` does not do: a deterministic folder walk, the hub-id and
+``PATH:WEIGHT`` syntax, and one-line errors naming the file, line or field to fix."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -74,6 +71,10 @@ def split_weights(items: Sequence[str]) -> list[tuple[list[str], float]]:
     return [([path], float(weight or 0)) for path, weight in parsed]
 
 
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _load_hub(source: HubDataset, raw: str | None = None, streaming: bool = False) -> HubDataset:
     import datasets
 
@@ -81,31 +82,28 @@ def _load_hub(source: HubDataset, raw: str | None = None, streaming: bool = Fals
         return replace(source, dataset=datasets.load_dataset(source.repo, source.config, split=source.split,
                                                              **({"streaming": True} if streaming else {})))
     except Exception as err:  # many unrelated types: offline, unknown name, config or split
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         not_local = f" (there is no local path {raw} either)" if raw is not None else ""
         raise UserError(f"cannot load hub dataset {source}: {reason}; check the name, go online, or pass existing "
                         f"local files{not_local}") from err
 
 
-def _is_unit(path: Path) -> bool:
-    """A folder read as one dataset (save_to_disk or lrc prepare), not searched for files."""
-    return any((path / name).is_file() for name in (*SAVED_MARKERS, PREPARED_MARKER))
-
-
 def _walk(folder: Path, found: list[DataSource], skipped: list[Path]) -> None:
-    """Depth first in name order (the same on every machine); hidden entries (.git, .cache) are never data."""
+    """A saved dataset or `lrc prepare` folder is one source; others are walked depth first in name order (the
+    same on every machine), skipping hidden entries (.git, .cache)."""
+    if any((folder / name).is_file() for name in (*SAVED_MARKERS, PREPARED_MARKER)):
+        found.append(folder)
+        return
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            found.append(entry) if _is_unit(entry) else _walk(entry, found, skipped)
-        elif entry.is_file():
+        if entry.is_dir() and not entry.name.startswith("."):
+            _walk(entry, found, skipped)
+        elif entry.is_file() and not entry.name.startswith("."):
             (found if entry.suffix.lower() in KINDS else skipped).append(entry)
 
 
 def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = False) -> list[DataSource]:
-    """Data paths -> resolved files, dataset folders and hub splits, in order, without duplicates. A hub id
-    (a path that does not exist) is loaded here, as a stream with `streaming`, so it fails before any writing."""
+    """Resolved files, dataset folders and hub splits, in order, without duplicates. A hub id is loaded here
+    (a stream with `streaming`), so it fails before anything is written."""
     if not paths:
         raise UserError("no data paths given: pass at least one data file or folder")
     found: list[DataSource] = []
@@ -121,7 +119,7 @@ def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = Fals
                                 "folder")
             found.append(_load_hub(hub, str(raw), streaming))
         elif path.is_dir():
-            found.append(path) if _is_unit(path) else _walk(path, found, skipped)
+            _walk(path, found, skipped)
         elif path.suffix.lower() in KINDS:
             found.append(path)
         else:
@@ -155,11 +153,13 @@ def _bad_json(path: Path) -> str | None:
                  if not isinstance(row, dict)), None)
 
 
-def _load_files(files: list[Path], streaming: bool) -> Any:
-    """One `load_dataset` call for consecutive files of one kind (10,000 .txt files: one call, not 10,000)."""
+def _kind(source: DataSource) -> str | None:  # a data file's builder; None for a folder or hub split
+    return KINDS.get(source.suffix.lower()) if isinstance(source, Path) and not source.is_dir() else None
+
+
+def _load_files(kind: str, files: list, streaming: bool) -> Any:
     import datasets
 
-    kind = KINDS[files[0].suffix.lower()]
     text = {"sample_by": "document", "encoding": "utf-8-sig"} if kind == "text" else {}
     try:
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming,
@@ -170,7 +170,7 @@ def _load_files(files: list[Path], streaming: bool) -> Any:
             if reason := _bad_json(f):
                 raise UserError(reason) from err
         why = f"not UTF-8 text ({cause.reason})" if isinstance(cause, UnicodeDecodeError) else \
-            (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            first_line(cause)
         raise UserError(f"cannot read {files[0]}{f' or one of {len(files) - 1} more' if len(files) > 1 else ''} "
                         f"({why}); check or re-export the file") from err
 
@@ -190,13 +190,11 @@ def _load_saved(path: Path) -> tuple[Any, str]:
     return loaded, str(path)
 
 
-def columns(ds: Any) -> list[str]:
-    """A dataset's columns; a stream without known features shows them only by reading a row."""
+def columns(ds: Any) -> list[str]:  # a stream without known features shows them only in a row
     return list(ds.column_names or next(iter(ds), {}).keys())
 
 
-def _one_column(ds: Any, where: str, text_field: str) -> Any:
-    """`ds` reduced to its documents, as column TEXT (type-checked) or CHAT."""
+def _one_column(ds: Any, where: str, text_field: str) -> Any:  # `ds` as column TEXT (type-checked) or CHAT
     names = columns(ds)
     column = text_field if text_field in names else next((c for c in ("messages", "conversations") if c in names), 0)
     if not column:
@@ -211,25 +209,23 @@ def _one_column(ds: Any, where: str, text_field: str) -> Any:
 
 
 def load_documents(files: Sequence[DataSource], text_field: str = "text", streaming: bool = False) -> list[Any]:
-    """The sources as one-column `datasets` datasets (streams with `streaming`), in order."""
     parts: list[Any] = []
-    run: list[Path] = []
-    for src in [*files, None]:
-        kind = KINDS.get(src.suffix.lower()) if isinstance(src, Path) and not src.is_dir() else None
-        if run and kind != KINDS[run[0].suffix.lower()]:
-            parts.append(_one_column(_load_files(run, streaming), str(run[0]) + (", ..." if run[1:] else ""),
-                                     text_field))
-            run = []
-        if isinstance(src, HubDataset):
-            loaded = src.dataset if src.dataset is not None else _load_hub(src, streaming=streaming).dataset
-            parts.append(_one_column(loaded, f"hub dataset {src}", text_field))
-        elif isinstance(src, Path) and src.is_dir():
+    # Consecutive files of one kind are one `load_dataset` call (10,000 .txt files: one call, not 10,000).
+    for kind, group in itertools.groupby(files, _kind):
+        run = list(group)
+        if kind:
+            ds = _load_files(kind, run, streaming)
+            parts.append(_one_column(ds, str(run[0]) + (", ..." if run[1:] else ""), text_field))
+            continue
+        for src in run:
+            if isinstance(src, HubDataset):
+                loaded = src.dataset if src.dataset is not None else _load_hub(src, streaming=streaming).dataset
+                parts.append(_one_column(loaded, f"hub dataset {src}", text_field))
+                continue
             if (src / PREPARED_MARKER).is_file():
                 raise UserError(f"{src} holds tokens from `lrc prepare`: give it alone as a --data source")
             ds, where = _load_saved(src)
             parts.append(_one_column(ds.to_iterable_dataset() if streaming else ds, where, text_field))
-        elif isinstance(src, Path):
-            run.append(src)
     return parts
 
 
@@ -241,13 +237,13 @@ def iter_documents(paths: Sequence[DataSource], text_field: str = "text"):
 
 
 def file_fingerprints(files: Sequence[DataSource]) -> list[list[Any]]:
-    """(path, size, mtime_ns) of every file, those inside dataset folders too; a hub split's id and `datasets`
-    fingerprint. Contents are not hashed: that would cost a full read."""
+    """(path, size, mtime_ns) of every file, in dataset folders too (contents are not hashed: that costs a full
+    read); a hub split's id and `datasets` fingerprint."""
     rows: list[list[Any]] = []
-    for path in files:
-        if isinstance(path, HubDataset):
-            rows.append(["hub", path.repo, path.config, path.split, getattr(path.dataset, "_fingerprint", None)])
-            continue
-        for member in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            rows.append([str(member), member.stat().st_size, member.stat().st_mtime_ns])
+    for f in files:
+        if isinstance(f, HubDataset):
+            rows.append(["hub", f.repo, f.config, f.split, getattr(f.dataset, "_fingerprint", None)])
+        else:
+            members = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
+            rows += [[str(m), m.stat().st_size, m.stat().st_mtime_ns] for m in members]
     return rows

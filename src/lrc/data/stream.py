@@ -16,13 +16,11 @@ import copy
 from typing import Any
 
 import numpy as np
-import torch
 
-from lrc.data.packed import PackedDataset, collate, next_is_target
+from lrc.data.packed import PackedDataset, collate
 from lrc.data.sources import columns
 from lrc.data.tokenise import IDS, MASK, Tokenise
 from lrc.errors import UserError
-from lrc.losses import IGNORE_INDEX, next_token_labels
 
 
 class TokenStream:
@@ -33,7 +31,7 @@ class TokenStream:
         self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=columns(p)) for p in parts]
         self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
-        self.masked = fn.chat is not None and fn.chat.train_on == "assistant"
+        self.masked = fn.masked
         self.position: dict[str, Any] = {"part": 0, "state": None, "offset": 0, "epoch": 0}
         self._iter: Any = None
 
@@ -79,15 +77,6 @@ class TokenStream:
                     yield ids, pos, mask, nxt
                     ids, pos, mask = [], [], []
 
-    def _item(self, ids, pos, mask) -> dict:
-        """As `PackedDataset.get`: labels -100 at the end, before a document start, and before a non-target."""
-        ids_t, pos_t = torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
-        item = {"input_ids": ids_t, "position_ids": pos_t, "labels": next_token_labels(ids_t, pos_t)}
-        if self.masked:
-            item["loss_mask"] = next_is_target(mask[1:])
-            item["labels"][~item["loss_mask"]] = IGNORE_INDEX
-        return item
-
     def take(self, n: int) -> list[tuple]:
         """The next `n` raw sequences (ids, positions, mask) of the stream (every rank's), advancing."""
         it = self._iter = self._iter or self._sequences(self.position)
@@ -97,9 +86,16 @@ class TokenStream:
             out.append((ids, pos, mask))
         return out
 
+    def _packed(self, raw: list[tuple]) -> PackedDataset:
+        """Consecutive sequences of the stream as a packed dataset, which labels and masks them."""
+        ids, pos, mask = (np.concatenate([np.asarray(r[i]) for r in raw]) for i in range(3))
+        starts = np.unique(np.arange(len(ids)) - pos)  # a token at offset o and position p: its document starts at o-p
+        return PackedDataset(ids.astype(np.int32), starts, self.seq_len, mask.astype(np.uint8) if self.masked else None)
+
     def next(self, batch_size: int) -> dict:
-        batch = self.take(batch_size * self.world_size)[self.rank * batch_size:(self.rank + 1) * batch_size]
-        return collate([self._item(*raw) for raw in batch])
+        first = self.rank * batch_size
+        batch = self._packed(self.take(batch_size * self.world_size)[first:first + batch_size])
+        return collate([batch.get(i) for i in range(len(batch))])
 
     def head(self, n: int, advance: bool) -> PackedDataset:
         """The next `n` sequences as a packed dataset (held-out data, calibration); `advance`: skip them."""
@@ -107,9 +103,7 @@ class TokenStream:
         raw = self.take(n)
         if not advance:
             self.position, self._iter = position, None
-        ids, pos, mask = (np.concatenate([np.asarray(r[i]) for r in raw]) for i in range(3))
-        starts = np.unique(np.arange(len(ids)) - pos)  # a token at offset o and position p: its document starts at o-p
-        return PackedDataset(ids.astype(np.int32), starts, self.seq_len, mask.astype(np.uint8) if self.masked else None)
+        return self._packed(raw)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": copy.deepcopy(self.position)}

@@ -1,11 +1,9 @@
-"""Documents -> token ids, framed the way the teacher's tokenizer frames a text, in parallel with `datasets`.
+"""Documents -> token ids framed as the teacher's tokenizer frames a text, in parallel with `datasets`.
 
-Text documents are encoded with ``add_special_tokens=False`` in batches (fast) and wrapped in the special
-tokens the tokenizer itself puts around a text (`DocumentTemplate`, detected, not looked up by model name):
-its BOS where it adds one (Llama 3, Mistral), nothing for Qwen, then exactly one EOS. A teacher fed
-documents without the BOS it was trained with sees unfamiliar input and its logits (the target) are off.
-Chat rows are rendered by `lrc.data.chat`. `tokenise` runs this as ``Dataset.map(batched=True,
-num_proc=N)``; `datasets` caches each map under a fingerprint we derive from everything the ids depend on.
+Texts are encoded in batches without special tokens and wrapped in those the tokenizer itself puts around a
+text (detected, not looked up by model name): its BOS where it adds one (Llama 3, Mistral), none for Qwen, then
+exactly one EOS. A teacher fed documents without the BOS it was trained with sees unfamiliar input and its
+logits (the target) are off. Chat rows are rendered by `lrc.data.chat`.
 """
 
 from __future__ import annotations
@@ -31,9 +29,8 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 @dataclass(frozen=True)
 class DocumentTemplate:
-    """Ids put around every document's text tokens: `prefix` is what the tokenizer puts before a text with
-    ``add_special_tokens=True`` (its BOS, or nothing), `suffix` what it puts after, followed by EOS unless that
-    already ends with EOS, so every document ends with exactly one EOS, which separates it from the next."""
+    """Ids the tokenizer puts before and after a text; `suffix` always ends with one EOS (which separates
+    a document from the next)."""
 
     prefix: tuple[int, ...]
     suffix: tuple[int, ...]
@@ -43,12 +40,8 @@ class DocumentTemplate:
 
 
 def detect_document_template(tokenizer: Any, eos_id: int) -> DocumentTemplate:
-    """Encode a probe with and without special tokens and split the difference into prefix and suffix.
-
-    Raises:
-        UserError: the special tokens do not just wrap the text (the plain encoding is not a contiguous part of
-            the encoding with special tokens), so no template can be told.
-    """
+    """A probe encoded with and without special tokens: the difference is the prefix and suffix (refused when
+    the plain encoding is not a contiguous part of the other, as then the special tokens do not just wrap it)."""
     plain = list(tokenizer.encode(_PROBE, add_special_tokens=False))
     full = list(tokenizer.encode(_PROBE, add_special_tokens=True))
     cut = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None) \
@@ -72,57 +65,45 @@ def eos_id_of(tokenizer: Any) -> int:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
-    """What identifies a tokenizer's output: name, vocabulary sizes, EOS id and a hash of its serialised form
-    (for a slow tokenizer, of its vocabulary)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        material = backend.to_str()
-    elif hasattr(tokenizer, "get_vocab"):
-        material = json.dumps(sorted(tokenizer.get_vocab().items()))
-    else:
-        material = None
-    try:
-        total = len(tokenizer)
-    except TypeError:
-        total = None
+    """Name, vocabulary sizes, EOS id and a hash of the serialised form (a slow tokenizer's: its vocabulary)."""
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+    material = backend.to_str() if hasattr(backend, "to_str") else \
+        json.dumps(sorted(tokenizer.get_vocab().items())) if hasattr(tokenizer, "get_vocab") else None
     return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")),
-            "vocab_size": getattr(tokenizer, "vocab_size", None), "len": total,
+            "vocab_size": getattr(tokenizer, "vocab_size", None),
+            "len": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
             "eos_token_id": tokenizer.eos_token_id,
             "backend_sha256": hashlib.sha256(material.encode()).hexdigest() if material is not None else None}
 
 
 class Tokenise:
-    """The batched map function: a batch of TEXT or CHAT rows -> IDS (and MASK when only some tokens are
-    targets). Documents that give no tokens (blank, null) are dropped. A class, so worker processes get it
-    pickled with the tokenizer."""
+    """The batched map function, TEXT or CHAT rows -> IDS (and MASK), dropping documents without tokens; a
+    class, so worker processes get it pickled with the tokenizer."""
 
     def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None):
         self.tokenizer, self.template, self.chat = tokenizer, template, chat
+        self.masked = chat is not None and chat.train_on == "assistant"  # then every row gets a MASK
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if CHAT in batch and self.chat is not None:
             rendered = [self.chat.render(m) for m in batch[CHAT] if m]
             out = {IDS: [ids for ids, _ in rendered]}
-            if self.chat.train_on == "assistant":
+            if self.masked:
                 out[MASK] = [mask for _, mask in rendered]
             return out
         texts = [t for t in batch[TEXT] if t and t.strip()]
         # verbose=False: the "longer than model_max_length" warning is irrelevant when packing
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)[IDS] if texts else []
         framed = [self.template.frame(i) for i in ids if len(i)]
-        if self.chat is not None and self.chat.train_on == "assistant":  # plain text beside chat: all targets
-            return {IDS: framed, MASK: [[1] * len(f) for f in framed]}
-        return {IDS: framed}
+        # plain text beside chat under --train-on assistant: all targets
+        return {IDS: framed, MASK: [[1] * len(f) for f in framed]} if self.masked else {IDS: framed}
 
 
 def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
              features: Any = None):
-    """The tokenised form of every part (a `datasets.Dataset`), in contiguous shards, in order.
-
-    Each shard is one ``map(batched=True, num_proc=...)`` that `datasets` caches under a fingerprint made of
-    `key` (everything the ids depend on), the part and the shard; between shards a bar shows documents, tokens,
-    tokens/s and an ETA (from the documents done). Sharding costs a worker pool per shard (at most 32).
-    """
+    """Every part tokenised, in contiguous shards, in order: each shard is one ``map(batched=True, num_proc=N)``
+    cached under a fingerprint of `key`, part and shard. Shards exist for the progress bar (documents, tokens,
+    tokens/s, ETA), updated between them; each costs a worker pool, so there are at most 32."""
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
