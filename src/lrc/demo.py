@@ -68,8 +68,14 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+# What the cached teacher depends on: the students' settings may change without retraining it.
+_TEACHER_FIELDS = ("vocab", "teacher_hidden", "teacher_layers", "heads", "kv_heads", "ffn", "seq_len", "batch",
+                   "teacher_tokens", "teacher_lr", "eval_every", "eval_batches")
+
+
 def _key(s: DemoSettings) -> str:
-    return hashlib.sha256(json.dumps(s.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    fields = {k: getattr(s, k) for k in _TEACHER_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_teacher(s: DemoSettings, train: list[Path], val: list[Path], cache: Path) -> tuple[Path, Path, float]:

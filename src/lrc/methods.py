@@ -200,8 +200,12 @@ def _build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tupl
     clone = LowRankClone(teacher, cast(int, cfg.hidden_size), rms_norm_eps=cfg.rms_norm_eps)
     info: dict = {}
     if calibration is not None:
-        if cfg.init == "pca":
+        if cfg.init in ("pca", "refit"):
             info = init_pca(clone, calibration())
+            if cfg.init == "refit":
+                from lrc.refit import refit_projections
+
+                info |= refit_projections(clone, calibration())
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.grad_checkpointing:
@@ -240,7 +244,7 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lrc": MethodSpec(_build_lrc, needs_calibration=lambda cfg: cfg.init == "pca", shards_teacher=True),
+    "lrc": MethodSpec(_build_lrc, needs_calibration=lambda cfg: cfg.init in ("pca", "refit"), shards_teacher=True),
     "kd": MethodSpec(_build_direct, needs_calibration=lambda cfg: False),
     "scratch": MethodSpec(_build_direct, needs_calibration=lambda cfg: False),
     "prune-kd": MethodSpec(_build_direct, needs_calibration=lambda cfg: True),

@@ -1,0 +1,37 @@
+"""`--lr auto`: the peak learning rate chosen from the student's width and the batch, by a rule fitted on
+measurements (BENCHMARKS.md, "Learning rate x student width"; `benchmarks/lr_sweep.py`).
+
+    lr = LR_AT_REF * (REF_WIDTH / d_S) ** WIDTH_EXPONENT * (tokens per optimizer step / REF_TOKENS) ** BATCH_EXPONENT
+
+The rule is a pure function of the config, so it is deterministic and costs nothing; the value it gives is
+written into the run's config.yaml as the run's `lr`, so `--resume`, `export` and `eval` read the number,
+never the rule. An explicit `--lr` wins.
+"""
+
+from __future__ import annotations
+
+AUTO = "auto"
+
+# Fitted on the sweep (see BENCHMARKS.md): the best learning rate of 2 teachers x 3 widths.
+REF_WIDTH = 128
+LR_AT_REF = 2e-3
+WIDTH_EXPONENT = 1.0
+REF_TOKENS = 1024  # the sweep's tokens per optimizer step (batch 8 x 128)
+BATCH_EXPONENT = 0.0
+
+
+def parse_lr(value) -> float | str:
+    """`auto` or a number (argparse type and YAML coercion of --lr); ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def auto_lr(hidden_size: int, tokens_per_step: int) -> float:
+    """The peak learning rate `--lr auto` gives a student of width `hidden_size` trained on `tokens_per_step`
+    tokens per optimizer step (all processes and micro-batches)."""
+    lr = LR_AT_REF * (REF_WIDTH / hidden_size) ** WIDTH_EXPONENT
+    lr *= (tokens_per_step / REF_TOKENS) ** BATCH_EXPONENT
+    return float(f"{lr:.3g}")  # three digits: what the log line and config.yaml show is what runs
