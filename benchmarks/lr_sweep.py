@@ -14,6 +14,7 @@ at once, and a run already there is skipped, so the sweep can be run in short ch
     python benchmarks/lr_sweep.py teachers
     python benchmarks/lr_sweep.py runs --lrs 5e-4 1e-3 2e-3 4e-3 8e-3 [--cells llama-plays:128 ...] [--init refit]
     python benchmarks/lr_sweep.py runs --lrs auto --init pca refit
+    python benchmarks/lr_sweep.py fit          # least squares of the best lr on the width: lrc.lr_rule's constants
     python benchmarks/lr_sweep.py report [--markdown BENCHMARKS.md]
 """
 
@@ -139,6 +140,110 @@ def cmd_runs(args) -> None:
                 results_path.write_text(json.dumps(results, indent=1))
 
 
+def _cells(results: dict, init: str = "refit", extra: str = "") -> dict[tuple[str, int], dict[str, dict]]:
+    """{(teacher, width): {lr label: result}} for the runs of one init without other options (or with `extra`)."""
+    out: dict[tuple[str, int], dict[str, dict]] = {}
+    for key, r in results.items():
+        parts = key.split("|")
+        if parts[2] != init or "|".join(parts[4:]) != extra:
+            continue
+        out.setdefault((parts[0], int(parts[1])), {})[parts[3]] = r
+    return out
+
+
+def best_lr(runs: dict[str, dict]) -> tuple[float, float, float]:
+    """(best swept lr, its loss, the vertex of a parabola in log lr through the best and its neighbours)."""
+    import math
+
+    swept = sorted((float(k), v["final"]) for k, v in runs.items() if k != "auto")
+    i = min(range(len(swept)), key=lambda j: swept[j][1])
+    lr, loss = swept[i]
+    if 0 < i < len(swept) - 1:
+        (x0, y0), (x1, y1), (x2, y2) = [(math.log(a), b) for a, b in swept[i - 1:i + 2]]
+        denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+        a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+        b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+        vertex = math.exp(-b / (2 * a)) if a > 0 else lr
+    else:
+        vertex = lr
+    return lr, loss, vertex
+
+
+def cmd_fit(results: dict) -> None:
+    """Least squares of log(vertex lr) on log(width): the constants of lrc.lr_rule."""
+    import math
+
+    pts = []
+    for (teacher, width), runs in sorted(_cells(results).items()):
+        if len([k for k in runs if k != "auto"]) < 3:
+            continue
+        lr, loss, vertex = best_lr(runs)
+        pts.append((math.log(width), math.log(vertex)))
+        print(f"{teacher} width {width}: best swept {lr:g} ({loss:.4f}), parabola vertex {vertex:.3g}")
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    slope = sum((x - mx) * (y - my) for x, y in pts) / max(1e-12, sum((x - mx) ** 2 for x, _ in pts))
+    at128 = math.exp(my + slope * (math.log(128) - mx))
+    print(f"fit: lr = {at128:.3g} * (128 / d_S) ** {-slope:.2f}")
+
+
+def _pct(loss: float, ref: float) -> str:
+    return f"{100 * (loss / ref - 1):+.2f}%"
+
+
+def write_report(results: dict, md: Path) -> None:
+    lines = [START, ""]
+    sweep = _cells(results)
+    lrs = sorted({float(k) for runs in sweep.values() for k in runs if k != "auto"})
+    lines += ["### Final held-out loss by learning rate (refit init; % above the teacher's held-out loss)", "",
+              "| teacher | d_S | " + " | ".join(f"{x:g}" for x in lrs) + " | best swept | auto: lr | auto: loss | "
+              "auto vs best |", "|---|---|" + "---|" * (len(lrs) + 4)]
+    for (teacher, width), runs in sorted(sweep.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        t = next(iter(runs.values()))["teacher_loss"]
+        cells = []
+        for x in lrs:
+            r = next((v for k, v in runs.items() if k != "auto" and float(k) == x), None)
+            cells.append("" if r is None else f"{r['final']:.4f} ({_pct(r['final'], t)})")
+        lr, loss, _ = best_lr(runs) if len(runs) > 1 else (float("nan"), float("nan"), 0)
+        auto = runs.get("auto")
+        tail = (f"{auto['lr']:.3g} | {auto['final']:.4f} ({_pct(auto['final'], t)}) | {_pct(auto['final'], loss)}"
+                if auto else " | | ")
+        lines.append(f"| {teacher} (teacher {t:.4f}) | {width} | " + " | ".join(cells) + f" | {lr:g} | {tail} |")
+    pca, refit = _cells(results, "pca"), _cells(results, "refit")
+    lines += ["", "### pca vs refit initialisation (both at --lr auto; held-out loss, % above the teacher)", "",
+              "| teacher | d_S | step 0: pca | step 0: refit | final: pca | final: refit |",
+              "|---|---|---|---|---|---|"]
+    for (teacher, width), runs in sorted(pca.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        a, b = runs.get("auto"), refit.get((teacher, width), {}).get("auto")
+        if not (a and b):
+            continue
+        t = a["teacher_loss"]
+        lines.append(f"| {teacher} | {width} | {a['step0']:.4f} ({_pct(a['step0'], t)}) | {b['step0']:.4f} "
+                     f"({_pct(b['step0'], t)}) | {a['final']:.4f} ({_pct(a['final'], t)}) | {b['final']:.4f} "
+                     f"({_pct(b['final'], t)}) |")
+    others = sorted({"|".join(k.split("|")[4:]) for k in results} - {""})
+    if others:
+        lines += ["", "### Warm-up and schedule (refit init, --lr auto)", "",
+                  "| teacher | d_S | options | final held-out loss |", "|---|---|---|---|"]
+        for extra in others:
+            for (teacher, width), runs in sorted(_cells(results, "refit", extra).items()):
+                for lr, r in runs.items():
+                    base = refit.get((teacher, width), {}).get(lr)
+                    vs = f" (default: {base['final']:.4f})" if base else ""
+                    lines.append(f"| {teacher} | {width} | {extra.replace('|', ', ')} | {r['final']:.4f}{vs} |")
+    secs = sum(r["seconds"] for r in results.values())
+    lines += ["", f"{len(results)} runs, {secs / 60:.0f} minutes of wall time in all (2-core AMD EPYC, fp32).", "",
+              END]
+    block = "\n".join(lines)
+    text = md.read_text()
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Learning rate x student width, and the refit init\n\n" + block + "\n"
+    md.write_text(text)
+    print(block)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -149,6 +254,7 @@ def main(argv=None) -> int:
     r.add_argument("--cells", nargs="+", default=None, help="TEACHER:WIDTH (default: all six)")
     r.add_argument("--set", nargs="*", default=[], help="other RunConfig options, e.g. warmup_ratio=0.05")
     r.add_argument("--max-seconds", type=float, default=240.0, help="start no new run after this long")
+    sub.add_parser("fit")
     rep = sub.add_parser("report")
     rep.add_argument("--markdown", default="BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -159,9 +265,9 @@ def main(argv=None) -> int:
             print(f"[lr_sweep] {name}: {path}")
     elif args.cmd == "runs":
         cmd_runs(args)
+    elif args.cmd == "fit":
+        cmd_fit(json.loads((WORK / "results.json").read_text()))
     else:
-        from lr_sweep_report import write_report  # noqa: PLC0415 (benchmarks/ is the script's own folder)
-
         write_report(json.loads((WORK / "results.json").read_text()), Path(args.markdown))
     return 0
 

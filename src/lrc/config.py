@@ -62,7 +62,7 @@ class RunConfig:
                           "tokens per step by a rule fitted on measurements (lrc.lr_rule; the value is printed "
                           "and stored in the run's config.yaml)")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.005, "share of the steps spent warming up linearly")
+    warmup_ratio: float = opt(0.05, "share of the steps spent warming up linearly")
     min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr (cosine/linear)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")

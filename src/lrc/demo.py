@@ -40,7 +40,6 @@ class DemoSettings:
     teacher_tokens: int = 500_000
     student_tokens: int = 200_000
     teacher_lr: float = 2e-3
-    student_lr: float = 2e-3
     eval_every: int = 25
     eval_batches: int = 8
     final_eval_sequences: int = 256
@@ -188,7 +187,7 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     common: dict[str, Any] = dict(
         teacher=str(teacher_dir), data=[str(p) for p in train], val_data=[str(p) for p in val],
         hidden_size=s.student_hidden, max_tokens=s.student_tokens, batch_size=s.batch,
-        seq_len=s.seq_len, lr=s.student_lr, warmup_ratio=0.05, eval_every=s.eval_every,
+        seq_len=s.seq_len, eval_every=s.eval_every,  # the run defaults: --lr auto, --init refit
         eval_batches=s.eval_batches, save_every=10**9, log_every=10, cache_dir=str(cache / "tokens"))
     timings = {"teacher": teacher_secs}
     runs = {}
