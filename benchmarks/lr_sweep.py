@@ -43,8 +43,16 @@ START, END = "<!-- lr_sweep:start -->", "<!-- lr_sweep:end -->"
 
 
 def code_files() -> tuple[list[Path], list[Path]]:
+    """The standard library's top-level modules, copied as .txt documents (lrc reads text files by suffix)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if i % 10 == 0]
+    out: tuple[list[Path], list[Path]] = ([], [])
+    for i, f in enumerate(files):
+        copy = WORK / "code" / ("val" if i % 10 == 0 else "train") / f"{f.stem}.txt"
+        if not copy.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(f.read_text(errors="replace"))
+        out[i % 10 == 0].append(copy)
+    return out
 
 
 def build_code_teacher(cache: Path) -> Path:
@@ -62,7 +70,7 @@ def build_code_teacher(cache: Path) -> Path:
     if home.exists():
         shutil.rmtree(home)
     train, val = code_files()
-    tok = train_bpe((p.read_text(errors="replace") for p in train), vocab_size=2048)
+    tok = train_bpe((p.read_text() for p in train), vocab_size=2048)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=192, intermediate_size=512, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=48, max_position_embeddings=4 * SEQ,
                       tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,

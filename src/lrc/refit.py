@@ -63,9 +63,9 @@ def _first(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """module(x, **kwargs) in the module's dtype, the result in fp32."""
-    dtype = next(module.parameters()).dtype
+def _call(module: nn.Module, x: torch.Tensor, kwargs: dict, dtype: torch.dtype) -> torch.Tensor:
+    """module(x, **kwargs) with x in `dtype` (that of the teacher's own residual stream: bf16 for a bf16 teacher,
+    fp32 for an fp32 one or for a bf16-stored one that `lrc.precision` upcasts), the result in fp32."""
     return _first(module(x.to(dtype), **kwargs)).float()
 
 
@@ -105,6 +105,7 @@ class _Batch:
             for h in handles:
                 h.remove()
         self.layer_kw, self.attn_kw = captured["layer_kw"], captured["attn_kw"]
+        self.dtype = captured["x"].dtype
         self.x_t = captured["x"].float()  # (B, T, d_T): the embedding rows
         self.x_s = self.x_t @ clone.embed.float()  # the student's embedding: E_T[ids] @ P_emb
 
@@ -130,7 +131,7 @@ def _teacher_layer(clone: LowRankClone, i: int, b: _Batch) -> dict[str, torch.Te
                layer.get_submodule(fam.post_attention_norm).register_forward_hook(keep("mlp_in")),
                layer.get_submodule(fam.mlp).register_forward_hook(keep("mlp_out"))]
     try:
-        b.x_t = _call(layer, b.x_t, b.layer_kw)
+        b.x_t = _call(layer, b.x_t, b.layer_kw, b.dtype)
     finally:
         for h in handles:
             h.remove()
@@ -206,7 +207,7 @@ def refit_projections(clone: LowRankClone, batches: Iterable[dict]) -> dict[str,
         t_acts = [_teacher_layer(clone, i, b) for b in work]
         # attention block
         p_in = _fit_input(work, [a["attn_in"] for a in t_acts], eps)
-        z_s = [_call(attn, _rms(b.x_s, eps) @ p_in.t(), b.attn_kw) for b in work]
+        z_s = [_call(attn, _rms(b.x_s, eps) @ p_in.t(), b.attn_kw, b.dtype) for b in work]
         if DRIFT:
             tgt = [(x + a["attn_out"]) @ u - b.x_s for x, a, b in zip(x_t_in, t_acts, work)]
         else:
@@ -216,7 +217,7 @@ def refit_projections(clone: LowRankClone, batches: Iterable[dict]) -> dict[str,
             b.x_s = b.x_s + z @ p_o
         # MLP block
         p_mlp = _fit_input(work, [a["mlp_in"] for a in t_acts], eps)
-        y_s = [_call(mlp, _rms(b.x_s, eps) @ p_mlp.t(), {}) for b in work]
+        y_s = [_call(mlp, _rms(b.x_s, eps) @ p_mlp.t(), {}, b.dtype) for b in work]
         if DRIFT:
             tgt = [b.x_t @ u - b.x_s for b in work]
         else:
