@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     train, val = play_files()
     teacher_dir, _, _ = build_teacher(s, train, val, cache)
     budgets = sorted(args.budgets)
-    results = {}
+    # --only adds to (or replaces in) the results of earlier runs, so the variants can run in short chunks
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if args.only and saved.exists() else {}
     for name, opts in VARIANTS.items():
         if args.only and name not in args.only:
             continue
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
         results[name] = {"curve": curve(run), "seconds": time.time() - t0, "lr": lr,
                          "tokens_per_s": sum(tps[1:]) / max(1, len(tps) - 1) if len(tps) > 1 else tps[0]}
         (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = {name: results[name] for name in VARIANTS if name in results}  # the table's order
     write_markdown(results, budgets, s, Path(args.markdown), " ".join(["python"] + sys.argv))
     return 0
 

@@ -37,6 +37,7 @@ from lrc.trainer import distill
 
 WORK = Path("/tmp/lrc15")
 WIDTHS = {"llama-plays": (128, 96, 64), "qwen3-code": (96, 72, 48)}  # half, between, quarter
+TEACHER_WIDTH = {"llama-plays": FULL.teacher_hidden, "qwen3-code": 192}
 TEACHER_TOKENS = {"llama-plays": FULL.teacher_tokens, "qwen3-code": 400_000}
 SEQ, BATCH = 128, 8
 START, END = "<!-- lr_sweep:start -->", "<!-- lr_sweep:end -->"
@@ -109,10 +110,13 @@ def run_one(name: str, paths, width: int, init: str, lr: str, extra: dict) -> di
     if out.exists():
         shutil.rmtree(out)
     t0 = time.time()
-    cfg = RunConfig(teacher=str(teacher), data=[str(p) for p in train], val_data=[str(p) for p in val],
-                    hidden_size=width, out=str(out), init=init, max_tokens=TEACHER_TOKENS[name] // 10,
-                    batch_size=BATCH, seq_len=SEQ, eval_every=0, eval_batches=16, save_every=10**9, log_every=10,
-                    cache_dir=str(WORK / "tokens"), **extra)
+    options = dict(teacher=str(teacher), data=[str(p) for p in train], val_data=[str(p) for p in val],
+                   hidden_size=width, out=str(out), init=init, max_tokens=TEACHER_TOKENS[name] // 10,
+                   batch_size=BATCH, seq_len=SEQ, eval_every=0, save_every=10**9, log_every=10,
+                   cache_dir=str(WORK / "tokens"))
+    # the same 128 held-out sequences whatever the batch size
+    options["eval_batches"] = 128 // int(extra.get("batch_size", BATCH))
+    cfg = RunConfig(**(options | extra))
     if lr != "auto":
         cfg.lr = float(lr)
     distill(cfg)
@@ -132,7 +136,7 @@ def cmd_runs(args) -> None:
     paths = teachers()
     cells = [c.split(":") for c in args.cells] if args.cells else [(t, str(w)) for t in WIDTHS for w in WIDTHS[t]]
     extra = dict(kv.split("=") for kv in args.set)
-    extra = {k: float(v) if k != "schedule" else v for k, v in extra.items()}
+    extra = {k: v if k == "schedule" else int(v) if v.isdigit() else float(v) for k, v in extra.items()}
     t_start = time.time()
     for name, width in cells:
         for init in args.init:
@@ -178,7 +182,7 @@ def best_lr(runs: dict[str, dict]) -> tuple[float, float, float]:
 
 
 def cmd_fit(results: dict) -> None:
-    """Least squares of log(vertex lr) on log(width): the constants of lrc.lr_rule."""
+    """Least squares of log(vertex lr) on log(2 d_S / d_T): the constants of lrc.lr_rule."""
     import math
 
     pts = []
@@ -186,13 +190,14 @@ def cmd_fit(results: dict) -> None:
         if len([k for k in runs if k != "auto"]) < 3:
             continue
         lr, loss, vertex = best_lr(runs)
-        pts.append((math.log(width), math.log(vertex)))
+        pts.append((math.log(2 * width / TEACHER_WIDTH[teacher]), math.log(vertex)))
         print(f"{teacher} width {width}: best swept {lr:g} ({loss:.4f}), parabola vertex {vertex:.3g}")
     n = len(pts)
     mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
     slope = sum((x - mx) * (y - my) for x, y in pts) / max(1e-12, sum((x - mx) ** 2 for x, _ in pts))
-    at128 = math.exp(my + slope * (math.log(128) - mx))
-    print(f"fit: lr = {at128:.3g} * (128 / d_S) ** {-slope:.2f}")
+    at_half = math.exp(my - slope * mx)
+    rms = math.sqrt(sum((y - (my + slope * (x - mx))) ** 2 for x, y in pts) / n)
+    print(f"fit: lr = {at_half:.3g} * (2 d_S / d_T) ** {slope:.2f}; rms residual {rms:.2f} in log lr")
 
 
 def _pct(loss: float, ref: float) -> str:

@@ -31,9 +31,10 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_rule_is_a_deterministic_function_of_width_and_batch():
-    a = lr_rule.auto_lr(lr_rule.REF_WIDTH, lr_rule.REF_TOKENS)
-    assert a == lr_rule.auto_lr(lr_rule.REF_WIDTH, lr_rule.REF_TOKENS) == pytest.approx(lr_rule.LR_AT_REF)
-    assert lr_rule.auto_lr(lr_rule.REF_WIDTH // 2, lr_rule.REF_TOKENS) > a  # narrower students take larger steps
+    a = lr_rule.auto_lr(128, 256, lr_rule.REF_TOKENS)
+    assert a == lr_rule.auto_lr(128, 256, lr_rule.REF_TOKENS) == pytest.approx(lr_rule.LR_AT_HALF, rel=1e-3)
+    assert lr_rule.auto_lr(96, 192, lr_rule.REF_TOKENS) == a  # the shape of the projections, not the size
+    assert lr_rule.auto_lr(64, 256, lr_rule.REF_TOKENS) != a
     assert lr_rule.parse_lr("auto") == lr_rule.parse_lr(" AUTO ") == "auto"
     assert lr_rule.parse_lr("3e-3") == 3e-3
     with pytest.raises(ValueError):
@@ -48,7 +49,7 @@ def test_auto_is_stored_printed_and_not_rerun_on_resume(tmp_path, inputs, monkey
     teacher, data = inputs
     out = tmp_path / "run"
     run("distill", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "2", *ARGS)
-    expected = lr_rule.auto_lr(16, 4 * 32)
+    expected = lr_rule.auto_lr(16, 64, 4 * 32)
     assert _saved_lr(out) == expected
     assert f"--lr auto: peak learning rate {expected:.3g}" in capsys.readouterr().out
     assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([expected] * 2)

@@ -192,9 +192,10 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     steps = total_steps(cfg, info.world_size)
     if cfg.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world_size * cfg.seq_len
-        cfg = prep.cfg = replace(cfg, lr=auto_lr(cast(int, cfg.hidden_size), tokens_per_step))
-        log.info(f"--lr auto: peak learning rate {cfg.lr:.3g} for hidden size {cfg.hidden_size} and "
-                 f"{tokens_per_step:,} tokens per step (lrc.lr_rule; stored in config.yaml)")
+        d_t = prep.teacher.config.hidden_size
+        cfg = prep.cfg = replace(cfg, lr=auto_lr(cast(int, cfg.hidden_size), d_t, tokens_per_step))
+        log.info(f"--lr auto: peak learning rate {cfg.lr:.3g} for hidden size {cfg.hidden_size} of the teacher's "
+                 f"{d_t} and {tokens_per_step:,} tokens per step (lrc.lr_rule; stored in config.yaml)")
     torch.manual_seed(cfg.seed)
     method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
     method.to(device)
