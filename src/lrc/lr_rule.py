@@ -15,8 +15,8 @@ from __future__ import annotations
 AUTO = "auto"
 
 # Fitted on the sweep (see BENCHMARKS.md): the best learning rate of 2 teachers x 3 widths.
-LR_AT_HALF = 2e-3
-WIDTH_EXPONENT = 1.0
+LR_AT_HALF = 1.5e-3
+WIDTH_EXPONENT = 1.4
 REF_TOKENS = 1024  # the sweep's tokens per optimizer step (batch 8 x 128)
 BATCH_EXPONENT = 0.0
 
