@@ -236,14 +236,16 @@ def write_report(results: dict, md: Path) -> None:
                      f"({_pct(b['final'], t)}) |")
     others = sorted({"|".join(k.split("|")[4:]) for k in results} - {""})
     if others:
-        lines += ["", "### Warm-up and schedule (refit init, --lr auto)", "",
-                  "| teacher | d_S | options | final held-out loss |", "|---|---|---|---|"]
+        lines += ["", "### Other options: warm-up ratio, batch size (refit init; in brackets: the same cell and lr at "
+                  "the defaults, warm-up 0.05 and batch 8)", "",
+                  "| teacher | d_S | options | lr | final held-out loss |", "|---|---|---|---|---|"]
         for extra in others:
             for (teacher, width), runs in sorted(_cells(results, "refit", extra).items()):
                 for lr, r in runs.items():
                     base = refit.get((teacher, width), {}).get(lr)
                     vs = f" (default: {base['final']:.4f})" if base else ""
-                    lines.append(f"| {teacher} | {width} | {extra.replace('|', ', ')} | {r['final']:.4f}{vs} |")
+                    lines.append(f"| {teacher} | {width} | {extra.replace('|', ', ')} | {lr} ({r['lr']:.3g}) | "
+                                 f"{r['final']:.4f}{vs} |")
     secs = sum(r["seconds"] for r in results.values())
     lines += ["", f"{len(results)} runs, {secs / 60:.0f} minutes of wall time in all (2-core AMD EPYC, fp32).", "",
               END]
