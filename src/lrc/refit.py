@@ -17,9 +17,12 @@ norms included). For every layer in order, over the calibration tokens:
 1. P_in = argmin sum ||P n - b||^2 with b the teacher's normalised input (its gains included): the
    regression B^T N (N^T N)^-1. Since W (P n - b) is minimised by the same P for every W, this is the
    least-squares fit of q, k and v (all heads) at once, whatever W_q, W_k, W_v are.
-2. P_o = argmin sum ||P^T z_S - U^T z_T||^2: the student's attention output, read in the student's basis,
-   should be the teacher's as pca reads it. (Z_S^T Z_S + lambda I)^-1 Z_S^T Z_T U, with a ridge lambda of
-   1e-6 of the mean eigenvalue (a d_T x d_T Gram can be singular when heads x head_dim < d_T).
+2. P_o = argmin sum ||x_S + P^T z_S - U^T (x_T + z_T)||^2: the student's residual stream after the block,
+   given its own (already approximate) inputs, should be the teacher's as pca's basis U reads it, which also
+   corrects the error carried in from earlier layers. (Z_S^T Z_S + lambda I)^-1 Z_S^T (target), with a
+   ridge lambda of 1e-4 of the mean eigenvalue: a d_T x d_T Gram can be singular (heads x head_dim < d_T,
+   few calibration tokens), and without it the solution can take large cancelling entries that bf16
+   training then rounds badly.
 3. and 4. the same for P_gate = P_up (the MLP input) and P_down, on the student's residual after step 2.
 
 The teacher runs once per layer on the calibration batches (its layer inputs and the kwargs it is called
@@ -47,8 +50,7 @@ from lrc.clone import LayerProjections, LowRankClone
 from lrc.sharding import gathered
 from lrc.weights import student_head
 
-DRIFT = True
-RIDGE = 1e-9  # of the mean eigenvalue of a Gram matrix
+RIDGE = 1e-4  # of the mean eigenvalue of a Gram matrix
 
 
 class _Stop(Exception):
@@ -208,20 +210,14 @@ def refit_projections(clone: LowRankClone, batches: Iterable[dict]) -> dict[str,
         # attention block
         p_in = _fit_input(work, [a["attn_in"] for a in t_acts], eps)
         z_s = [_call(attn, _rms(b.x_s, eps) @ p_in.t(), b.attn_kw, b.dtype) for b in work]
-        if DRIFT:
-            tgt = [(x + a["attn_out"]) @ u - b.x_s for x, a, b in zip(x_t_in, t_acts, work)]
-        else:
-            tgt = [a["attn_out"] @ u for a in t_acts]
+        tgt = [(x + a["attn_out"]) @ u - b.x_s for x, a, b in zip(x_t_in, t_acts, work)]
         p_o = _fit_output(z_s, tgt, work)
         for b, z in zip(work, z_s):
             b.x_s = b.x_s + z @ p_o
         # MLP block
         p_mlp = _fit_input(work, [a["mlp_in"] for a in t_acts], eps)
         y_s = [_call(mlp, _rms(b.x_s, eps) @ p_mlp.t(), {}, b.dtype) for b in work]
-        if DRIFT:
-            tgt = [b.x_t @ u - b.x_s for b in work]
-        else:
-            tgt = [a["mlp_out"] @ u for a in t_acts]
+        tgt = [b.x_t @ u - b.x_s for b in work]  # b.x_t: the teacher's residual after the whole layer
         p_down = _fit_output(y_s, tgt, work)
         for b, y in zip(work, y_s):
             b.x_s = b.x_s + y @ p_down
