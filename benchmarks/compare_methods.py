@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from lrc.config import RunConfig
 from lrc.demo import FULL, QUICK, build_teacher, play_files
@@ -29,13 +30,13 @@ from lrc.run import default_cache_dir
 from lrc.trainer import distill
 
 VARIANTS = {
-    "lrc (pca init)": dict(method="lrc", init="pca"),
+    "lrc (refit init)": dict(method="lrc"),
+    "lrc, pca init": dict(method="lrc", init="pca"),
     "lrc, random init": dict(method="lrc", init="random"),
-    "lrc, no clone loss": dict(method="lrc", init="pca", clone_weight=0.0),
-    "lrc, no FFN terms": dict(method="lrc", init="pca", clone_gate=0.0, clone_up=0.0, clone_ffn_out=0.0),
-    "lrc, no attention terms": dict(method="lrc", init="pca", clone_q=0.0, clone_k=0.0, clone_v=0.0,
-                                    clone_attn_out=0.0),
-    "lrc, no KL": dict(method="lrc", init="pca", kl_weight=0.0),
+    "lrc, no clone loss": dict(method="lrc", clone_weight=0.0),
+    "lrc, no FFN terms": dict(method="lrc", clone_gate=0.0, clone_up=0.0, clone_ffn_out=0.0),
+    "lrc, no attention terms": dict(method="lrc", clone_q=0.0, clone_k=0.0, clone_v=0.0, clone_attn_out=0.0),
+    "lrc, no KL": dict(method="lrc", kl_weight=0.0),
     "kd": dict(method="kd"),
     "prune-kd": dict(method="prune-kd"),
     "scratch": dict(method="scratch"),
@@ -93,7 +94,9 @@ def main(argv=None) -> int:
     train, val = play_files()
     teacher_dir, _, _ = build_teacher(s, train, val, cache)
     budgets = sorted(args.budgets)
-    results = {}
+    # --only adds to (or replaces in) the results of earlier runs, so the variants can run in short chunks
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if args.only and saved.exists() else {}
     for name, opts in VARIANTS.items():
         if args.only and name not in args.only:
             continue
@@ -104,14 +107,16 @@ def main(argv=None) -> int:
         distill(RunConfig(
             teacher=str(teacher_dir), data=[str(x) for x in train], val_data=[str(x) for x in val],
             hidden_size=s.student_hidden, out=str(run), max_tokens=budgets[-1], batch_size=s.batch,
-            seq_len=s.seq_len, lr=s.student_lr, schedule="constant", warmup_ratio=0.05,
+            seq_len=s.seq_len, schedule="constant", warmup_ratio=0.05,  # --lr auto, as every run by default
             eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=10**9, log_every=20,
             cache_dir=str(cache / "tokens"), **opts))
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         tps = [r["tokens_per_s"] for r in rows if r.get("split") == "train"]
-        results[name] = {"curve": curve(run), "seconds": time.time() - t0,
+        lr = yaml.safe_load((run / "config.yaml").read_text())["lr"]
+        results[name] = {"curve": curve(run), "seconds": time.time() - t0, "lr": lr,
                          "tokens_per_s": sum(tps[1:]) / max(1, len(tps) - 1) if len(tps) > 1 else tps[0]}
         (out / "results.json").write_text(json.dumps(results, indent=1))
+    results = {name: results[name] for name in VARIANTS if name in results}  # the table's order
     write_markdown(results, budgets, s, Path(args.markdown), " ".join(["python"] + sys.argv))
     return 0
 
@@ -143,11 +148,13 @@ def write_markdown(results, budgets, s, md: Path, command: str):
     png = Path("benchmarks") / "compare_methods.png"
     png.parent.mkdir(exist_ok=True)
     plot(results, png)
-    ref = results.get("lrc (pca init)")
+    ref = results.get("lrc (refit init)")
+    lrs = sorted({r["lr"] for r in results.values() if "lr" in r})
+    lr_text = "auto (" + ", ".join(f"{x:.3g}" for x in lrs) + ")" if lrs else "auto"
     target = loss_at(ref["curve"], budgets[0]) if ref else None
     lines = [START, "", f"Teacher: the demo's Llama (hidden {s.teacher_hidden}, {s.teacher_layers} layers, vocabulary "
              f"{s.vocab}, {s.teacher_tokens:,} training tokens); students: hidden {s.student_hidden}, sequences of "
-             f"{s.seq_len}, batch {s.batch}, lr {s.student_lr} constant after 5% warm-up; held-out: 4 whole plays.",
+             f"{s.seq_len}, batch {s.batch}, lr {lr_text} constant after 5% warm-up; held-out: 4 whole plays.",
              "", "### Held-out loss by method and budget (nats/token; perplexity in brackets)", "",
              "| method | " + " | ".join(f"{b:,} tokens" for b in budgets) + " | tokens to reach LRC's loss at "
              f"{budgets[0]:,} | tokens to reach scratch's loss at {budgets[-1]:,} | tokens/s | wall time |",
@@ -160,7 +167,7 @@ def write_markdown(results, budgets, s, md: Path, command: str):
             cells.append("n/a" if v is None else f"{v:.3f} ({math.exp(v):.1f})")
         reach = tokens_to_reach(r["curve"], target) if target is not None else None
         reach_s = "not reached" if reach is None else f"{reach:,.0f}"
-        if reach is not None and ref is not None and name != "lrc (pca init)":
+        if reach is not None and ref is not None and name != "lrc (refit init)":
             reach_s += f" ({reach / budgets[0]:.1f}x)"
         reach2 = tokens_to_reach(r["curve"], scratch_final) if scratch_final is not None else None
         reach2_s = "not reached" if reach2 is None else f"{reach2:,.0f}"

@@ -12,7 +12,7 @@ import lrc
 
 SRC = Path(lrc.__file__).parent
 # What computes the student and its losses, and what it must never reach, directly or through another module.
-MODEL = ("lrc.clone", "lrc.weights", "lrc.losses", "lrc.families", "lrc.precision", "lrc.init")
+MODEL = ("lrc.clone", "lrc.weights", "lrc.losses", "lrc.families", "lrc.precision", "lrc.init", "lrc.refit")
 TRAINING = ("lrc.trainer", "lrc.cli", "lrc.distributed", "lrc.log", "lrc.run", "lrc.methods", "lrc.evaluate",
             "lrc.checkpoint", "lrc.data", "lrc.demo", "lrc.bench", "lrc.config")
 

@@ -97,7 +97,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     for name in FIELDS:
         assert "--" + name.replace("_", "-") in text, name
     assert "--kl-temperature KL_TEMPERATURE KL temperature tau (default: 1.0)" in text
-    assert "(default: 0.0001)" in text  # --lr
+    assert "(default: auto)" in text  # --lr
     assert "--config" in text and "--resume" in text
     assert text.count("(default:") >= len(FIELDS) + 2  # every option, --config and --resume included
     assert "(default: the teacher's) (default:" not in text  # one default per option

@@ -356,7 +356,7 @@ def test_out_of_range_option_on_resume(capsys, run_copy):
 
 
 @pytest.mark.parametrize("option,value,needle", [
-    ("--lr", "abc", "invalid float value: 'abc'"),
+    ("--lr", "abc", "must be a number or auto (got 'abc')"),
     ("--batch-size", "1.5", "invalid int value: '1.5'"),
     ("--precision", "fp8", "invalid choice: 'fp8'"),
     ("--learning-rate", "1e-3", "unrecognized arguments: --learning-rate"),

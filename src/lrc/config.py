@@ -17,6 +17,7 @@ import yaml
 
 from lrc.errors import UserError
 from lrc.losses import LossWeights
+from lrc.lr_rule import AUTO, parse_lr
 from lrc.precision import DTYPES
 
 _W = LossWeights()
@@ -65,10 +66,11 @@ class RunConfig:
     out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, config.yaml)")
     method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
                       choices=("lrc", "kd", "scratch", "prune-kd"))
-    init: str = opt("pca", "projection init: pca (teacher-aware) or random (official N(0, 0.02))",
-                    choices=("pca", "random"))
-    calib_batches: int = opt(8, "calibration batches (of --batch-size x processes sequences) for --init pca "
-                             "and prune-kd")
+    init: str = opt("refit", "projection init: refit (pca, then each layer's projections fitted by least squares "
+                    "to the teacher's layer outputs on the calibration batches), pca (teacher-aware) or random "
+                    "(official N(0, 0.02))", choices=("refit", "pca", "random"))
+    calib_batches: int = opt(8, "calibration batches (of --batch-size x processes sequences) for --init "
+                             "refit/pca and prune-kd")
     # budget and batch
     max_steps: int | None = opt(None, "optimizer steps to run (0: initialise and save only)")
     max_tokens: int | None = opt(None, "stop after this many training tokens (whichever of the two comes first)")
@@ -76,9 +78,11 @@ class RunConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     seq_len: int = opt(512, "tokens per training sequence")
     # optimiser
-    lr: float = opt(1e-4, "peak learning rate")
+    lr: float | str = opt("auto", "peak learning rate, or auto: chosen from the student's hidden size and the "
+                          "tokens per step by a rule fitted on measurements (lrc.lr_rule; the value is printed "
+                          "and stored in the run's config.yaml)")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.005, "share of the steps spent warming up linearly")
+    warmup_ratio: float = opt(0.05, "share of the steps spent warming up linearly")
     min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr (cosine/linear)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
@@ -239,7 +243,7 @@ def validate(cfg: RunConfig) -> None:
     """Check every numeric option against RANGES; UserError (one line) naming the first one out of range."""
     for name in RANGES:
         value = getattr(cfg, name)
-        if value is not None:
+        if value is not None and not (name == "lr" and value == AUTO):
             check_option(name, value)
 
 
@@ -278,7 +282,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         else:
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
+            if f.name == "lr":  # a number or `auto`
+                tp = _lr_type
             parser.add_argument(flag, type=tp, metavar=f.name.upper() if "choices" not in kw else None, **kw)
+
+
+def _lr_type(text: str) -> float | str:
+    try:
+        return parse_lr(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or auto (got {text!r})") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -307,6 +320,8 @@ def _coerce(name: str, value, where: str):
     if value is None:
         return None
     try:
+        if name == "lr":
+            return parse_lr(value)
         if tp is list:
             return [str(v) for v in value] if isinstance(value, list) else [str(value)]
         if tp is bool:

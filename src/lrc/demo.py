@@ -41,7 +41,6 @@ class DemoSettings:
     teacher_tokens: int = 500_000
     student_tokens: int = 200_000
     teacher_lr: float = 2e-3
-    student_lr: float = 2e-3
     eval_every: int = 25
     eval_batches: int = 8
     final_eval_sequences: int = 256
@@ -70,8 +69,14 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+# What the cached teacher depends on: the students' settings may change without retraining it.
+_TEACHER_FIELDS = ("vocab", "teacher_hidden", "teacher_layers", "heads", "kv_heads", "ffn", "seq_len", "batch",
+                   "teacher_tokens", "teacher_lr", "eval_every", "eval_batches")
+
+
 def _key(s: DemoSettings) -> str:
-    return hashlib.sha256(json.dumps(s.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    fields = {k: getattr(s, k) for k in _TEACHER_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_teacher(s: DemoSettings, train: list[Path], val: list[Path], cache: Path) -> tuple[Path, Path, float]:
@@ -184,7 +189,7 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> Path:
     common: dict[str, Any] = dict(
         teacher=str(teacher_dir), data=[str(p) for p in train], val_data=[str(p) for p in val],
         hidden_size=s.student_hidden, max_tokens=s.student_tokens, batch_size=s.batch,
-        seq_len=s.seq_len, lr=s.student_lr, warmup_ratio=0.05, eval_every=s.eval_every,
+        seq_len=s.seq_len, eval_every=s.eval_every,  # the run defaults: --lr auto, --init refit
         eval_batches=s.eval_batches, save_every=10**9, log_every=10, cache_dir=str(cache / "tokens"))
     timings = {"teacher": teacher_secs}
     runs = {}

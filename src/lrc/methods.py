@@ -283,9 +283,13 @@ def _build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tupl
                          ffn_size=cfg.ffn_size, kept_layers=_kept_layers(cfg, teacher, calibration))
     info: dict = {}
     if calibration is not None:
-        if cfg.init == "pca":
+        if cfg.init in ("pca", "refit"):
             info = init_pca(clone, calibration())
             info.update(select_ffn_channels(clone, calibration()))
+            if cfg.init == "refit":  # after the FFN channels are chosen: it fits the student as it will train
+                from lrc.refit import refit_projections
+
+                info |= refit_projections(clone, calibration())
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.grad_checkpointing:
@@ -331,7 +335,7 @@ def _choose_layers(cfg: RunConfig) -> bool:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lrc": MethodSpec(_build_lrc, needs_calibration=lambda cfg: cfg.init == "pca" or _choose_layers(cfg),
+    "lrc": MethodSpec(_build_lrc, needs_calibration=lambda cfg: cfg.init in ("pca", "refit") or _choose_layers(cfg),
                       shards_teacher=True),
     "kd": MethodSpec(_build_direct, needs_calibration=_choose_layers),
     "scratch": MethodSpec(_build_direct, needs_calibration=_choose_layers),

@@ -20,9 +20,9 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -41,6 +41,7 @@ from lrc.distributed import (
 )
 from lrc.evaluate import heldout_loss
 from lrc.losses import IGNORE_INDEX, total_loss
+from lrc.lr_rule import AUTO, auto_lr
 from lrc.methods import METHODS, Method, build_method
 from lrc.precision import autocast, compute_dtype
 from lrc.run import MetricsLog, Prepared, prepare
@@ -189,6 +190,12 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     sharded = cfg.parallel == "fsdp" and info.enabled
     _place_teacher(prep, info, sharded)
     steps = total_steps(cfg, info.world_size)
+    if cfg.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world_size * cfg.seq_len
+        d_t = prep.teacher.config.hidden_size
+        cfg = prep.cfg = replace(cfg, lr=auto_lr(cast(int, cfg.hidden_size), d_t, tokens_per_step))
+        log.info(f"--lr auto: peak learning rate {cfg.lr:.3g} for hidden size {cfg.hidden_size} of the teacher's "
+                 f"{d_t} and {tokens_per_step:,} tokens per step (lrc.lr_rule; stored in config.yaml)")
     torch.manual_seed(cfg.seed)
     method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
     method.to(device)
@@ -198,7 +205,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
         if note:
             log.info(note)
     params = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
     warmup = int(round(cfg.warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,235 @@
+"""`--init refit`: pca, then each layer's projections refit by least squares to the teacher's layer outputs.
+
+pca (`lrc.init.init_pca`) keeps the d_S most energetic directions U of the teacher's residual stream, but each
+layer of the student then sees a truncated input and its errors add up layer after layer: at quarter width
+the step-0 student is far from its teacher. Refitting asks, layer by layer and on the calibration batches,
+which projections make *this* student (its actual, already-approximate inputs) reproduce the teacher's layer.
+
+Because q, k, v share an input (as gate and up do), and pca gives them one projection, the student's layer
+can be run with the teacher's own modules: with n = rmsnorm_S(x_S) (student gains 1),
+
+    attention block:  z = Attn_T(n P_in^T)        x_S <- x_S + z P_o       (z in teacher space, d_T)
+    MLP block:        y = MLP_T(m P_mlp^T)        x_S <- x_S + y P_down    (m = rmsnorm_S of the new x_S)
+
+which is exactly what the generated student computes (W_q (P_in n) = (W_q P_in) n, biases and Qwen3 q/k
+norms included). For every layer in order, over the calibration tokens:
+
+1. P_in = argmin sum ||P n - b||^2 with b the teacher's normalised input (its gains included): the
+   regression B^T N (N^T N)^-1. Since W (P n - b) is minimised by the same P for every W, this is the
+   least-squares fit of q, k and v (all heads) at once, whatever W_q, W_k, W_v are.
+2. P_o = argmin sum ||x_S + P^T z_S - U^T (x_T + z_T)||^2: the student's residual stream after the block,
+   given its own (already approximate) inputs, should be the teacher's as pca's basis U reads it, which also
+   corrects the error carried in from earlier layers. (Z_S^T Z_S + lambda I)^-1 Z_S^T (target), with a
+   ridge lambda of 1e-6 of the mean eigenvalue: a d_T x d_T Gram can be singular (heads x head_dim < d_T,
+   few calibration tokens), and without it the solution can take large cancelling entries that bf16
+   training then rounds badly.
+3. and 4. the same for P_gate = P_up (the MLP input) and P_down, on the student's residual after step 2.
+
+The teacher runs once per layer on the calibration batches (its layer inputs and the kwargs it is called
+with are kept between layers); the student adds one attention and one MLP pass per layer with teacher
+modules, so the refit costs about three teacher forwards of the calibration batches, plus two Gram matrices
+of d_T x d_T per layer (2 N d_T^2 FLOPs each) and their d_T^3 solves. Memory: the residual streams of the
+calibration tokens (N x (d_T + d_S)) and one layer's four teacher activations (4 N x d_T).
+
+At d_S = d_T with U = I every regression returns the teacher's own map, so the student is the teacher, as
+with pca. Least squares per layer is no guarantee for the loss at the end of the stack, so the refit is kept
+only when the student's KL to the teacher on the calibration batches is not higher than pca's; otherwise the
+pca projections are restored (`refit_projections` says which happened).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrc.clone import LayerProjections, LowRankClone
+from lrc.sharding import gathered
+from lrc.weights import student_head
+
+RIDGE = 1e-6  # of the mean eigenvalue of a Gram matrix
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early once what it wanted has been captured."""
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _call(module: nn.Module, x: torch.Tensor, kwargs: dict, dtype: torch.dtype) -> torch.Tensor:
+    """module(x, **kwargs) with x in `dtype` (that of the teacher's own residual stream: bf16 for a bf16 teacher,
+    fp32 for an fp32 one or for a bf16-stored one that `lrc.precision` upcasts), the result in fp32."""
+    return _first(module(x.to(dtype), **kwargs)).float()
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """(gram + ridge I)^-1 cross, in fp64."""
+    ridge = RIDGE * float(gram.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * eye, cross)
+
+
+class _Batch:
+    """One calibration batch: the teacher's kwargs for a layer and for its attention, the valid-token mask, and
+    the two residual streams at the current layer."""
+
+    def __init__(self, batch: dict, clone: LowRankClone):
+        self.batch = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+        mask = batch.get("attention_mask")
+        self.valid = mask.bool().reshape(-1) if mask is not None else None
+        captured: dict[str, Any] = {}
+
+        def layer_hook(module, args, kwargs):
+            captured["x"] = args[0] if args else kwargs["hidden_states"]
+            captured["layer_kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        def attn_hook(module, args, kwargs):
+            captured["attn_kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        layer0 = clone.t_layer(0)
+        handles = [layer0.register_forward_pre_hook(layer_hook, with_kwargs=True),
+                   layer0.get_submodule(clone.family.attn).register_forward_pre_hook(attn_hook, with_kwargs=True)]
+        try:
+            clone.t_base(**self.batch, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        self.layer_kw, self.attn_kw = captured["layer_kw"], captured["attn_kw"]
+        self.dtype = captured["x"].dtype
+        self.x_t = captured["x"].float()  # (B, T, d_T): the embedding rows
+        self.x_s = self.x_t @ clone.embed.float()  # the student's embedding: E_T[ids] @ P_emb
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (valid tokens, d), in fp64 for the Gram sums."""
+        x = x.reshape(-1, x.shape[-1])
+        return (x[self.valid] if self.valid is not None else x).double()
+
+
+def _teacher_layer(clone: LowRankClone, i: int, b: _Batch) -> dict[str, torch.Tensor]:
+    """Run teacher layer i on b.x_t (advancing it) and return its normalised inputs and block outputs."""
+    fam = clone.family
+    layer = clone.t_layer(i)
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            acts[name] = _first(out).float()
+        return hook
+
+    handles = [layer.get_submodule(fam.input_norm).register_forward_hook(keep("attn_in")),
+               layer.get_submodule(fam.attn).register_forward_hook(keep("attn_out")),
+               layer.get_submodule(fam.post_attention_norm).register_forward_hook(keep("mlp_in")),
+               layer.get_submodule(fam.mlp).register_forward_hook(keep("mlp_out"))]
+    try:
+        b.x_t = _call(layer, b.x_t, b.layer_kw, b.dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
+
+
+def _fit_input(batches: list[_Batch], targets: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """P (d_T, d_S) minimising sum ||P rmsnorm(x_S) - b||^2 over the valid tokens."""
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    for b, t in zip(batches, targets):
+        n, y = b.rows(_rms(b.x_s, eps)), b.rows(t)
+        gram, cross = _add(gram, n.t() @ n), _add(cross, y.t() @ n)
+    assert gram is not None and cross is not None
+    return _solve(gram, cross.t()).t().float()  # (B^T N)(N^T N)^-1 = ((N^T N)^-1 N^T B)^T
+
+
+def _fit_output(student: list[torch.Tensor], teacher: list[torch.Tensor], batches: list[_Batch]) -> torch.Tensor:
+    """P (d_T, d_S) minimising sum ||P^T z_S - y||^2 over the valid tokens (y: `teacher`, in student space)."""
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    for b, zs, y in zip(batches, student, teacher):
+        s, t = b.rows(zs), b.rows(y)
+        gram, cross = _add(gram, s.t() @ s), _add(cross, s.t() @ t)
+    assert gram is not None and cross is not None
+    return _solve(gram, cross).float()
+
+
+@torch.no_grad()
+def calibration_loss(clone: LowRankClone, batches: Iterable[dict], chunk: int = 1024) -> float:
+    """KL(teacher || student) per valid token on `batches`, at temperature 1: how far the student's next-token
+    distribution is from its teacher's (what decides whether a refit is kept; unlike the cross-entropy it
+    means something for a random test teacher too)."""
+    fam = clone.family
+    head = student_head(clone).float()
+    t_head = gathered(cast(nn.Linear, clone.teacher.get_submodule(fam.head)).weight).float()
+    total, count = 0.0, 0
+    for batch in batches:
+        pos, mask = batch.get("position_ids"), batch.get("attention_mask")
+        h = clone.student_final_hidden(batch["input_ids"], pos, mask).reshape(-1, clone.d_s).float()
+        t = clone.t_base(input_ids=batch["input_ids"], position_ids=pos, attention_mask=mask, use_cache=False)
+        t = t.last_hidden_state.reshape(-1, clone.d_t).float()
+        valid = mask.bool().reshape(-1) if mask is not None else torch.ones(h.shape[0], dtype=torch.bool)
+        h, t = h[valid.to(h.device)], t[valid.to(t.device)]
+        for s in range(0, h.shape[0], chunk):
+            log_p = F.log_softmax(t[s:s + chunk] @ t_head.t(), -1)
+            log_q = F.log_softmax(h[s:s + chunk] @ head.t(), -1)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+        count += h.shape[0]
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def refit_projections(clone: LowRankClone, batches: Iterable[dict], guard: bool = True) -> dict[str, float | bool]:
+    """Refit a pca-initialised clone's layer projections (see the module docstring) on calibration batches.
+
+    Returns the calibration KL to the teacher before and after and whether the refit was kept (with `guard`
+    off, always: the tests of the regressions themselves)."""
+    fam = clone.family
+    calib = list(batches)
+    before = calibration_loss(clone, calib)
+    saved = {k: v.clone() for k, v in clone.trainable_state_dict().items()}
+    u = clone.embed.detach().float()  # pca's basis U (d_T, d_S): every output side of pca is U
+    eps = clone.rms_norm_eps
+    work = [_Batch(b, clone) for b in calib]
+    for i, layer in enumerate(cast(Iterable[LayerProjections], clone.layers)):
+        t_layer = clone.t_layer(i)
+        attn, mlp = t_layer.get_submodule(fam.attn), t_layer.get_submodule(fam.mlp)
+        x_t_in = [b.x_t for b in work]
+        t_acts = [_teacher_layer(clone, i, b) for b in work]
+        # attention block
+        p_in = _fit_input(work, [a["attn_in"] for a in t_acts], eps)
+        z_s = [_call(attn, _rms(b.x_s, eps) @ p_in.t(), b.attn_kw, b.dtype) for b in work]
+        tgt = [(x + a["attn_out"]) @ u - b.x_s for x, a, b in zip(x_t_in, t_acts, work)]
+        p_o = _fit_output(z_s, tgt, work)
+        for b, z in zip(work, z_s):
+            b.x_s = b.x_s + z @ p_o
+        # MLP block
+        p_mlp = _fit_input(work, [a["mlp_in"] for a in t_acts], eps)
+        y_s = [_call(mlp, _rms(b.x_s, eps) @ p_mlp.t(), {}, b.dtype) for b in work]
+        tgt = [b.x_t @ u - b.x_s for b in work]  # b.x_t: the teacher's residual after the whole layer
+        p_down = _fit_output(y_s, tgt, work)
+        for b, y in zip(work, y_s):
+            b.x_s = b.x_s + y @ p_down
+        dev = clone.embed.device
+        for role, value in (("q", p_in), ("k", p_in), ("v", p_in), ("o", p_o), ("gate", p_mlp), ("up", p_mlp),
+                            ("down", p_down)):
+            getattr(layer, role).copy_(value.to(dev))
+        layer.input_norm.fill_(1.0)
+        layer.post_attention_norm.fill_(1.0)
+    after = calibration_loss(clone, calib)
+    kept = after <= before or not guard
+    if not kept:
+        clone.load_trainable_state_dict(saved)
+    return {"calib_kl_pca": round(before, 4), "calib_kl_refit": round(after, 4), "refit_kept": kept}

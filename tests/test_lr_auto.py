@@ -1,0 +1,74 @@
+"""`--lr auto` (lrc.lr_rule): the rule, the value stored in the run's config, resume, an explicit --lr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import records, run, save_teacher, write_data
+
+from lrc import lr_rule
+
+ARGS = ["--hidden-size", "16", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
+        "2", "--eval-batches", "1", "--log-every", "1", "--schedule", "constant", "--save-every", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lr-auto")
+    return save_teacher(root / "llama", "llama", tied=False), write_data(root / "txt", "txt")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+
+
+def test_rule_is_a_deterministic_function_of_width_and_batch():
+    a = lr_rule.auto_lr(128, 256, lr_rule.REF_TOKENS)
+    assert a == lr_rule.auto_lr(128, 256, lr_rule.REF_TOKENS) == pytest.approx(lr_rule.LR_AT_HALF, rel=1e-3)
+    assert lr_rule.auto_lr(96, 192, lr_rule.REF_TOKENS) == a  # the shape of the projections, not the size
+    assert lr_rule.auto_lr(64, 256, lr_rule.REF_TOKENS) != a
+    assert lr_rule.parse_lr("auto") == lr_rule.parse_lr(" AUTO ") == "auto"
+    assert lr_rule.parse_lr("3e-3") == 3e-3
+    with pytest.raises(ValueError):
+        lr_rule.parse_lr("fast")
+
+
+def _saved_lr(run_dir: Path):
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["lr"]
+
+
+def test_auto_is_stored_printed_and_not_rerun_on_resume(tmp_path, inputs, monkeypatch, capsys):
+    teacher, data = inputs
+    out = tmp_path / "run"
+    run("distill", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "2", *ARGS)
+    expected = lr_rule.auto_lr(16, 64, 4 * 32)
+    assert _saved_lr(out) == expected
+    assert f"--lr auto: peak learning rate {expected:.3g}" in capsys.readouterr().out
+    assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([expected] * 2)
+
+    # resume reads the stored number: the rule is not consulted again, even if it has changed since
+    import lrc.trainer
+
+    def changed_rule(*args):
+        raise AssertionError("--resume ran the --lr auto rule again")
+
+    monkeypatch.setattr(lrc.trainer, "auto_lr", changed_rule)
+    run("distill", "--out", out, "--resume", "--max-steps", "4")
+    assert _saved_lr(out) == expected
+    assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([expected] * 4)
+
+
+def test_explicit_lr_wins(tmp_path, inputs):
+    teacher, data = inputs
+    out = tmp_path / "run"
+    run("distill", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "1", "--lr", "7e-4", *ARGS)
+    assert _saved_lr(out) == 7e-4
+    assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([7e-4])
