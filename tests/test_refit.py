@@ -101,3 +101,16 @@ def test_refit_runs_on_a_bf16_teacher(upcast):
     init_pca(clone, calib)
     info = refit_projections(clone, calib)
     assert info["calib_kl_refit"] < info["calib_kl_pca"] and info["refit_kept"]
+
+
+
+def test_refit_keeps_pca_for_a_narrower_ffn():
+    """The refit's passes run the teacher's full-width MLP; a student with its own FFN width keeps pca's start."""
+    teacher = make_teacher("llama", False)
+    clone = LowRankClone(teacher, 32, ffn_size=48)
+    calib = _batches()
+    init_pca(clone, calib)
+    before = {k: v.clone() for k, v in clone.trainable_state_dict().items()}
+    info = refit_projections(clone, calib)
+    assert info["refit_kept"] is False and "ffn" in str(info["refit_skipped"])
+    assert all(torch.equal(before[k], v) for k, v in clone.trainable_state_dict().items())

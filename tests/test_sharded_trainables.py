@@ -21,7 +21,9 @@ from lrc.cli import main
 from lrc.errors import UserError
 
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
-          "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp", "--grad-accum", "2"]
+          "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp", "--grad-accum", "2",
+          # pca, not the default refit: see tests/test_cli.py's PCA_START (one thread per process vs two in one)
+          "--init", "pca"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
 
 

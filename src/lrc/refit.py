@@ -45,6 +45,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from lrc.clone import LayerProjections, LowRankClone
 from lrc.sharding import gathered
@@ -191,11 +192,14 @@ def calibration_loss(clone: LowRankClone, batches: Iterable[dict], chunk: int = 
 
 
 @torch.no_grad()
-def refit_projections(clone: LowRankClone, batches: Iterable[dict], guard: bool = True) -> dict[str, float | bool]:
+def refit_projections(clone: LowRankClone, batches: Iterable[dict], guard: bool = True
+                      ) -> dict[str, float | bool | str]:
     """Refit a pca-initialised clone's layer projections (see the module docstring) on calibration batches.
 
     Returns the calibration KL to the teacher before and after and whether the refit was kept (with `guard`
     off, always: the tests of the regressions themselves)."""
+    if clone.ffn_size is not None:  # the passes below run the teacher's full-width MLP: not this student's
+        return {"refit_kept": False, "refit_skipped": "a narrower FFN (--ffn-size) keeps pca's start"}
     fam = clone.family
     calib = list(batches)
     before = calibration_loss(clone, calib)
@@ -208,6 +212,11 @@ def refit_projections(clone: LowRankClone, batches: Iterable[dict], guard: bool 
         attn, mlp = t_layer.get_submodule(fam.attn), t_layer.get_submodule(fam.mlp)
         x_t_in = [b.x_t for b in work]
         t_acts = [_teacher_layer(clone, i, b) for b in work]
+        # Under --parallel fsdp the teacher layer is an FSDP2 unit: its own forward gathers it, but the student
+        # passes below call its attention and MLP directly, so gather it for them and reshard after.
+        sharded = isinstance(t_layer, FSDPModule)
+        if sharded:
+            cast(FSDPModule, t_layer).unshard()
         # attention block
         p_in = _fit_input(work, [a["attn_in"] for a in t_acts], eps)
         z_s = [_call(attn, _rms(b.x_s, eps) @ p_in.t(), b.attn_kw, b.dtype) for b in work]
@@ -228,6 +237,8 @@ def refit_projections(clone: LowRankClone, batches: Iterable[dict], guard: bool 
             getattr(layer, role).copy_(value.to(dev))
         layer.input_norm.fill_(1.0)
         layer.post_attention_norm.fill_(1.0)
+        if sharded:
+            cast(FSDPModule, t_layer).reshard()
     after = calibration_loss(clone, calib)
     kept = after <= before or not guard
     if not kept:
