@@ -284,12 +284,12 @@ def _build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tupl
     info: dict = {}
     if calibration is not None:
         if cfg.init in ("pca", "refit"):
-            info = init_pca(clone, calibration())
+            info = dict(init_pca(clone, calibration()))
             info.update(select_ffn_channels(clone, calibration()))
             if cfg.init == "refit":  # after the FFN channels are chosen: it fits the student as it will train
                 from lrc.refit import refit_projections
 
-                info |= refit_projections(clone, calibration())
+                info.update(refit_projections(clone, calibration()))
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.grad_checkpointing:
