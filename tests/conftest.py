@@ -95,6 +95,18 @@ def one_thread():
     yield
     torch.set_num_threads(old)
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One LRC_CACHE folder per test module: its runs share tokenised data."""
+    return tmp_path_factory.mktemp("lrc-cache")
+
+
+@pytest.fixture
+def lrc_cache(cache_dir, monkeypatch):
+    """LRC_CACHE pointed at the module's cache folder (use with pytest.mark.usefixtures)."""
+    monkeypatch.setenv("LRC_CACHE", str(cache_dir))
+    return cache_dir
+
 
 @pytest.fixture(params=[("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False)],
                 ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}")

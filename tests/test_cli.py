@@ -24,21 +24,12 @@ from lrc.cli import main
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
           "--lr", "3e-3", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
+pytestmark = pytest.mark.usefixtures("lrc_cache")  # runs write their caches under this module's folder
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     yield
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lrc-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("LRC_CACHE", str(cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +301,9 @@ PARALLEL = {  # all with the generated weights reused over two micro-batches
     # the default init (refit) on a sharded bf16 teacher: its least squares call teacher modules outside their forward
     "fsdp-bf16-refit": ("--parallel", "fsdp", "--grad-accum", "2", "--teacher-dtype", "bfloat16", "--init", "refit"),
 }
-# Every variant but the refit one starts from pca: the parallel processes compute with one thread each and the
-# single run with two, and refit's least squares carries those rounding differences of the calibration forward
-# into the start (ranks still agree: they take rank 0's), past the 1e-3 weight tolerance after four steps.
+# Every variant but the refit one starts from pca: the parallel runs calibrate on the same sequences as the
+# single run but in batches of 4 instead of 8, and refit's least squares carry the different rounding of those
+# sums into the start (ranks still agree: they take rank 0's), past the 1e-3 weight tolerance after four steps.
 PCA_START = ("--init", "pca")
 
 

@@ -26,7 +26,7 @@ from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
 DEVICE = "cuda"
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("lrc_cache")]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -51,16 +51,6 @@ def _deterministic(one_thread):
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(old[0], warn_only=old[1])
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lrc-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("LRC_CACHE", str(cache_dir))
 
 
 @pytest.fixture(scope="module")

@@ -22,24 +22,15 @@ from lrc.errors import UserError
 
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp", "--grad-accum", "2",
-          # pca, not the default refit: see tests/test_cli.py's PCA_START (one thread per process vs two in one)
+          # pca, not the default refit: see tests/test_cli.py's PCA_START (calibration batches of 4 vs 8)
           "--init", "pca"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
+pytestmark = pytest.mark.usefixtures("lrc_cache")  # runs write their caches under this module's folder
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     yield
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lrc-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("LRC_CACHE", str(cache_dir))
 
 
 @pytest.fixture(scope="module")
