@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _markdown import write_block
 
 from lrc.config import RunConfig
 from lrc.demo import FULL, QUICK, build_teacher, play_files
@@ -182,14 +183,7 @@ def write_markdown(results, budgets, s, md: Path, command: str):
               f"![held-out loss against tokens]({png.as_posix()})", "",
               f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
               f"Command: `{command}`.", "", END]
-    block = "\n".join(lines)
-    text = md.read_text() if md.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## LRC against the alternatives (demo teacher)\n\n" + block + "\n"
-    md.write_text(text)
-    print(block)
+    print(write_block(md, START, END, lines, "LRC against the alternatives (demo teacher)"))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _markdown import write_block
 
 from lrc.config import RunConfig
 from lrc.demo import FULL, QUICK, build_teacher, play_files
@@ -129,14 +130,7 @@ def write_markdown(results: dict, args, s, md: Path, command: str) -> None:
                          f"{r['seconds']:.0f} s |")
     lines += ["", f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
               f"Command: `{command}`.", "", END]
-    block = "\n".join(lines)
-    text = md.read_text() if md.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Where the parameters go: FFN width and depth (issue 13)\n\n" + block + "\n"
-    md.write_text(text)
-    print(block)
+    print(write_block(md, START, END, lines, "Where the parameters go: FFN width and depth (issue 13)"))
 
 
 if __name__ == "__main__":

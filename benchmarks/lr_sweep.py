@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _markdown import write_block
 
 from lrc.config import RunConfig
 from lrc.demo import FULL, build_teacher, play_files
@@ -249,14 +250,7 @@ def write_report(results: dict, md: Path) -> None:
     secs = sum(r["seconds"] for r in results.values())
     lines += ["", f"{len(results)} runs, {secs / 60:.0f} minutes of wall time in all (2-core AMD EPYC, fp32).", "",
               END]
-    block = "\n".join(lines)
-    text = md.read_text()
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Learning rate x student width, and the refit init\n\n" + block + "\n"
-    md.write_text(text)
-    print(block)
+    print(write_block(md, START, END, lines, "Learning rate x student width, and the refit init"))
 
 
 def main(argv=None) -> int:
