@@ -24,12 +24,8 @@ from lrc.cli import main
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
           "--lr", "3e-3", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
-pytestmark = pytest.mark.usefixtures("lrc_cache")  # runs write their caches under this module's folder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+# one OpenMP thread (conftest.one_thread); runs write their caches under this module's folder
+pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,8 @@ COMMON = ["--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr
           # pca, not the default refit: see tests/test_cli.py's PCA_START (calibration batches of 4 vs 8)
           "--init", "pca"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
-pytestmark = pytest.mark.usefixtures("lrc_cache")  # runs write their caches under this module's folder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+# one OpenMP thread (conftest.one_thread); runs write their caches under this module's folder
+pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
 
 @pytest.fixture(scope="module")
