@@ -14,7 +14,7 @@ from lrc.clone import LowRankClone
 from lrc.errors import UserError
 from lrc.export import export_student
 from lrc.init import init_identity, init_pca, init_random
-from lrc.losses import LossWeights
+from lrc.losses import LossWeights, TokenCounts
 from lrc.methods import LRC, build_method
 from lrc.weights import StepWeights
 
@@ -189,8 +189,9 @@ def test_reused_step_weights_and_naive_path_give_the_same_losses_and_gradients(f
             clone.set_factored(factored)
             step = StepWeights(clone)
         total = 0.0
+        n = sum(ids.numel() for ids, _ in batches)
         for ids, pos in batches:
-            out = method(ids, position_ids=pos, scale=0.5, ce_denominator=80.0, step=step)
+            out = method(ids, position_ids=pos, step_tokens=TokenCounts(ce=80.0, kl=n, clone=n), step=step)
             out.loss.backward()
             total += out.loss.item()
         if step:

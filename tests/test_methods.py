@@ -135,3 +135,52 @@ def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wb[k], wa[k], rtol=1e-4, atol=1e-6), k
+
+
+def _uneven_batch(rows: int = 8, seq: int = 24, seed: int = 5) -> dict:
+    """Packed rows with assistant-only targets of very uneven length (1 to seq-2 tokens) and right padding on
+    some rows: micro-batches of these hold very different numbers of KL, CE and clone tokens."""
+    from lrc.losses import IGNORE_INDEX, next_token_labels
+
+    g = torch.Generator().manual_seed(seed)
+    ids, pos = packed_batch(batch=rows, seq=seq, seed=seed)
+    attn = torch.ones(rows, seq, dtype=torch.long)
+    loss_mask = torch.zeros(rows, seq, dtype=torch.bool)
+    for r in range(rows):
+        valid = seq - (int(torch.randint(0, seq // 2, (1,), generator=g)) if r % 3 == 0 else 0)
+        attn[r, valid:] = 0
+        n = 1 if r % 2 else int(torch.randint(2, valid - 1, (1,), generator=g))
+        start = int(torch.randint(0, valid - n, (1,), generator=g))
+        loss_mask[r, start:start + n] = True
+    labels = next_token_labels(ids, pos, attn)
+    labels[~loss_mask] = IGNORE_INDEX
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": attn, "labels": labels, "loss_mask": loss_mask}
+
+
+@pytest.mark.parametrize("method_name", ["lrc", "kd"])
+def test_a_step_is_token_weighted_whatever_the_micro_batch_split(method_name):
+    """--grad-accum 4 --batch-size 2 == --batch-size 8: every term (CE, KL, clone) is a mean over the step's
+    tokens, not a mean of micro-batch means (which weighs a micro-batch of one target token like a full one)."""
+    from lrc.distributed import DistInfo
+    from lrc.trainer import train_step
+
+    teacher = make_teacher("llama", False)
+    batch = _uneven_batch()
+    results = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        method, _ = build_method(_cfg(method_name), teacher)
+        opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-2)
+        rows = 8 // accum
+        micro = [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()} for i in range(accum)]
+        r = train_step(method, micro, opt, device=torch.device("cpu"), precision="fp32", info=DistInfo())
+        with torch.no_grad():
+            after = method(*packed_batch(seed=99)).loss.item()
+        results.append((r, after))
+    (one, after_one), (four, after_four) = results
+    assert set(four.terms) == set(one.terms) and "kl" in one.terms
+    for k, v in one.terms.items():
+        assert four.terms[k] == pytest.approx(v, rel=1e-5), k
+    assert four.loss == pytest.approx(one.loss, rel=1e-5)
+    assert four.grad_norm == pytest.approx(one.grad_norm, rel=1e-4)
+    assert after_four == pytest.approx(after_one, rel=1e-5)

@@ -12,6 +12,7 @@ from conftest import make_teacher, packed_batch
 from lrc.clone import LowRankClone
 from lrc.errors import UserError
 from lrc.init import init_identity, init_pca
+from lrc.losses import TokenCounts, next_token_labels
 from lrc.methods import LRC
 from lrc.precision import checkpoint_dtype, upcast_frozen_modules
 from lrc.weights import StepWeights, generate_weights
@@ -80,8 +81,9 @@ def gradients(clone, ids, pos, accum: int, precision: str):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         step = StepWeights(clone)
         dtypes = {w.dtype for w in step.weights.values() if w.requires_grad} | {step.head.dtype}
+        whole = TokenCounts.of_batch(next_token_labels(ids, pos))
         for j in range(accum):
-            method(ids[j::accum], position_ids=pos[j::accum], step=step, scale=1.0 / accum).loss.backward()
+            method(ids[j::accum], position_ids=pos[j::accum], step=step, step_tokens=whole).loss.backward()
     step.finish()
     return {n: p.grad.clone() for n, p in clone.named_parameters() if p.requires_grad}, dtypes
 

@@ -69,6 +69,50 @@ class LossWeights:
         return asdict(self)
 
 
+def kl_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool: the positions the KL counts: those whose next token is a target when a loss mask says so
+    (e.g. --train-on assistant), else every valid (attention) position, else all."""
+    if loss_mask is not None:
+        return loss_mask.bool().reshape(-1)
+    if attention_mask is not None:
+        return attention_mask.bool().reshape(-1)
+    return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """How many tokens each loss term averages over: `ce` labelled tokens, `kl` KL positions, `clone` valid
+    input tokens (those the activation MSE counts).
+
+    Per micro-batch (`of_batch`) these are local counts; the trainer passes the counts of the whole optimizer
+    step (all micro-batches, all processes, divided by the number of processes, whose gradients are averaged),
+    so every term is a mean over the step's tokens however they are split into micro-batches: a micro-batch
+    with few valid tokens (assistant-only labels, short documents) weighs as little as it should."""
+
+    ce: float
+    kl: float
+    clone: float
+
+    @classmethod
+    def of_batch(cls, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 loss_mask: torch.Tensor | None = None) -> TokenCounts:
+        clone = float(attention_mask.sum()) if attention_mask is not None else float(labels.numel())
+        return cls(ce=float((labels != IGNORE_INDEX).sum()), kl=float(kl_positions(labels, attention_mask,
+                                                                                   loss_mask).sum()), clone=clone)
+
+
+
+def token_shares(step: TokenCounts | None, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 loss_mask: torch.Tensor | None = None) -> tuple[float | None, float, float]:
+    """(CE denominator, KL scale, clone scale) that turn one micro-batch's local means into its share of the
+    step's means (`step` None: the micro-batch is the whole step, local means)."""
+    if step is None:
+        return None, 1.0, 1.0
+    local = TokenCounts.of_batch(labels, attention_mask, loss_mask)
+    return max(step.ce, 1.0), local.kl / max(step.kl, 1.0), local.clone / max(step.clone, 1.0)
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -288,7 +332,8 @@ def lrc_objective(
     w: LossWeights,
     *,
     ce_denominator: float | None = None,
-    scale: float = 1.0,
+    kl_scale: float = 1.0,
+    clone_scale: float = 1.0,
     chunk_size: int = 0,
     fused: bool = True,
 ) -> LossOutput:
@@ -296,15 +341,15 @@ def lrc_objective(
 
     hidden (N, d) and head (V, d): the student's final hidden states and the head they meet; teacher_hidden
     (N, d_T) and teacher_head (V, d_T) for the KL (None when w.kl is 0); clone_errors: {(layer, term): MSE};
-    labels, kl_mask: (N,). ce_denominator / scale: the caller's normalisers for exact accumulation over
-    micro-batches and ranks (see `kd_lm_loss`); the clone sum is multiplied by `scale` like the KL. `fused`:
+    labels, kl_mask: (N,). ce_denominator / kl_scale / clone_scale: the caller's normalisers for exact
+    accumulation over micro-batches and ranks (`TokenCounts.share`; see `kd_lm_loss`). `fused`:
     False takes the unchunked autograd path (full logits; the naive baseline for tests and benchmarks).
     """
     loss_fn = kd_lm_loss if fused else reference_kd_lm_loss
     lm, ce, kl = loss_fn(
         hidden, head, teacher_hidden if w.kl != 0.0 else None, teacher_head if w.kl != 0.0 else None,
         labels, kl_mask, ce_weight=w.ce, kl_weight=w.kl, temperature=w.kl_temperature, chunk_size=chunk_size,
-        ce_denominator=ce_denominator, kl_scale=scale,
+        ce_denominator=ce_denominator, kl_scale=kl_scale,
     )
     terms = {"ce": ce, "kl": kl}
     total = lm
@@ -312,7 +357,7 @@ def lrc_objective(
     if weights and clone_errors:
         # a non-empty sum of tensors: a tensor (sum's start value 0 is never returned alone)
         clone = cast(torch.Tensor, sum(weights[t] * v for (_, t), v in clone_errors.items()))
-        total = total + (w.clone * scale) * clone
+        total = total + (w.clone * clone_scale) * clone
         terms["clone"] = clone.detach()
         for t in weights:
             terms[f"clone/{t}"] = sum(v.detach() for (_, tt), v in clone_errors.items() if tt == t)

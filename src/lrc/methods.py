@@ -3,8 +3,8 @@
 A `Method` is a module whose forward is the loss of one micro-batch (`LossOutput`). The trainer, `lrc bench`,
 export and evaluation see only this surface:
 
-* `forward(input_ids, labels, position_ids, attention_mask, *, ce_denominator, scale, step)`: the loss, with
-  the caller's normalisers for exact accumulation (see `lrc.losses.kd_lm_loss`);
+* `forward(input_ids, labels, position_ids, attention_mask, loss_mask, *, step_tokens, step)`: the loss, with
+  the token counts of the whole optimizer step for exact accumulation (`lrc.losses.TokenCounts`);
 * `begin_step(micro_batches)` / `finish_step(step)`: work shared by a step's micro-batches (LRC generates the
   student once per optimizer step and sends the accumulated gradients back through the generation once);
 * `prepare(tokens_per_micro_batch, reuse, sharded)`: choices that depend on the batch (LRC's generated or
@@ -34,20 +34,20 @@ from lrc.config import RunConfig
 from lrc.errors import UserError
 from lrc.export import build_student_model
 from lrc.families import family_for
-from lrc.losses import LossOutput, LossWeights, kd_lm_loss, lrc_objective, next_token_labels
+from lrc.losses import (
+    LossOutput,
+    LossWeights,
+    TokenCounts,
+    kd_lm_loss,
+    kl_positions,
+    lrc_objective,
+    next_token_labels,
+    token_shares,
+)
 from lrc.sharding import Projections, gather, gathered, shard_projections
 from lrc.weights import StepWeights, generate_weights
 
 Calibration = Callable[[], Iterable[dict]]
-
-
-def _kl_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None,
-             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    if loss_mask is not None:  # positions whose next token is a target (e.g. --train-on assistant)
-        return loss_mask.bool().reshape(-1)
-    if attention_mask is not None:
-        return attention_mask.bool().reshape(-1)
-    return torch.ones(labels.numel(), dtype=torch.bool, device=labels.device)
 
 
 class Method(nn.Module):
@@ -131,20 +131,20 @@ class LRC(Method):
         return unit(generate)[0]
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
-                ce_denominator: float | None = None, scale: float = 1.0,
-                step: StepWeights | None = None) -> LossOutput:
+                step_tokens: TokenCounts | None = None, step: StepWeights | None = None) -> LossOutput:
         w = self.loss_weights
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
+        ce_den, kl_scale, clone_scale = token_shares(step_tokens, labels, attention_mask, loss_mask)
         weights = step if step is not None else self._generate()
         fwd = self.clone(input_ids, position_ids, attention_mask, terms=w.clone_terms(), teacher_logits=w.kl != 0.0,
                          step=cast(StepWeights, weights))
         if self.projections is not None and not torch.is_grad_enabled():
             gather(self.projections, False)  # evaluation: no backward will reshard it
         return lrc_objective(fwd.hidden, fwd.head, fwd.teacher_hidden, fwd.teacher_head, fwd.clone_errors,
-                             labels.reshape(-1), _kl_mask(labels, attention_mask, loss_mask), w,
-                             ce_denominator=ce_denominator, scale=scale, chunk_size=self.chunk_size,
-                             fused=self.fused_loss)
+                             labels.reshape(-1), kl_positions(labels, attention_mask, loss_mask), w,
+                             ce_denominator=ce_den, kl_scale=kl_scale, clone_scale=clone_scale,
+                             chunk_size=self.chunk_size, fused=self.fused_loss)
 
     def begin_step(self, micro_batches: int) -> StepWeights | None:
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
@@ -215,10 +215,11 @@ class Direct(Method):
         return self
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
-                ce_denominator: float | None = None, scale: float = 1.0, step: Any = None) -> LossOutput:
+                step_tokens: TokenCounts | None = None, step: Any = None) -> LossOutput:
         w = self.loss_weights
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
+        ce_den, kl_scale, _ = token_shares(step_tokens, labels, attention_mask, loss_mask)
         kw = dict(position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
         h = self.model.get_submodule(self.family.base)(input_ids=input_ids, **kw).last_hidden_state
         t_hidden = t_head = None
@@ -232,9 +233,8 @@ class Direct(Method):
         head = gathered(cast(nn.Linear, self.model.get_submodule(self.family.head)).weight)
         loss, ce, kl = kd_lm_loss(
             h.reshape(-1, h.shape[-1]), head, t_hidden, t_head,
-            labels.reshape(-1), _kl_mask(labels, attention_mask, loss_mask), ce_weight=w.ce, kl_weight=w.kl,
-            temperature=w.kl_temperature, chunk_size=self.chunk_size, ce_denominator=ce_denominator,
-            kl_scale=scale,
+            labels.reshape(-1), kl_positions(labels, attention_mask, loss_mask), ce_weight=w.ce, kl_weight=w.kl,
+            temperature=w.kl_temperature, chunk_size=self.chunk_size, ce_denominator=ce_den, kl_scale=kl_scale,
         )
         return LossOutput(loss=loss, terms={"ce": ce, "kl": kl})
 

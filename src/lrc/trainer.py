@@ -8,10 +8,12 @@ Each optimizer step draws its micro-batches from a `SequenceSampler` whose posit
 checkpoint, so an interrupted run resumed from its last checkpoint sees the same batches, the same optimizer
 state and therefore produces the same losses and weights as a run that never stopped.
 
-Loss normalisation across micro-batches and ranks is exact and owned here: the CE sum is divided by the
-number of labelled tokens of the whole optimizer step (all ranks, passed to the method as `ce_denominator`),
-the per-token means of KL and clone terms by the number of micro-batches (`scale`), and averaging the
-gradients over ranks (`average_gradients`, once per step, for every method) completes the mean.
+Loss normalisation across micro-batches and ranks is exact and owned here: every term is a mean over the
+tokens of the whole optimizer step, all micro-batches and ranks (`lrc.losses.TokenCounts`: labelled tokens
+for CE, KL positions for KL, valid tokens for the clone terms, passed to the method as `step_tokens`), and
+averaging the gradients over ranks (`average_gradients`, once per step, for every method) completes the
+mean. So `--grad-accum 4 --batch-size 2` and `--batch-size 8` give the same step, however unevenly the
+micro-batches' masks fill them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from lrc.distributed import (
     init_distributed,
 )
 from lrc.evaluate import heldout_loss
-from lrc.losses import IGNORE_INDEX, total_loss
+from lrc.losses import TokenCounts, total_loss
 from lrc.lr_rule import AUTO, auto_lr
 from lrc.methods import METHODS, Method, build_method
 from lrc.precision import autocast, compute_dtype
@@ -82,10 +84,15 @@ class StepResult:
     loss: float
     """The weighted total of the step's terms (global means)."""
     terms: dict[str, float]
-    """ce (per labelled token), kl, clone and clone/<term> (per micro-batch means), averaged over ranks."""
+    """ce, kl, clone and clone/<term>: means over the step's tokens (all micro-batches and ranks)."""
     grad_norm: float
     tokens: int
     """Input tokens of the step, all ranks."""
+
+
+def _count_of(term: str, counts: TokenCounts) -> float:
+    """The tokens a logged term (ce, kl, clone, clone/<name>) is a mean over."""
+    return counts.ce if term == "ce" else counts.kl if term == "kl" else counts.clone
 
 
 def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimizer, *, device, precision: str,
@@ -94,23 +101,25 @@ def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimiz
     gradients averaged over ranks, clipped, and `optimizer.step()`. Raises TrainingDiverged (before the update)
     when the loss or the gradient norm is not finite."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    labelled = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro]
-    n_lab = float(all_reduce_sum(torch.tensor(float(sum(labelled)), device=device), info))
+    counts = [TokenCounts.of_batch(b["labels"], b.get("attention_mask"), b.get("loss_mask")) for b in micro]
+    local = [sum(c.ce for c in counts), sum(c.kl for c in counts), sum(c.clone for c in counts)]
+    total = TokenCounts(*all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device), info).tolist())
+    per_rank = TokenCounts(total.ce / info.world_size, total.kl / info.world_size, total.clone / info.world_size)
     sums: dict[str, float] = {}
     with autocast(precision, device):
         step = method.begin_step(len(micro))
-    for b, n_b in zip(micro, labelled):
+    for b, n_b in zip(micro, counts):
         b = _to(b, device)
         with autocast(precision, device):
-            out = method(**b, ce_denominator=n_lab / info.world_size, scale=1.0 / len(micro), step=step)
+            out = method(**b, step_tokens=per_rank, step=step)
         out.loss.backward()
-        for k, v in out.terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * (n_b if k == "ce" else 1.0 / len(micro))
+        for k, v in out.terms.items():  # local means -> token-weighted sums
+            sums[k] = sums.get(k, 0.0) + float(v) * _count_of(k, n_b)
     method.finish_step(step)
     average_gradients(params, info)
     keys = sorted(sums)
     vec = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device), info)
-    terms = {k: float(vec[i]) / (n_lab if k == "ce" else info.world_size) for i, k in enumerate(keys)}
+    terms = {k: float(vec[i]) / max(1.0, _count_of(k, total)) for i, k in enumerate(keys)}
     loss = total_loss(terms, method.loss_weights)
     gnorm = clip_gradients(params, grad_clip, info)
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
