@@ -26,6 +26,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,9 +38,18 @@ from lrc.run import default_cache_dir
 from lrc.trainer import distill
 
 WORK = Path("/tmp/lrc15")
-WIDTHS = {"llama-plays": (128, 96, 64), "qwen3-code": (96, 72, 48)}  # half, between, quarter
-TEACHER_WIDTH = {"llama-plays": FULL.teacher_hidden, "qwen3-code": 192}
-TEACHER_TOKENS = {"llama-plays": FULL.teacher_tokens, "qwen3-code": 400_000}
+# A width series on the same plays, tokenizer, depth (2 layers) and tokens (300K): what changes is d_T alone
+# (the learning rate's dependence on absolute width, issue 21). head_dim 64 as in Llama 3; FFN 2.75 d_T.
+_SERIES = replace(FULL, teacher_layers=2, teacher_tokens=300_000)
+WIDE = {"plays-w256": replace(_SERIES, teacher_hidden=256, heads=4, kv_heads=2, ffn=704, teacher_lr=2e-3),
+        "plays-w512": replace(_SERIES, teacher_hidden=512, heads=8, kv_heads=4, ffn=1408, teacher_lr=1.4e-3),
+        "plays-w1024": replace(_SERIES, teacher_hidden=1024, heads=16, kv_heads=8, ffn=2816, teacher_lr=1e-3)}
+WIDTHS = {"llama-plays": (128, 96, 64), "qwen3-code": (96, 72, 48),  # half, between, quarter
+          **{k: (s.teacher_hidden // 2, s.teacher_hidden // 4) for k, s in WIDE.items()}}
+TEACHER_WIDTH = {"llama-plays": FULL.teacher_hidden, "qwen3-code": 192,
+                 **{k: s.teacher_hidden for k, s in WIDE.items()}}
+TEACHER_TOKENS = {"llama-plays": FULL.teacher_tokens, "qwen3-code": 400_000,
+                  **{k: s.teacher_tokens for k, s in WIDE.items()}}
 SEQ, BATCH = 128, 8
 START, END = "<!-- lr_sweep:start -->", "<!-- lr_sweep:end -->"
 
@@ -92,12 +102,18 @@ def build_code_teacher(cache: Path) -> Path:
     return model_dir
 
 
-def teachers() -> dict[str, tuple[Path, list[Path], list[Path]]]:
+def teachers(names=None) -> dict[str, tuple[Path, list[Path], list[Path]]]:
+    """The sweep's teachers (all, or those named), each built and cached on first use."""
     demo_cache = default_cache_dir().parent / "demo"
     train, val = play_files()
-    plays, _, _ = build_teacher(FULL, train, val, demo_cache)
-    ctrain, cval = code_files()
-    return {"llama-plays": (plays, train, val), "qwen3-code": (build_code_teacher(WORK), ctrain, cval)}
+    out = {}
+    for name in names or TEACHER_WIDTH:
+        if name == "qwen3-code":
+            ctrain, cval = code_files()
+            out[name] = (build_code_teacher(WORK), ctrain, cval)
+        else:
+            out[name] = (build_teacher(WIDE.get(name, FULL), train, val, demo_cache)[0], train, val)
+    return out
 
 
 def _key(teacher: str, width: int, init: str, lr: str, extra: dict) -> str:
@@ -134,8 +150,8 @@ def run_one(name: str, paths, width: int, init: str, lr: str, extra: dict) -> di
 def cmd_runs(args) -> None:
     results_path = WORK / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    paths = teachers()
     cells = [c.split(":") for c in args.cells] if args.cells else [(t, str(w)) for t in WIDTHS for w in WIDTHS[t]]
+    paths = teachers(sorted({name for name, _ in cells}))
     extra = dict(kv.split("=") for kv in args.set)
     extra = {k: v if k == "schedule" else int(v) if v.isdigit() else float(v) for k, v in extra.items()}
     t_start = time.time()
@@ -256,7 +272,8 @@ def write_report(results: dict, md: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("teachers")
+    t = sub.add_parser("teachers")
+    t.add_argument("names", nargs="*", help="teachers to build (default: all)")
     r = sub.add_parser("runs")
     r.add_argument("--lrs", nargs="+", default=["auto"])
     r.add_argument("--init", nargs="+", default=["refit"])
@@ -270,7 +287,7 @@ def main(argv=None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     if args.cmd == "teachers":
-        for name, (path, _, _) in teachers().items():
+        for name, (path, _, _) in teachers(args.names).items():
             print(f"[lr_sweep] {name}: {path}")
     elif args.cmd == "runs":
         cmd_runs(args)

@@ -349,3 +349,17 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, qwen3_tie
         if not parallel.endswith("refit"):  # see PCA_START; its losses above agree to 1e-4
             assert torch.allclose(last_weights(out)[k], v, rtol=1e-3, atol=1e-5), k
 
+
+
+def test_a_loss_rising_far_above_its_start_stops_the_run_naming_the_lr(tmp_path, teacher, datasets, capsys):
+    # Catches a run that goes on training with a learning rate far too high (only a non-finite loss stopped it).
+    from lrc.cli import main
+
+    out = tmp_path / "run"
+    argv = distill_cmd(teacher, datasets["txt"], out, "--max-steps", "12", "--warmup-ratio", "0")
+    argv[argv.index("--lr") + 1] = "3"
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the loss rose from" in err and "learning rate 3 (--lr)" in err and "--stop-on-rise 0" in err
+    argv[argv.index("--out") + 1] = str(tmp_path / "run2")
+    assert main(argv + ["--stop-on-rise", "0"]) == 0  # and it can be told to train on

@@ -23,8 +23,7 @@ from lrc.data import (
     make_batches,
 )
 from lrc.errors import UserError
-from lrc.losses import IGNORE_INDEX
-from lrc.methods import _kl_mask
+from lrc.losses import IGNORE_INDEX, kl_positions
 from lrc.tokenizer import train_bpe
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -104,7 +103,7 @@ def test_train_on_assistant_counts_only_the_assistants_tokens(tmp_path, tokenize
         want = torch.tensor([bool(mask[i * ds.seq_len + j + 1]) for j in range(ds.seq_len - 1)] + [False])
         assert torch.equal(item["loss_mask"], want)
         assert (item["labels"][~want] == IGNORE_INDEX).all()
-        assert torch.equal(_kl_mask(item["labels"], None, item["loss_mask"]), want)
+        assert torch.equal(kl_positions(item["labels"], None, item["loss_mask"]), want)
 
 
 def test_distill_on_chat_data_with_assistant_targets(tmp_path, teacher, monkeypatch):
@@ -360,3 +359,19 @@ def test_torchrun_data_error_stops_every_process(tmp_path, teacher):
     assert proc.returncode != 0
     assert "no text found" in proc.stderr and "failed in another process" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_calibration_draws_from_every_source_in_its_share_with_the_seed():
+    # Catches calibration on the first sequences of the data (a mixture's first source only) and a draw that
+    # ignores the seed or repeats sequences.
+    from lrc.data import calibration_order
+
+    mix = _mixture([10, 50, 200], [0.6, 0.3, 0.1])
+    drawn = calibration_order(mix, 40, seed=1)
+    shares = np.bincount([mix.get(i)["input_ids"][0].item() for i in drawn], minlength=3) / len(drawn)
+    assert np.abs(shares - [0.6, 0.3, 0.1]).max() <= 1 / 40 + 1e-9, shares
+    assert drawn == calibration_order(mix, 40, seed=1) != calibration_order(mix, 40, seed=2)
+    single = PackedDataset(np.arange(400, dtype=np.int32), np.array([0]), 4)  # 100 sequences
+    picked = calibration_order(single, 20, seed=0)
+    assert len(set(picked)) == 20 and max(picked) >= 20  # across the data, not its first 20 sequences
+    assert sorted(calibration_order(single, 500, seed=0)) == list(range(100))  # all, once each

@@ -430,8 +430,12 @@ class LowRankClone(nn.Module):
         return (h @ student_head(self).t()).float()
 
     @torch.no_grad()
-    def student_final_hidden(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
-        return self._run_student(input_ids, position_ids, attention_mask, generate_weights(self))
+    def student_final_hidden(self, input_ids, position_ids=None, attention_mask=None,
+                             weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T, d_S) final hidden states of the student, with its generated weights (or `weights`, e.g. the
+        generated ones rounded to an export dtype)."""
+        return self._run_student(input_ids, position_ids, attention_mask,
+                                 weights if weights is not None else generate_weights(self))
 
 
 def _checkpoint_layer(layer: nn.Module) -> None:

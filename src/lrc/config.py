@@ -88,6 +88,8 @@ class RunConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    stop_on_rise: float = opt(0.5, "stop the run when the mean loss of the last 5 steps is more than this share "
+                              "above the first step's (a learning rate far too high); 0: never")
     seed: int = opt(0, "seed for init and data order")
     # losses
     # losses: defaults are LossWeights' own (one place)
@@ -143,7 +145,7 @@ class RunConfig:
 # Options that may differ when resuming a run; everything else must match the saved run.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data", "num_proc",
-                     "wandb"}
+                     "wandb", "stop_on_rise"}
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
@@ -204,6 +206,7 @@ RANGES: dict[str, Range] = {
     "adam_beta1": Range(0, 1, hi_open=True),
     "adam_beta2": Range(0, 1, hi_open=True),
     "grad_clip": _at_least(0),  # 0: off
+    "stop_on_rise": _at_least(0),  # 0: off
     "seed": Range(0, 2**64 - 1),  # numpy and torch generators take non-negative 64-bit seeds
     "ce_weight": _at_least(0),
     "kl_weight": _at_least(0),

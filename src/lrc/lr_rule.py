@@ -1,26 +1,40 @@
-"""`--lr auto`: the peak learning rate chosen from the student's width and the batch, by a rule fitted on
-measurements (BENCHMARKS.md, "Learning rate x student width"; `benchmarks/lr_sweep.py`).
+"""`--lr auto`: the peak learning rate chosen from the teacher's width and the student's share of it, by a
+rule fitted on measurements and checked against the paper's published peaks (BENCHMARKS.md, "Learning rate x
+student width"; `benchmarks/lr_sweep.py`).
 
-    lr = LR_AT_HALF * (2 d_S / d_T) ** WIDTH_EXPONENT * (tokens per optimizer step / REF_TOKENS) ** BATCH_EXPONENT
+    lr = LR_AT_REF * (REF_WIDTH / d_T) * min(1, 2 d_S / d_T) ** WIDTH_EXPONENT
 
-with d_S the student's and d_T the teacher's hidden size: the shape of every projection P (d_T x d_S).
+with d_T the teacher's and d_S the student's hidden size, the shape of every projection P (d_T x d_S).
+
+Why 1 / d_T: Adam moves every entry of P by about the learning rate, whatever its size, and each student
+weight W_T P sums d_T of those moves, so the change one step makes to the student's function grows with d_T
+(the argument of muP for Adam on hidden matrices). A rule fitted on teachers of width 256-512 alone (the
+previous one, `1.5e-3 * (2 d_S / d_T) ** 1.4`) gave 15-28x the paper's peaks at d_T = 2-3.5K, and at
+d_T = 1024 one Adam step at its value already doubled the KL.
+
+Why the share term: at a fixed teacher, narrower students want smaller steps (measured from a quarter to a
+half of d_T: they start close to the teacher after `--init refit` and a large step undoes that). Above half
+width nothing was measured, so the term stops at 1 rather than extrapolate upwards.
+
+At the paper's shapes the rule gives 8.3e-5 (Llama-3.2-3B -> 1536; paper 1e-4), 1.25e-4 (Qwen2.5-3B -> 1200;
+paper 6.7e-5, lowered from 1e-4 after loss spikes) and 7.1e-5 (Qwen2.5-7B -> 2048; paper 1e-4): within 2x of
+each. The batch term is 0: at batch 16 (same tokens, half the steps) the best lr of one cell did not move.
 
 The rule is a pure function of the config, so it is deterministic and costs nothing; the value it gives is
 written into the run's config.yaml as the run's `lr`, so `--resume`, `export` and `eval` read the number,
-never the rule. An explicit `--lr` wins.
+never the rule. An explicit `--lr` wins. A learning rate that is still too high is caught by the trainer's
+`--stop-on-rise` within the first steps.
 """
 
 from __future__ import annotations
 
 AUTO = "auto"
 
-# Fitted on the sweep (`lr_sweep.py fit`): the best learning rate of 2 teachers x 3 widths (d_S / d_T from
-# 1/4 to 1/2, hidden 48-128, 40-49 steps). Narrower students want *smaller* steps: they start close to the
-# teacher after `--init refit` and a large step undoes that. Outside that range the rule extrapolates.
-LR_AT_HALF = 1.5e-3
-WIDTH_EXPONENT = 1.4
+LR_AT_REF = 1e-3  # a half-width student of a teacher REF_WIDTH wide
+REF_WIDTH = 256
+WIDTH_EXPONENT = 1.4  # of the student's share of the teacher's width, below half
 REF_TOKENS = 1024  # the sweep's tokens per optimizer step (batch 8 x 128)
-BATCH_EXPONENT = 0.0  # at batch 16 (same tokens, half the steps) the best lr of one cell did not move
+BATCH_EXPONENT = 0.0
 
 
 def parse_lr(value) -> float | str:
@@ -36,6 +50,7 @@ def auto_lr(hidden_size: int, teacher_hidden_size: int, tokens_per_step: int) ->
     """The peak learning rate `--lr auto` gives a student of width `hidden_size` cloned from a teacher of width
     `teacher_hidden_size`, trained on `tokens_per_step` tokens per optimizer step (all processes and
     micro-batches)."""
-    lr = LR_AT_HALF * (2 * hidden_size / teacher_hidden_size) ** WIDTH_EXPONENT
+    share = min(1.0, 2 * hidden_size / teacher_hidden_size)
+    lr = LR_AT_REF * (REF_WIDTH / teacher_hidden_size) * share ** WIDTH_EXPONENT
     lr *= (tokens_per_step / REF_TOKENS) ** BATCH_EXPONENT
     return float(f"{lr:.3g}")  # three digits: what the log line and config.yaml show is what runs

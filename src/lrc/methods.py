@@ -44,10 +44,38 @@ from lrc.losses import (
     next_token_labels,
     token_shares,
 )
+from lrc.refit import refit_projections
 from lrc.sharding import Projections, gather, gathered, shard_projections
 from lrc.weights import StepWeights, generate_weights
 
-Calibration = Callable[[], Iterable[dict]]
+Batches = Callable[[], Iterable[dict]]
+
+
+@dataclass
+class Calibration:
+    """Calibration batches, drawn with the run's seed from across the training data (every mixture source in
+    its share) and never from the held-out split: `fit` for what is measured or fitted (pca, FFN channels,
+    layers, pruning, refit), `check` (disjoint from `fit`) for judging a fit on tokens it did not see."""
+
+    fit: Batches
+    check: Batches | None = None
+
+
+def _as_calibration(calibration: Calibration | Batches | None) -> Calibration | None:
+    """A bare callable (tests, benchmarks) is fit batches with no check."""
+    return calibration if calibration is None or isinstance(calibration, Calibration) else Calibration(calibration)
+
+
+def export_dtype(cfg: RunConfig, teacher) -> torch.dtype:
+    """The lowest precision the student will compute in: its export dtype (by default the teacher's storage
+    dtype) or bf16 where training autocasts to it."""
+    from lrc.precision import resolve_precision
+
+    stored = next(teacher.parameters()).dtype
+    device = next(teacher.parameters()).device
+    if stored == torch.float32 and resolve_precision(cfg.precision, device) == "bf16":
+        return torch.bfloat16
+    return stored
 
 
 class Method(nn.Module):
@@ -269,7 +297,7 @@ def _kept_layers(cfg: RunConfig, teacher, calibration: Calibration | None) -> tu
             raise UserError("--layers needs calibration data to choose the layers; give --drop-layers instead")
         from lrc.structure import choose_layers
 
-        kept = choose_layers(teacher, calibration(), cast(int, cfg.layers))
+        kept = choose_layers(teacher, calibration.fit(), cast(int, cfg.layers))
         cfg.drop_layers = ",".join(str(i) for i in range(n) if i not in kept)
     return kept_layers(cfg, n)
 
@@ -284,12 +312,11 @@ def _build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tupl
     info: dict = {}
     if calibration is not None:
         if cfg.init in ("pca", "refit"):
-            info = dict(init_pca(clone, calibration()))
-            info.update(select_ffn_channels(clone, calibration()))
+            info = dict(init_pca(clone, calibration.fit()))
+            info.update(select_ffn_channels(clone, calibration.fit()))
             if cfg.init == "refit":  # after the FFN channels are chosen: it fits the student as it will train
-                from lrc.refit import refit_projections
-
-                info.update(refit_projections(clone, calibration()))
+                check = calibration.check() if calibration.check is not None else None
+                info.update(refit_projections(clone, calibration.fit(), check, dtype=export_dtype(cfg, teacher)))
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.grad_checkpointing:
@@ -308,7 +335,7 @@ def _build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> t
     hidden_size = cast(int, cfg.hidden_size)  # set: run.prepare requires it before a method is built
     layers = _kept_layers(cfg, teacher, calibration)
     if cfg.method == "prune-kd" and calibration is not None:
-        student, kept = pruned_student(teacher, hidden_size, calibration(), cfg.ffn_size, layers)
+        student, kept = pruned_student(teacher, hidden_size, calibration.fit(), cfg.ffn_size, layers)
         info = {"kept_channels": len(kept)}
     else:
         student = random_student(teacher, hidden_size, cfg.seed, cfg.ffn_size, layers)
@@ -343,6 +370,6 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def build_method(cfg: RunConfig, teacher, calibration: Calibration | None = None) -> tuple[Method, dict]:
+def build_method(cfg: RunConfig, teacher, calibration: Calibration | Batches | None = None) -> tuple[Method, dict]:
     """The trainable object for cfg.method, initialised from `calibration` batches where it needs them."""
-    return METHODS[cfg.method].build(cfg, teacher, calibration)
+    return METHODS[cfg.method].build(cfg, teacher, _as_calibration(calibration))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -31,7 +30,7 @@ import torch
 from lrc import checkpoint as ckpt
 from lrc import log
 from lrc.config import RunConfig, save_config
-from lrc.data import collate, make_batches
+from lrc.data import calibration_order, collate, make_batches
 from lrc.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -44,8 +43,9 @@ from lrc.distributed import (
 from lrc.evaluate import heldout_loss
 from lrc.losses import TokenCounts, total_loss
 from lrc.lr_rule import AUTO, auto_lr
-from lrc.methods import METHODS, Method, build_method
+from lrc.methods import METHODS, Calibration, Method, build_method
 from lrc.precision import autocast, compute_dtype
+from lrc.refit import calibration_sequences
 from lrc.run import MetricsLog, Prepared, prepare
 from lrc.schedule import lr_factor
 
@@ -59,7 +59,34 @@ class RunInterrupted(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: the run stops and its last good checkpoint is kept."""
+    """A non-finite loss or gradient, or a loss climbing far above its start: the run stops and its last good
+    checkpoint is kept."""
+
+
+RISE_WINDOW = 5  # steps whose mean loss is compared with the first step's
+
+
+class RiseWatch:
+    """Stops a run whose loss climbs well above where it started, which a learning rate far too high for the
+    student does within a few steps (a run from a teacher-aware start begins near its teacher, and one Adam
+    step of the wrong size undoes that); without it the only stop is a non-finite loss, days later or never.
+    The first step's loss is part of the checkpoint, so a resumed run keeps comparing with it."""
+
+    def __init__(self, rise: float, first: float | None = None):
+        self.rise, self.first = rise, first
+        self.recent: list[float] = []
+
+    def check(self, loss: float, step: int, lr: float, how: str) -> None:
+        if self.first is None:
+            self.first = loss
+        self.recent = (self.recent + [loss])[-RISE_WINDOW:]
+        mean = sum(self.recent) / len(self.recent)
+        if self.rise > 0 and len(self.recent) == RISE_WINDOW and mean > (1 + self.rise) * self.first:
+            raise TrainingDiverged(
+                f"the loss rose from {self.first:.4f} at the first step to {mean:.4f} (mean of steps "
+                f"{step - RISE_WINDOW + 1}-{step}), more than {self.rise:.0%} above it: the learning rate "
+                f"{lr:.3g} ({how}) is too high for this student; rerun with a lower --lr (e.g. {lr / 4:.2g}), or "
+                "--stop-on-rise 0 to train on")
 
 
 def total_steps(cfg: RunConfig, world: int) -> int:
@@ -152,6 +179,8 @@ class Session:
     log: MetricsLog
     step: int = 0
     tokens: int = 0
+    first_loss: float | None = None  # the first step's loss (`RiseWatch`)
+    lr_how: str = "--lr"  # where the peak learning rate came from, for messages
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.time)
     fresh: bool = True  # not resumed from a checkpoint
@@ -175,21 +204,31 @@ def _place_teacher(prep: Prepared, info: DistInfo, sharded: bool) -> None:
              f"{whole / 2**20:.4g} MiB of its weights on each")
 
 
-def _calibration(prep: Prepared, info: DistInfo) -> Callable | None:
+def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
+    """Fit and check batches (`lrc.methods.Calibration`), sized by `lrc.refit.calibration_sequences`: drawn with
+    the run's seed from across the training data (a mixture's sources in their shares), never from the
+    held-out split; a stream calibrates on its next sequences."""
     cfg = prep.cfg
     if prep.resume_from is not None or not METHODS[cfg.method].needs_calibration(cfg):
         return None
+    # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on the same
+    # sequences as one process with --batch-size W*b.
+    fit, check = calibration_sequences(prep.teacher.config.hidden_size, cfg.seq_len,
+                                       cfg.batch_size * info.world_size, cfg.calib_batches)
+    if hasattr(prep.train, "head"):
+        data = prep.train.head(fit + check, advance=False)
+        order = list(range(len(data)))
+    else:
+        data, order = prep.train, calibration_order(cast(Any, prep.train), fit + check, cfg.seed)
+    cut = min(fit, max(1, len(order) - check)) if len(order) > 1 else len(order)
 
-    def batches():
-        # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on the
-        # same sequences as one process with --batch-size W*b. A stream calibrates on its next sequences.
-        n = cfg.calib_batches * cfg.batch_size * info.world_size
-        data = prep.train.head(n, advance=False) if hasattr(prep.train, "head") else prep.train
-        n = min(len(data), n)
-        for s in range(0, n, cfg.batch_size):
-            yield _to(collate([data.get(i) for i in range(s, min(n, s + cfg.batch_size))]), info.device)
+    def batches(indices: list[int]):
+        def draw():
+            for s in range(0, len(indices), cfg.batch_size):
+                yield _to(collate([data.get(i) for i in indices[s:s + cfg.batch_size]]), info.device)
+        return draw
 
-    return batches
+    return Calibration(fit=batches(order[:cut]), check=batches(order[cut:]) if order[cut:] else None)
 
 
 def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Session:
@@ -199,6 +238,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     sharded = cfg.parallel == "fsdp" and info.enabled
     _place_teacher(prep, info, sharded)
     steps = total_steps(cfg, info.world_size)
+    lr_how = "--lr auto" if cfg.lr == AUTO else "--lr"
     if cfg.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world_size * cfg.seq_len
         d_t = prep.teacher.config.hidden_size
@@ -220,7 +260,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
     batches = make_batches(prep.train, cfg.seed, info.rank, info.world_size)
-    step, tokens, elapsed = _restore(prep, resume, info, method, optimizer, sched, batches)
+    step, tokens, elapsed, first_loss = _restore(prep, resume, info, method, optimizer, sched, batches)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
     # one leaves the directory as it was), and every rank has passed `resolve_config`'s check of RUN_DIR.
     all_reduce_sum(torch.zeros((), device=device), info)
@@ -230,7 +270,8 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None,
                          wandb_project=cfg.wandb, config=cfg.to_dict())
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
-                sharded, steps, metrics, step=step, tokens=tokens, elapsed_before=elapsed,
+                sharded, steps, metrics, step=step, tokens=tokens, first_loss=first_loss, lr_how=lr_how,
+                elapsed_before=elapsed,
                 fresh=prep.resume_from is None)
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
     note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
@@ -251,13 +292,13 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
 
 
 def _restore(prep: Prepared, resume: bool, info: DistInfo, method: Method, optimizer, scheduler,
-             batches) -> tuple[int, int, float]:
+             batches) -> tuple[int, int, float, float | None]:
     """Load the checkpoint to resume from into the method, optimizer, schedule and sampler; returns (step,
-    tokens, elapsed seconds) of the run so far ((0, 0, 0.0) for a new run)."""
+    tokens, elapsed seconds, first step's loss) of the run so far ((0, 0, 0.0, None) for a new run)."""
     if prep.resume_from is None:
         if resume:
             log.info(f"resuming {prep.run_dir}: no checkpoint yet, starting from step 0")
-        return 0, 0, 0.0
+        return 0, 0, 0.0, None
     sharded = _has_sharded_trainables(method)
     ckpt.check_resumable(prep.resume_from, info.world_size, sharded)
     if sharded:
@@ -270,7 +311,7 @@ def _restore(prep: Prepared, resume: bool, info: DistInfo, method: Method, optim
         scheduler.load_state_dict(opt_state["scheduler"])
     batches.load_state_dict(state["sampler"])
     log.info(f"resuming {prep.run_dir} from step {state['step']} ({state['tokens']:,} tokens)")
-    return state["step"], state["tokens"], state.get("elapsed", 0.0)
+    return state["step"], state["tokens"], state.get("elapsed", 0.0), state.get("first_loss")
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -284,7 +325,7 @@ def _has_sharded_trainables(method: Method) -> bool:
 
 def _save(s: Session) -> None:
     state = {"step": s.step, "tokens": s.tokens, "sampler": s.batches.state_dict(),
-             "elapsed": s.elapsed_before + time.time() - s.started}
+             "elapsed": s.elapsed_before + time.time() - s.started, "first_loss": s.first_loss}
     if _has_sharded_trainables(s.method):  # every process writes its own shards
         ckpt.save_sharded_checkpoint(s.run_dir, s.step, s.method, s.optimizer, s.scheduler.state_dict(), state,
                                      s.cfg.keep_checkpoints, s.info.rank, s.info.world_size)
@@ -386,6 +427,7 @@ def fit(s: Session) -> Path:
         if s.steps == 0:
             _save(s)  # --max-steps 0: initialise and save
     progress = _Progress(s)
+    rise = RiseWatch(cfg.stop_on_rise, s.first_loss)
     with _StopFlag() as stop:
         while s.step < s.steps:
             micro = [s.batches.next(cfg.batch_size) for _ in range(cfg.grad_accum)]
@@ -393,10 +435,12 @@ def fit(s: Session) -> Path:
             try:
                 r = train_step(s.method, micro, s.optimizer, device=s.device, precision=cfg.precision, info=s.info,
                                grad_clip=cfg.grad_clip)
+                rise.check(r.loss, s.step + 1, float(cfg.lr), s.lr_how)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e} at step {s.step + 1}; stopped without saving. Last good checkpoint: "
                                        f"{ckpt.latest_checkpoint(s.run_dir) or 'none'}. Lower --lr or check the "
                                        "data.") from None
+            s.first_loss = rise.first
             s.scheduler.step()
             s.step += 1
             s.tokens += r.tokens

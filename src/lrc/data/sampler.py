@@ -119,6 +119,15 @@ class MixtureSampler:
         self.drawn = [int(c) for c in state["drawn"]]
 
 
+def calibration_order(data: PackedDataset | Mixture, n: int, seed: int) -> list[int]:
+    """`n` sequence indices for calibration, drawn with the run's seed from across `data` (a mixture's sources
+    in proportion to their weights), without repeats where the data has `n` sequences; the data's first
+    sequences (of a mixture, its first source's) would calibrate on whatever happens to come first."""
+    if isinstance(data, Mixture):
+        return MixtureSampler(data, seed).next_indices(n)
+    return SequenceSampler(len(data), seed).next_indices(min(n, len(data)))
+
+
 class Batches:
     """Collated micro-batches from a dataset (or mixture) and its sampler; checkpoints store `state_dict`."""
 
