@@ -363,3 +363,33 @@ def test_a_loss_rising_far_above_its_start_stops_the_run_naming_the_lr(tmp_path,
     assert "the loss rose from" in err and "learning rate 3 (--lr)" in err and "--stop-on-rise 0" in err
     argv[argv.index("--out") + 1] = str(tmp_path / "run2")
     assert main(argv + ["--stop-on-rise", "0"]) == 0  # and it can be told to train on
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_accumulation_of_uneven_assistant_masks_matches_one_batch(parallel, tmp_path, teacher, cache_dir):
+    """2 processes x --batch-size 2 --grad-accum 2 == 1 process --batch-size 8 on chat data with assistant-only
+    targets: every term is a mean over the step's tokens, across micro-batches and processes (per micro-batch
+    means would weigh a micro-batch with a few assistant tokens like a full one)."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}")
+    words = "the king queen castle night river gold field wind rose love death honour ghost storm".split()
+    rows = []
+    for i in range(60):  # answers from 1 to 40 words: very uneven numbers of target tokens per sequence
+        answer = " ".join(words[(i * 7 + j) % len(words)] for j in range(1 + (i * 13) % 40))
+        rows.append({"messages": [{"role": "user", "content": words[i % len(words)]},
+                                  {"role": "assistant", "content": answer}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = ("--chat-template", template, "--train-on", "assistant", "--max-steps", "3", *PCA_START)
+    single = distill(teacher, data, tmp_path / "single", *chat, "--batch-size", "8")
+    out = tmp_path / parallel
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrc",
+           *distill_cmd(teacher, data, out, *chat), "--batch-size", "2", "--grad-accum", "2",
+           *(("--parallel", "fsdp") if parallel == "fsdp" else ())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(cache_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for ra, rb in zip(records(single), records(out), strict=True):
+        for k in ("loss", "ce", "kl", "clone", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4), (rb["step"], k)
