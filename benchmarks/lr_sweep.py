@@ -35,12 +35,12 @@ from _markdown import write_block
 from lrc.config import RunConfig
 from lrc.demo import FULL, build_teacher, play_files
 from lrc.run import default_cache_dir
-from lrc.trainer import distill
+from lrc.trainer import TrainingDiverged, distill
 
 WORK = Path("/tmp/lrc15")
-# A width series on the same plays, tokenizer, depth (2 layers) and tokens (300K): what changes is d_T alone
+# A width series on the same plays, tokenizer, depth (2 layers) and tokens (1M): what changes is d_T alone
 # (the learning rate's dependence on absolute width, issue 21). head_dim 64 as in Llama 3; FFN 2.75 d_T.
-_SERIES = replace(FULL, teacher_layers=2, teacher_tokens=300_000)
+_SERIES = replace(FULL, teacher_layers=2, teacher_tokens=1_000_000)
 WIDE = {"plays-w256": replace(_SERIES, teacher_hidden=256, heads=4, kv_heads=2, ffn=704, teacher_lr=2e-3),
         "plays-w512": replace(_SERIES, teacher_hidden=512, heads=8, kv_heads=4, ffn=1408, teacher_lr=1.4e-3),
         "plays-w1024": replace(_SERIES, teacher_hidden=1024, heads=16, kv_heads=8, ffn=2816, teacher_lr=1e-3)}
@@ -136,15 +136,21 @@ def run_one(name: str, paths, width: int, init: str, lr: str, extra: dict) -> di
     cfg = RunConfig(**(options | extra))
     if lr != "auto":
         cfg.lr = float(lr)
-    distill(cfg)
+    try:
+        distill(cfg)
+    except TrainingDiverged as e:  # --stop-on-rise: a learning rate far too high is a result too
+        shutil.rmtree(out, ignore_errors=True)
+        return {"final": float("nan"), "stopped": str(e).split(";")[0], "lr": cfg.lr, "seconds": time.time() - t0}
     saved = (out / "config.yaml").read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     vals = [r for r in rows if r.get("split") == "val"]
+    init = next((r for r in rows if r.get("split") == "init"), {})
     teacher_loss = next(r["loss"] for r in rows if r.get("split") == "val_teacher")
     lr_used = next(float(line.split(":", 1)[1]) for line in saved.splitlines() if line.startswith("lr:"))
     shutil.rmtree(out)
     return {"teacher_loss": teacher_loss, "step0": vals[0]["loss"], "final": vals[-1]["loss"], "lr": lr_used,
-            "steps": vals[-1]["step"], "seconds": time.time() - t0}
+            "step0_kl": vals[0]["kl"], "final_kl": vals[-1]["kl"], "steps": vals[-1]["step"],
+            "init": {k: v for k, v in init.items() if k not in ("split", "step")}, "seconds": time.time() - t0}
 
 
 def cmd_runs(args) -> None:
@@ -153,7 +159,8 @@ def cmd_runs(args) -> None:
     cells = [c.split(":") for c in args.cells] if args.cells else [(t, str(w)) for t in WIDTHS for w in WIDTHS[t]]
     paths = teachers(sorted({name for name, _ in cells}))
     extra = dict(kv.split("=") for kv in args.set)
-    extra = {k: v if k == "schedule" else int(v) if v.isdigit() else float(v) for k, v in extra.items()}
+    text = {"schedule", "drop_layers", "precision", "teacher_dtype"}
+    extra = {k: v if k in text else int(v) if v.isdigit() else float(v) for k, v in extra.items()}
     t_start = time.time()
     for name, width in cells:
         for init in args.init:
@@ -184,7 +191,7 @@ def best_lr(runs: dict[str, dict]) -> tuple[float, float, float]:
     """(best swept lr, its loss, the vertex of a parabola in log lr through the best and its neighbours)."""
     import math
 
-    swept = sorted((float(k), v["final"]) for k, v in runs.items() if k != "auto")
+    swept = sorted((float(k), v["final"]) for k, v in runs.items() if k != "auto" and v["final"] == v["final"])
     i = min(range(len(swept)), key=lambda j: swept[j][1])
     lr, loss = swept[i]
     if 0 < i < len(swept) - 1:
@@ -269,6 +276,73 @@ def write_report(results: dict, md: Path) -> None:
     print(write_block(md, START, END, lines, "Learning rate x student width, and the refit init"))
 
 
+START21, END21 = "<!-- lr_sweep_21:start -->", "<!-- lr_sweep_21:end -->"
+PAPER = (("Llama-3.2-3B", 3072, 1536, 1e-4), ("Qwen2.5-3B", 2048, 1200, 6.7e-5), ("Qwen2.5-7B", 3584, 2048, 1e-4))
+
+
+def _loss_cell(r: dict | None, t: float) -> str:
+    if r is None:
+        return ""
+    if r["final"] != r["final"]:
+        return "stopped (loss rose)"
+    return f"{r['final']:.4f} ({_pct(r['final'], t)})"
+
+
+def write_report21(results: dict, md: Path) -> None:
+    """Issue 21's tables: the width series against the 1/d_T rule, the rule at the paper's shapes, and pca vs
+    refit (held-out KL at step 0 and at the end, fp32/bf16, with and without layer 0)."""
+    from lrc.lr_rule import auto_lr
+
+    lines = [START21, "", "### Final held-out loss by learning rate on the width series (refit init, half width; "
+             "columns are multiples of the rule's value; % above the teacher's held-out loss)", "",
+             "| teacher | d_S | rule (auto) | x1/4 | x1/2 | x1 | x2 | x4 | best swept | auto vs best |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    sweep = _cells(results)
+    for name in WIDE:
+        for width in WIDTHS[name]:
+            runs = sweep.get((name, width))
+            if not runs or "auto" not in runs:
+                continue
+            auto = runs["auto"]
+            t = auto["teacher_loss"]
+            by_lr = {float(k): v for k, v in runs.items() if k != "auto"}
+            cells = [_loss_cell(next((v for x, v in by_lr.items() if abs(x / (auto["lr"] * m) - 1) < 0.01), None), t)
+                     for m in (0.25, 0.5, 1, 2, 4)]
+            lr, loss, _ = best_lr(runs)
+            lines.append(f"| {name} (d_T {TEACHER_WIDTH[name]}, teacher {t:.4f}) | {width} | {auto['lr']:.3g} | "
+                         + " | ".join(cells) + f" | {lr:g} ({loss:.4f}) | {_pct(auto['final'], loss)} |")
+    lines += ["", "### The rule at the paper's shapes (`lrc plan` prints the same value)", "",
+              "| teacher -> d_S | d_T | previous rule | `--lr auto` now | paper | now / paper |",
+              "|---|---|---|---|---|---|"]
+    for name, d_t, d_s, paper in PAPER:
+        old = 1.5e-3 * (2 * d_s / d_t) ** 1.4
+        new = auto_lr(d_s, d_t, 2048 * 256)
+        lines.append(f"| {name} -> {d_s} | {d_t} | {old:.3g} | {new:.3g} | {paper:g} | {new / paper:.2f} |")
+    lines += ["", "### pca vs refit: held-out KL to the teacher at step 0 and after 10% of the teacher's tokens "
+              "(--lr auto)", "",
+              "The guard column is the keep-or-revert check on the held-out calibration batches (KL of pca -> "
+              "refit, in the dtype the student exports in); step 0 and final are on the run's held-out split.", "",
+              "| teacher | d_S | options | guard: pca -> refit | kept | step 0 KL: pca | step 0 KL: refit | "
+              "final KL: pca | final KL: refit | final loss: pca | final loss: refit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    extras = sorted({"|".join(k.split("|")[4:]) for k in results if k.split("|")[0] in ("llama-plays", "qwen3-code")})
+    for extra in extras:
+        pca, refit = _cells(results, "pca", extra), _cells(results, "refit", extra)
+        for (teacher, width), runs in sorted(refit.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            a, b = pca.get((teacher, width), {}).get("auto"), runs.get("auto")
+            if not (a and b) or "step0_kl" not in b:
+                continue
+            g = b.get("init", {})
+            guard = (f"{g['heldout_kl_pca']:.5f} -> {g['heldout_kl_refit']:.5f}" if "heldout_kl_pca" in g else "")
+            lines.append(f"| {teacher} | {width} | {extra.replace('|', ', ') or 'fp32'} | {guard} | "
+                         f"{'yes' if g.get('refit_kept') else 'no'} | {a['step0_kl']:.5f} | {b['step0_kl']:.5f} | "
+                         f"{a['final_kl']:.5f} | {b['final_kl']:.5f} | {a['final']:.4f} | {b['final']:.4f} |")
+    secs = sum(r["seconds"] for r in results.values())
+    lines += ["", f"{len(results)} runs, {secs / 60:.0f} minutes of wall time in all (2-core Xeon with AMX).", "",
+              END21]
+    print(write_block(md, START21, END21, lines, "LRC at real sizes: refit, calibration, learning rate (issue 21)"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -283,6 +357,8 @@ def main(argv=None) -> int:
     sub.add_parser("fit")
     rep = sub.add_parser("report")
     rep.add_argument("--markdown", default="BENCHMARKS.md")
+    rep21 = sub.add_parser("report21", help="issue 21's tables")
+    rep21.add_argument("--markdown", default="BENCHMARKS.md")
     args = p.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -293,6 +369,8 @@ def main(argv=None) -> int:
         cmd_runs(args)
     elif args.cmd == "fit":
         cmd_fit(json.loads((WORK / "results.json").read_text()))
+    elif args.cmd == "report21":
+        write_report21(json.loads((WORK / "results.json").read_text()), Path(args.markdown))
     else:
         write_report(json.loads((WORK / "results.json").read_text()), Path(args.markdown))
     return 0

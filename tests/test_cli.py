@@ -342,7 +342,8 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, qwen3_tie
     assert sorted(p.name for p in out.rglob("metrics.jsonl")) == ["metrics.jsonl"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     keys = [(json.loads(line)["split"], json.loads(line)["step"]) for line in lines]
-    assert len(keys) == len(set(keys)) == len(records(single, "train")) + len(records(single, "val")) + 1
+    assert len(keys) == len(set(keys)) == (len(records(single, "train")) + len(records(single, "val")) + 1
+                                           + len(records(single, "init")))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
     for k, v in last_weights(single).items():

@@ -84,7 +84,7 @@ class RiseWatch:
         if self.rise > 0 and len(self.recent) == RISE_WINDOW and mean > (1 + self.rise) * self.first:
             raise TrainingDiverged(
                 f"the loss rose from {self.first:.4f} at the first step to {mean:.4f} (mean of steps "
-                f"{step - RISE_WINDOW + 1}-{step}), more than {self.rise:.0%} above it: the learning rate "
+                f"{step - RISE_WINDOW + 1}-{step}), more than {self.rise:.0%} above it: the peak learning rate "
                 f"{lr:.3g} ({how}) is too high for this student; rerun with a lower --lr (e.g. {lr / 4:.2g}), or "
                 "--stop-on-rise 0 to train on")
 
@@ -150,7 +150,7 @@ def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimiz
     loss = total_loss(terms, method.loss_weights)
     gnorm = clip_gradients(params, grad_clip, info)
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        raise TrainingDiverged(f"non-finite loss ({loss}) or gradient norm ({gnorm})")
+        raise TrainingDiverged(f"non-finite loss ({loss}) or gradient norm ({gnorm}); lower --lr or check the data")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["input_ids"].numel() for b in micro) * info.world_size
@@ -273,6 +273,8 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
                 sharded, steps, metrics, step=step, tokens=tokens, first_loss=first_loss, lr_how=lr_how,
                 elapsed_before=elapsed,
                 fresh=prep.resume_from is None)
+    if init_info and s.fresh:  # how the run started (e.g. whether the refit was kept, by how much): kept on disk
+        metrics.write({"split": "init", "step": 0, **init_info})
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
     note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
     log.info(f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
@@ -437,9 +439,8 @@ def fit(s: Session) -> Path:
                                grad_clip=cfg.grad_clip)
                 rise.check(r.loss, s.step + 1, float(cfg.lr), s.lr_how)
             except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e} at step {s.step + 1}; stopped without saving. Last good checkpoint: "
-                                       f"{ckpt.latest_checkpoint(s.run_dir) or 'none'}. Lower --lr or check the "
-                                       "data.") from None
+                raise TrainingDiverged(f"step {s.step + 1}: {e}. Stopped without saving; last good checkpoint: "
+                                       f"{ckpt.latest_checkpoint(s.run_dir) or 'none'}") from None
             s.first_loss = rise.first
             s.scheduler.step()
             s.step += 1
