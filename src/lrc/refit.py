@@ -20,9 +20,10 @@ norms included). For every layer in order, over the calibration tokens:
 2. P_o = argmin sum ||x_S + P^T z_S - U^T (x_T + z_T)||^2: the student's residual stream after the block,
    given its own (already approximate) inputs, should be the teacher's as pca's basis U reads it, which also
    corrects the error carried in from earlier layers. (Z_S^T Z_S + lambda I)^-1 Z_S^T (target), with a
-   ridge lambda of 1e-6 of the mean eigenvalue: a d_T x d_T Gram can be singular (heads x head_dim < d_T,
-   few calibration tokens), and without it the solution can take large cancelling entries that bf16
-   training then rounds badly.
+   ridge lambda (`ridge_for`: 1e-3 of the mean eigenvalue at 32 calibration tokens per dimension, more with
+   fewer): a d_T x d_T Gram can be singular (heads x head_dim < d_T, few calibration tokens), and a weak
+   ridge (1e-6) lets the solution take large cancelling entries (60-100 where pca's stay near 1) that
+   amplify rounding: at real sizes the bf16 student's logit error was then 10-56x pca's.
 3. and 4. the same for P_gate = P_up (the MLP input) and P_down, on the student's residual after step 2.
 
 With `--layers` / `--drop-layers`, student layer i is fitted to the *full* teacher's layer kept_layers[i]:
@@ -64,8 +65,18 @@ from lrc.clone import LayerProjections, LowRankClone
 from lrc.sharding import gathered
 from lrc.weights import generate_weights, student_head
 
-RIDGE = 1e-3  # of the mean eigenvalue of a Gram matrix
 FIT_TOKENS_PER_DIM = 32  # calibration tokens per teacher dimension for the fit (pca and refit)
+# The ridge, as a share of a Gram matrix's mean eigenvalue, is RIDGE_PER_DIM / (fit tokens per teacher
+# dimension): 1e-3 at the default 32 tokens per dimension. Like the d/N of a least-squares estimate's
+# variance, it shrinks as the calibration grows relative to d_T; measured on held-out text (BENCHMARKS.md,
+# "The refit's ridge and calibration size"), the best ridge fell from 1e-2 at 4 tokens per dimension to
+# 1e-4 at 32-64, and 1e-6 let entries of 60-100 appear at real sizes (10-56x pca's bf16 logit error).
+RIDGE_PER_DIM = 0.032
+
+
+def ridge_for(d_t: int, tokens: int) -> float:
+    """The ridge (share of the mean eigenvalue) for a fit on `tokens` calibration tokens of a d_T-wide teacher."""
+    return RIDGE_PER_DIM * d_t / max(1, tokens)
 CHECK_SHARE = 0.25  # of the fit's sequences, held out for the keep-or-revert check
 
 
@@ -296,20 +307,25 @@ def _refit(clone: LowRankClone, work: list[_Batch], ridge: float) -> None:
 
 @torch.no_grad()
 def refit_projections(clone: LowRankClone, batches: Iterable[dict], check: Iterable[dict] | None = None, *,
-                      dtype: torch.dtype = torch.float32, guard: bool = True, ridge: float = RIDGE
+                      dtype: torch.dtype = torch.float32, guard: bool = True, ridge: float | None = None
                       ) -> dict[str, float | bool | str]:
     """Refit a pca-initialised clone's layer projections (see the module docstring) on calibration `batches`.
 
     `check`: held-out calibration batches on which the refit must beat pca's KL to the teacher, with the
     student's weights in `dtype` (the dtype it exports in), or the pca projections are restored. Returns both
     KLs, the tokens they were measured on and whether the refit was kept (with `guard` off or no `check`,
-    always: the tests of the regressions themselves). `ridge`: of each Gram matrix's mean eigenvalue."""
+    always: the tests of the regressions themselves). `ridge`: of each Gram matrix's mean eigenvalue (default
+    `ridge_for` the fit's tokens)."""
     if clone.ffn_size is not None:  # the passes below run the teacher's full-width MLP: not this student's
         return {"refit_kept": False, "refit_skipped": "a narrower FFN (--ffn-size) keeps pca's start"}
     held_out = list(check or [])
     before = calibration_loss(clone, held_out, dtype=dtype) if held_out and guard else None
     saved = {k: v.clone() for k, v in clone.trainable_state_dict().items()}
-    _refit(clone, [_Batch(b, clone) for b in batches], ridge)
+    work = [_Batch(b, clone) for b in batches]
+    if ridge is None:
+        ridge = ridge_for(clone.d_t, sum(int(b.valid.sum()) if b.valid is not None else b.x_t.shape[0] * b.x_t.shape[1]
+                                         for b in work))
+    _refit(clone, work, ridge)
     if before is None:
         return {"refit_kept": True}
     after = calibration_loss(clone, held_out, dtype=dtype)
@@ -319,4 +335,4 @@ def refit_projections(clone: LowRankClone, batches: Iterable[dict], check: Itera
     tokens = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None else b["input_ids"].numel()
                  for b in held_out)
     return {"heldout_kl_pca": round(before, 5), "heldout_kl_refit": round(after, 5), "heldout_tokens": tokens,
-            "refit_kept": kept}
+            "ridge": float(f"{ridge:.3g}"), "refit_kept": kept}
