@@ -77,7 +77,8 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
 
 
 def load_for_eval(path: str, device="cpu"):
-    """(model, tokenizer, default seq_len) for an exported/HF model directory or an lrc run directory."""
+    """(model, tokenizer, the run's settings {"seq_len", "train_on"} or {}) for an exported/HF model directory
+    or an lrc run directory. The tokenizer carries the chat template stored with the model (or run)."""
     from lrc.loading import load_teacher, load_tokenizer
 
     p = Path(path)
@@ -85,11 +86,23 @@ def load_for_eval(path: str, device="cpu"):
         from lrc.run import load_run
 
         cfg, method, tokenizer, _ = load_run(p, device)
-        return method.student_model().to(device).eval(), tokenizer, cfg.seq_len
+        return method.student_model().to(device).eval(), tokenizer, {"seq_len": cfg.seq_len, "train_on": cfg.train_on}
     model = load_teacher(path).to(device)
     tokenizer = load_tokenizer(path, whose="the model's",
                                if_missing="export with `lrc export` (it copies the teacher's)")
-    return model, tokenizer, None
+    return model, tokenizer, _exported_settings(p)
+
+
+def _exported_settings(folder: Path) -> dict:
+    """{"seq_len", "train_on"} of the run an `lrc export` folder came from (its lrc-config.yaml), else {}."""
+    import yaml
+
+    stored = folder / "lrc-config.yaml"
+    try:
+        cfg = yaml.safe_load(stored.read_text()) if stored.is_file() else None
+    except (OSError, yaml.YAMLError):
+        cfg = None
+    return {k: cfg[k] for k in ("seq_len", "train_on") if k in cfg} if isinstance(cfg, dict) else {}
 
 
 def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
@@ -102,9 +115,14 @@ def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_
 def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] | None = None, *,
                     seq_len: int | None = None, batch_size: int = 4, device="cpu", text_field: str = "text",
                     cache_dir: Path | None = None, num_fewshot: int | None = None,
-                    limit: float | None = None) -> list[dict]:
+                    limit: float | None = None, chat_template: str | None = None,
+                    train_on: str | None = None) -> list[dict]:
     """One record per model (`lrc eval`): {"model", "parameters", and with data "loss", "perplexity", "tokens",
-    with tasks "tasks": {task: {"acc", "acc_norm", "samples"}}}.
+    "targets" (all, or assistant: the labelled tokens of chat rows), with tasks "tasks": {task: {"acc",
+    "acc_norm", "samples"}}}.
+
+    Chat rows are rendered with `chat_template` (a file; default: the template stored with the model or run)
+    and scored on `train_on` tokens (default: what the model's run trained on, else all).
 
     Every input is checked first (data files, task names, task data), then each model is loaded in turn (a
     run directory is exported in memory) and dropped before the next."""
@@ -119,12 +137,14 @@ def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] |
         load_tasks(spec, manager)
     records = []
     for path in paths:
-        model, tokenizer, run_seq_len = load_for_eval(path, device)
+        model, tokenizer, run = load_for_eval(path, device)
         record: dict = {"model": path, "parameters": sum(p.numel() for p in model.parameters())}
         if files:
-            ds = build_packed_dataset(files, tokenizer, seq_len or run_seq_len or 512, cache_dir=cache_dir,
-                                      text_field=text_field)
+            targets = train_on or run.get("train_on") or "all"
+            ds = build_packed_dataset(files, tokenizer, seq_len or run.get("seq_len") or 512, cache_dir=cache_dir,
+                                      text_field=text_field, chat_template=chat_template, train_on=targets)
             record.update(model_loss(model, ds, batch_size=batch_size, device=device, precision="auto"))
+            record["targets"] = targets
         if spec is not None:
             from lrc.tasks import run_tasks
 

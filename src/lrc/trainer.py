@@ -44,7 +44,7 @@ from lrc.losses import IGNORE_INDEX, total_loss
 from lrc.lr_rule import AUTO, auto_lr
 from lrc.methods import METHODS, Method, build_method
 from lrc.precision import autocast, compute_dtype
-from lrc.run import MetricsLog, Prepared, prepare
+from lrc.run import MetricsLog, Prepared, prepare, store_run_inputs
 from lrc.schedule import lr_factor
 
 
@@ -183,7 +183,7 @@ def _calibration(prep: Prepared, info: DistInfo) -> Callable | None:
     return batches
 
 
-def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Session:
+def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, command: str | None = None) -> Session:
     """Check and load every input, build (or restore) the method and optimizer, then write the run directory."""
     prep = prepare(cfg, explicit, resume)
     cfg, device = prep.cfg, info.device
@@ -218,6 +218,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     if info.is_main:
         prep.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, prep.run_dir / "config.yaml")
+        store_run_inputs(prep.run_dir, cfg, command)
     metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None,
                          wandb_project=cfg.wandb, config=cfg.to_dict())
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
@@ -423,11 +424,13 @@ def _log_held(s: Session) -> None:
     log.info(f"held per process (largest): {shown}")
 
 
-def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False) -> Path:
-    """Run (or continue) a distillation; returns the run directory."""
+def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False,
+            command: str | None = None) -> Path:
+    """Run (or continue) a distillation; returns the run directory. `command`: the command line, kept in
+    RUN_DIR/commands.txt for the model card."""
     info = init_distributed(cfg.device)
     log.configure(info.rank)
     try:
-        return fit(setup(cfg, explicit or set(), resume, info))
+        return fit(setup(cfg, explicit or set(), resume, info, command))
     finally:
         cleanup(info)
