@@ -122,6 +122,12 @@ def _loss(r: dict[str, float]) -> str:
     return f"{r['loss']:.4f} (perplexity {r['perplexity']:.2f})" if r.get("loss") is not None else "not measured"
 
 
+def _chat_note(cfg: RunConfig) -> str:
+    template = f"the template {cfg.chat_template}" if cfg.chat_template else "the teacher tokenizer's chat template"
+    targets = "the assistant's tokens" if cfg.train_on == "assistant" else "all tokens"
+    return f"; chat rows rendered with {template}, targets: {targets} (--train-on {cfg.train_on})"
+
+
 def card_text(f: CardFacts) -> str:
     """README.md: the metadata block, then what the student is and how it was made."""
     cfg = f.cfg
@@ -135,9 +141,7 @@ def card_text(f: CardFacts) -> str:
                    + (f", init {cfg.init}" if cfg.method == "lrc" else "")),
         ("student", f"{f.shape}; {f.parameters:,} parameters ({f.parameters / f.teacher_parameters:.1%} of the "
                     "teacher)"),
-        ("data", data + (f"; chat rows rendered with {'the template ' + cfg.chat_template if cfg.chat_template else
-                                                      'the teacher tokenizer's chat template'}, targets: "
-                         f"{'the assistant's' if cfg.train_on == 'assistant' else 'all'} tokens" if f.chat else "")),
+        ("data", data + (_chat_note(cfg) if f.chat else "")),
         ("trained", f"{f.step:,} steps, {f.tokens:,} tokens, sequences of {cfg.seq_len}, {cfg.batch_size} x "
                     f"{cfg.grad_accum} sequences per process per step"),
         ("learning rate", f"{cfg.lr:.3g} peak, {cfg.schedule} schedule, warm-up {cfg.warmup_ratio:.0%}"
