@@ -46,8 +46,8 @@ def main() -> int:
     convert(model, gguf_file, "f32", sources)
     meta = read_tokenizer_metadata(gguf_file, sources)
     want = (model / "chat_template.jinja").read_text(encoding="utf-8")
-    result = {"model": str(model), "gguf": str(gguf_file), "template_carried": meta.get("tokenizer.chat_template") == want,
-              "tokenizer_metadata": meta}
+    carried = meta.get("tokenizer.chat_template") == want
+    result = {"model": str(model), "gguf": str(gguf_file), "template_carried": carried, "tokenizer_metadata": meta}
     (out / "gguf_chat_template.json").write_text(json.dumps(result, indent=1))
     for k, v in meta.items():
         print(f"{k}: {v!r}")

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "config alone",
                         description="Memory per process by part and FLOPs per token of `lrc distill` with the same "
                         "options (and --config FILE.yaml), before anything is loaded: only the teacher's "
-                        "config.json is read. --data and --out are not needed.")
+                        "config.json is read. --data and --out are not needed; options of `lrc distill` that change no "
+                        "figure of the plan (data, learning rate, logging, ...) are accepted and not listed here.")
     pl.add_argument("--config", help="YAML file of options (default: none)")
     pl.add_argument("--nproc", type=int, default=1, help="processes of the run (torchrun: per node x nodes); "
                     "--parallel fsdp divides the teacher over them (default: 1)")
@@ -193,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: none)")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed share of that peak reached (default: 0.4)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (default: False)")
-    add_config_arguments(pl)
+    from lrc.plan import NOT_PLANNED
+
+    add_config_arguments(pl, hidden=NOT_PLANNED)
     pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("export", help="write a run's student as a standard Hugging Face model",

@@ -130,7 +130,9 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     options: dict[str, Any] = dict(text_field=cfg.text_field, num_proc=cfg.num_proc,
                                    chat_template=cfg.chat_template, train_on=cfg.train_on)
-    ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, **options)
+    # progress: a bar on a terminal, plain lines in a log (lrc.data.tokenise.DataProgress)
+    ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, progress=True,
+                             **options)
     train: Any
     val: Any
     if val_files:
