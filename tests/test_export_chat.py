@@ -141,3 +141,11 @@ def test_any_kept_checkpoint_exports_and_runs_lists_them(chat_run, capsys, tmp_p
 
     assert main(["export", str(run_dir), "--step", "7", "--out", str(tmp_path / "nope")]) == 2
     assert "keeps no checkpoint of step 7; it keeps steps 1, 2" in capsys.readouterr().err
+
+
+def test_eval_side_by_side_scores_every_model_on_the_same_tokens(chat_run):
+    # The teacher (no lrc run of its own) is scored on the export's run's targets, not on all tokens.
+    teacher, student = evaluate_models([str(chat_run / "teacher"), str(chat_run / "model")],
+                                       [str(chat_run / "chat.jsonl")], seq_len=64,
+                                       chat_template=str(chat_run / "chat.jinja"))
+    assert teacher["targets"] == student["targets"] == "assistant" and teacher["tokens"] == student["tokens"]

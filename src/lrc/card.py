@@ -40,6 +40,7 @@ class CardFacts:
     commands: list[str] = field(default_factory=list)
     licence: str | None = None  # the teacher card's `license:`
     chat: bool = False
+    name: str = "student"  # the exported folder's name, the card's title
 
 
 def local_path(item: str) -> bool:
@@ -149,11 +150,10 @@ def card_text(f: CardFacts) -> str:
         ("held-out loss", f"student {_loss(f.heldout)}; teacher {_loss(f.teacher_heldout)}"),
     ]
     meta = yaml.safe_dump(front_matter(f), sort_keys=False).strip()
-    name = Path(str(cfg.out)).name or "student"
-    lines = [f"---\n{meta}\n---", "", f"# {name}", "",
+    lines = [f"---\n{meta}\n---", "", f"# {f.name}", "",
              f"A student distilled from `{cfg.teacher}` with [lowrankclone](https://arxiv.org/abs/2505.12781) "
-             f"(`lrc export`, step {f.step:,}). It is an ordinary `{cfg.method}`-trained causal LM of the "
-             "teacher's family: load it with `AutoModelForCausalLM.from_pretrained`.", "",
+             f"(run `{cfg.out}`, exported at step {f.step:,}). It is an ordinary Hugging Face causal LM of the "
+             "teacher's architecture: load it with `AutoModelForCausalLM.from_pretrained`.", "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     if f.chat:

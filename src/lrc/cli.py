@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--chat-template", default=None,
                    help="Jinja chat template file for chat rows in --data; None: the one stored with the model")
     v.add_argument("--train-on", default=None, choices=("all", "assistant"),
-                   help="which tokens of chat rows the held-out loss counts; None: what the model's run trained "
-                   "on (an lrc run or export), else all")
+                   help="which tokens of chat rows the held-out loss counts, for every model; None: what the "
+                   "first lrc run or export given trained on, else all")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     v.add_argument("--tasks", nargs="+", default=None,
                    help="zero-shot tasks (needs lm-eval): lrc_next_line (shipped, offline), task YAML files, "

@@ -77,8 +77,8 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
 
 
 def load_for_eval(path: str, device="cpu"):
-    """(model, tokenizer, the run's settings {"seq_len", "train_on"} or {}) for an exported/HF model directory
-    or an lrc run directory. The tokenizer carries the chat template stored with the model (or run)."""
+    """(model, tokenizer, default seq_len or None) for an exported/HF model directory or an lrc run directory.
+    The tokenizer carries the chat template stored with the model (or run)."""
     from lrc.loading import load_teacher, load_tokenizer
 
     p = Path(path)
@@ -86,18 +86,20 @@ def load_for_eval(path: str, device="cpu"):
         from lrc.run import load_run
 
         cfg, method, tokenizer, _ = load_run(p, device)
-        return method.student_model().to(device).eval(), tokenizer, {"seq_len": cfg.seq_len, "train_on": cfg.train_on}
+        return method.student_model().to(device).eval(), tokenizer, cfg.seq_len
     model = load_teacher(path).to(device)
     tokenizer = load_tokenizer(path, whose="the model's",
                                if_missing="export with `lrc export` (it copies the teacher's)")
-    return model, tokenizer, _exported_settings(p)
+    return model, tokenizer, run_settings(path).get("seq_len")
 
 
-def _exported_settings(folder: Path) -> dict:
-    """{"seq_len", "train_on"} of the run an `lrc export` folder came from (its lrc-config.yaml), else {}."""
+def run_settings(path: str) -> dict:
+    """{"seq_len", "train_on"} of the lrc run a model comes from (a run directory's config.yaml, an export's
+    lrc-config.yaml), else {} (any other model)."""
     import yaml
 
-    stored = folder / "lrc-config.yaml"
+    p = Path(path)
+    stored = p / "config.yaml" if (p / "config.yaml").is_file() else p / "lrc-config.yaml"
     try:
         cfg = yaml.safe_load(stored.read_text()) if stored.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -121,8 +123,9 @@ def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] |
     "targets" (all, or assistant: the labelled tokens of chat rows), with tasks "tasks": {task: {"acc",
     "acc_norm", "samples"}}}.
 
-    Chat rows are rendered with `chat_template` (a file; default: the template stored with the model or run)
-    and scored on `train_on` tokens (default: what the model's run trained on, else all).
+    Chat rows are rendered with `chat_template` (a file; default: the template stored with each model or run)
+    and every model is scored on the same `train_on` tokens (default: what the first lrc run or export among
+    `paths` trained on, else all).
 
     Every input is checked first (data files, task names, task data), then each model is loaded in turn (a
     run directory is exported in memory) and dropped before the next."""
@@ -135,13 +138,14 @@ def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] |
 
         spec, manager = resolve_tasks(tasks)
         load_tasks(spec, manager)
+    # One choice of targets for every model, so the losses compare: the first lrc run's --train-on by default
+    targets = train_on or next((s["train_on"] for s in map(run_settings, paths) if "train_on" in s), "all")
     records = []
     for path in paths:
-        model, tokenizer, run = load_for_eval(path, device)
+        model, tokenizer, run_seq_len = load_for_eval(path, device)
         record: dict = {"model": path, "parameters": sum(p.numel() for p in model.parameters())}
         if files:
-            targets = train_on or run.get("train_on") or "all"
-            ds = build_packed_dataset(files, tokenizer, seq_len or run.get("seq_len") or 512, cache_dir=cache_dir,
+            ds = build_packed_dataset(files, tokenizer, seq_len or run_seq_len or 512, cache_dir=cache_dir,
                                       text_field=text_field, chat_template=chat_template, train_on=targets)
             record.update(model_loss(model, ds, batch_size=batch_size, device=device, precision="auto"))
             record["targets"] = targets

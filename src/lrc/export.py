@@ -107,7 +107,7 @@ def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step:
     facts = CardFacts(cfg=cfg, step=state["step"], tokens=state["tokens"],
                       parameters=sum(p.numel() for p in student.parameters()),
                       teacher_parameters=sum(p.numel() for p in teacher.parameters()), shape=shape,
-                      heldout=mine, teacher_heldout=theirs, chat=chat,
+                      heldout=mine, teacher_heldout=theirs, chat=chat, name=out.resolve().name,
                       commands=commands.read_text().splitlines() if commands.is_file() else [],
                       licence=teacher_front_matter(str(cfg.teacher)).get("license"))
     licences = write_card(out, facts)
