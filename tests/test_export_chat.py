@@ -149,3 +149,34 @@ def test_eval_side_by_side_scores_every_model_on_the_same_tokens(chat_run):
                                        [str(chat_run / "chat.jsonl")], seq_len=64,
                                        chat_template=str(chat_run / "chat.jinja"))
     assert teacher["targets"] == student["targets"] == "assistant" and teacher["tokens"] == student["tokens"]
+
+
+def test_a_hub_teachers_card_and_licence_files_are_fetched_and_offline_is_no_error(tmp_path, monkeypatch):
+    # A hub teacher's LICENSE/USE_POLICY are not fetched by loading the model: the export asks for them.
+    import huggingface_hub
+
+    from lrc.card import copy_licence_files, teacher_folder, teacher_front_matter
+
+    hub = tmp_path / "snapshot"
+    hub.mkdir()
+    (hub / "README.md").write_text("---\nlicense: llama3.2\n---\n")
+    (hub / "LICENSE.txt").write_text("licence")
+    (hub / "USE_POLICY.md").write_text("policy")
+    asked = {}
+
+    def fetch(repo_id, allow_patterns):
+        asked.update(repo=repo_id, patterns=allow_patterns)
+        return str(hub)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    folder = teacher_folder("meta-llama/Llama-3.2-3B")
+    assert folder == hub and asked["repo"] == "meta-llama/Llama-3.2-3B" and "LICENSE*" in asked["patterns"]
+    assert teacher_front_matter(folder)["license"] == "llama3.2"
+    (tmp_path / "out").mkdir()
+    assert copy_licence_files(folder, tmp_path / "out") == ["LICENSE.txt", "USE_POLICY.md"]
+
+    def offline(*a, **k):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert teacher_folder("meta-llama/Llama-3.2-3B") is None and teacher_front_matter(None) == {}

@@ -48,8 +48,23 @@ def local_path(item: str) -> bool:
     return item.startswith(("/", ".", "~")) or Path(item).expanduser().exists()
 
 
-def teacher_front_matter(teacher: str) -> dict[str, Any]:
+def teacher_folder(teacher: str) -> Path | None:
+    """A folder holding the teacher's card and licence files: the teacher's own folder, or for a hub id those
+    files fetched into the Hugging Face cache (loading a model does not fetch them); None when offline."""
+    if local_path(teacher):
+        return Path(teacher).expanduser() if Path(teacher).expanduser().is_dir() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(teacher, allow_patterns=["README.md", *LICENCE_PATTERNS]))
+    except Exception:  # noqa: BLE001 - offline, gated or gone: the card says less, the export still works
+        return None
+
+
+def teacher_front_matter(teacher: str | Path | None) -> dict[str, Any]:
     """The YAML metadata block of the teacher's own README.md ({} without one or when unreadable)."""
+    if teacher is None:
+        return {}
     readme = Path(teacher) / "README.md"
     if not readme.is_file():
         return {}
@@ -78,10 +93,9 @@ def heldout_at(run_dir: Path, step: int) -> tuple[dict[str, float], dict[str, fl
     return student, teacher
 
 
-def copy_licence_files(teacher: str, out: Path) -> list[str]:
-    """Copy LICENSE*, LICENCE*, NOTICE* and USE_POLICY* of a local teacher folder into `out`; their names."""
-    folder = Path(teacher)
-    if not folder.is_dir():
+def copy_licence_files(folder: Path | None, out: Path) -> list[str]:
+    """Copy LICENSE*, LICENCE*, NOTICE* and USE_POLICY* of the teacher's folder into `out`; their names."""
+    if folder is None or not folder.is_dir():
         return []
     copied = []
     for pattern in LICENCE_PATTERNS:
@@ -108,7 +122,6 @@ def front_matter(f: CardFacts) -> dict[str, Any]:
     teacher = str(cfg.teacher)
     if not local_path(teacher):
         meta["base_model"] = teacher
-        meta["base_model_relation"] = "distillation" if cfg.method != "scratch" else None
     elif teacher_front_matter(teacher).get("base_model"):  # a local copy of a published model names it
         meta["base_model"] = teacher_front_matter(teacher)["base_model"]
     if f.licence:
@@ -167,8 +180,9 @@ def card_text(f: CardFacts) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(out: Path, facts: CardFacts) -> list[str]:
-    """README.md, lrc-config.yaml and the teacher's licence files into `out`; the names of the licence files."""
+def write_card(out: Path, facts: CardFacts, teacher: Path | None) -> list[str]:
+    """README.md, lrc-config.yaml and the licence files of the teacher's folder (`teacher_folder`) into `out`;
+    the names of the licence files."""
     (out / "README.md").write_text(card_text(facts), encoding="utf-8")
     (out / "lrc-config.yaml").write_text(yaml.safe_dump(facts.cfg.to_dict(), sort_keys=False))
-    return copy_licence_files(str(facts.cfg.teacher), out)
+    return copy_licence_files(teacher, out)

@@ -85,7 +85,7 @@ def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step:
     checkpoint exported, a one-line description)."""
     import json
 
-    from lrc.card import CardFacts, heldout_at, teacher_front_matter, write_card
+    from lrc.card import CardFacts, heldout_at, teacher_folder, teacher_front_matter, write_card
     from lrc.precision import dtype_name
     from lrc.run import COMMANDS, find_checkpoint, load_run
     from lrc.sizing import describe
@@ -109,10 +109,12 @@ def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step:
                       teacher_parameters=sum(p.numel() for p in teacher.parameters()), shape=shape,
                       heldout=mine, teacher_heldout=theirs, chat=chat, name=out.resolve().name,
                       commands=commands.read_text().splitlines() if commands.is_file() else [],
-                      licence=teacher_front_matter(str(cfg.teacher)).get("license"))
-    licences = write_card(out, facts)
+                      licence=None)
+    folder = teacher_folder(str(cfg.teacher))
+    facts.licence = teacher_front_matter(folder).get("license")
+    licences = write_card(out, facts, folder)
     if facts.licence is None and licences:  # the teacher's terms are in its files: say so in the metadata
         facts.licence = "other"
-        write_card(out, facts)
+        write_card(out, facts, folder)
     return chosen, (f"{cfg.method} student at step {state['step']:,} ({shape}, {dtype_name(dtype)})"
                     + (f"; copied the teacher's {', '.join(licences)}" if licences else ""))
