@@ -149,6 +149,9 @@ def test_eval_side_by_side_scores_every_model_on_the_same_tokens(chat_run):
                                        [str(chat_run / "chat.jsonl")], seq_len=64,
                                        chat_template=str(chat_run / "chat.jinja"))
     assert teacher["targets"] == student["targets"] == "assistant" and teacher["tokens"] == student["tokens"]
+    from lrc.eval_table import format_text
+
+    assert format_text([teacher, student]).splitlines()[0].split()[:4] == ["model", "parameters", "loss", "(assistant)"]
 
 
 def test_a_hub_teachers_card_and_licence_files_are_fetched_and_offline_is_no_error(tmp_path, monkeypatch):
