@@ -248,8 +248,8 @@ def load_run(run_dir: str | Path, device="cpu", checkpoint: Path | None = None
 def store_run_inputs(run_dir: Path, cfg: RunConfig, command: str | None) -> None:
     """What the run directory keeps besides config.yaml: the --chat-template file's text (the export carries
     it) and each command line that ran the run (the model card shows them)."""
-    if cfg.chat_template:
-        text = Path(cfg.chat_template).read_text(encoding="utf-8")
+    if cfg.chat_template and Path(cfg.chat_template).is_file():  # (a resumed run may train on a prepared
+        text = Path(cfg.chat_template).read_text(encoding="utf-8")  # folder after the file moved: keep the copy)
         (run_dir / (CHAT_TEMPLATE + ".tmp")).write_text(text, encoding="utf-8")
         (run_dir / (CHAT_TEMPLATE + ".tmp")).replace(run_dir / CHAT_TEMPLATE)
     if command:
