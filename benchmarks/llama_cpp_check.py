@@ -40,9 +40,10 @@ PROMPTS = ("**HAMLET**  \n", "**KING**  \nWhat news", "**ROMEO**  \nO", "**PORTI
            "To be, or not to be")
 
 
-def llama_cpp_sources(cache: Path) -> Path:
-    """The llama.cpp tree vendored by the installed llama-cpp-python's sdist (downloaded once into cache)."""
-    v = version("llama-cpp-python")
+def llama_cpp_sources(cache: Path, v: str | None = None) -> Path:
+    """The llama.cpp tree vendored by llama-cpp-python's sdist (version v; default: the installed one's),
+    downloaded once into cache."""
+    v = v or version("llama-cpp-python")
     root = cache / f"llama_cpp_python-{v}" / "vendor" / "llama.cpp"
     if (root / "convert_hf_to_gguf.py").is_file():
         return root

@@ -73,7 +73,7 @@ def test_help_lists_every_option_with_its_default(capsys):
         main(["--help"])
     assert e.value.code == 0
     top = capsys.readouterr().out
-    for command in ("distill", "export", "eval"):
+    for command in ("distill", "export", "runs", "eval"):
         assert command in top
 
     from lrc.config import FIELDS
@@ -95,7 +95,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 4)" in text and text.count("(default:") == 10  # one per option but --help
+    assert "(default: 4)" in text and text.count("(default:") == 12  # one per option but --help
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -59,7 +59,7 @@ def test_auto_is_stored_printed_and_not_rerun_on_resume(tmp_path, inputs, monkey
     run("distill", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "2", *ARGS)
     expected = lr_rule.auto_lr(16, 64, 4 * 32)
     assert _saved_lr(out) == expected
-    assert f"--lr auto: peak learning rate {expected:.3g}" in capsys.readouterr().out
+    assert f"{expected:.3g} peak, chosen by --lr auto" in capsys.readouterr().out
     assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([expected] * 2)
 
     # resume reads the stored number: the rule is not consulted again, even if it has changed since

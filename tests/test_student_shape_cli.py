@@ -40,7 +40,7 @@ def test_target_params_with_ffn_and_depth_end_to_end(tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["hidden_size"] == plan["shape"]["d_s"] and saved["ffn_size"] == plan["shape"]["ffn_s"]
     assert saved["layers"] == 1 and saved["drop_layers"] in ("0", "1")  # the one measured least important
-    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:")]
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("memory ")]
     assert summary and f"{plan['student_params']:,} parameters" in summary[0] and "of 2 layers" in summary[0]
 
     run("distill", "--out", out, "--resume", "--max-steps", "3")  # the saved shape, solved again, agrees

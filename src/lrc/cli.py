@@ -1,4 +1,4 @@
-"""`lrc`: distill, prepare, plan, export, eval, demo, bench. Each subcommand maps onto one plain function.
+"""`lrc`: distill, prepare, plan, export, runs, eval, demo, bench. Each subcommand maps onto one plain function.
 
 Bad input raises `UserError` anywhere below; here it becomes one line on stderr and exit status 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def cmd_distill(args) -> int:
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
     cfg = build_config(values)
     try:
-        distill(cfg, explicit=set(values), resume=args.resume)
+        distill(cfg, explicit=set(values), resume=args.resume, command=shlex.join(["lrc", *args.argv]))
     except TrainingDiverged as e:
         print(f"lrc: error: {e}", file=sys.stderr)
         return 1
@@ -63,26 +64,29 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import torch
-
-    from lrc.export import save_student
-    from lrc.precision import DTYPES, dtype_name
-    from lrc.run import load_run
+    from lrc.export import export_run
+    from lrc.precision import DTYPES
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not an lrc run directory (no config.yaml); pass the --out of `lrc distill`")
+    if args.step is not None and args.checkpoint is not None:
+        raise UserError("give --step N or --checkpoint PATH, not both")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new --out")
-    cfg, method, tokenizer, teacher = load_run(run, "cpu")
-    # Default: the dtype the teacher is stored in (a bf16 teacher gives a bf16 student).
-    dtype = DTYPES[args.dtype] if hasattr(args, "dtype") else next(teacher.parameters()).dtype
-    with torch.no_grad():
-        save_student(method.student_model(dtype), out, tokenizer, teacher.generation_config)
-    from lrc.sizing import describe
+    dtype = DTYPES[args.dtype] if hasattr(args, "dtype") else None
+    _, described = export_run(run, out, dtype, step=args.step,
+                              checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    print(f"exported {described} to {out}")
+    return 0
 
-    print(f"exported {cfg.method} student ({describe(cfg, teacher.config)}, {dtype_name(dtype)}) to {out}")
+
+def cmd_runs(args) -> int:
+    from lrc.runs import format_runs, list_checkpoints
+
+    listing = [list_checkpoints(Path(r)) for r in args.run_dir]
+    print(json.dumps(listing if len(listing) > 1 else listing[0]) if args.json else format_runs(listing))
     return 0
 
 
@@ -107,7 +111,8 @@ def cmd_eval(args) -> int:
     device = pick_device(args.device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     records = evaluate_models(args.model, args.data, args.tasks, seq_len=args.seq_len, batch_size=args.batch_size,
-                              device=device, text_field=args.text_field, num_fewshot=args.num_fewshot, limit=limit)
+                              device=device, text_field=args.text_field, num_fewshot=args.num_fewshot, limit=limit,
+                              chat_template=args.chat_template, train_on=args.train_on)
     if markdown is not None:
         markdown.write_text(format_markdown(records))
     print(json.dumps(records if len(records) > 1 else records[0]) if args.json else format_text(records))
@@ -179,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "config alone",
                         description="Memory per process by part and FLOPs per token of `lrc distill` with the same "
                         "options (and --config FILE.yaml), before anything is loaded: only the teacher's "
-                        "config.json is read. --data and --out are not needed.")
+                        "config.json is read. --data and --out are not needed; options of `lrc distill` that change no "
+                        "figure of the plan (data, learning rate, logging, ...) are accepted and not listed here.")
     pl.add_argument("--config", help="YAML file of options (default: none)")
     pl.add_argument("--nproc", type=int, default=1, help="processes of the run (torchrun: per node x nodes); "
                     "--parallel fsdp divides the teacher over them (default: 1)")
@@ -188,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: none)")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed share of that peak reached (default: 0.4)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (default: False)")
-    add_config_arguments(pl)
+    from lrc.plan import NOT_PLANNED
+
+    add_config_arguments(pl, hidden=NOT_PLANNED)
     pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("export", help="write a run's student as a standard Hugging Face model",
@@ -197,7 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="model directory to write (must be new or empty)")
     e.add_argument("--dtype", default=argparse.SUPPRESS, choices=tuple(DTYPES),
                    help="weight dtype (default: the dtype the teacher is stored in)")
+    e.add_argument("--step", type=int, default=None,
+                   help="export the checkpoint of this step (`lrc runs RUN_DIR` lists them); None: the latest")
+    e.add_argument("--checkpoint", default=None, help="export this checkpoint folder of the run instead")
     e.set_defaults(fn=cmd_export)
+
+    rs = sub.add_parser("runs", help="a run's kept checkpoints with their held-out losses, for `lrc export --step`",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rs.add_argument("run_dir", nargs="+", help="the --out of `lrc distill` (one or more)")
+    rs.add_argument("--json", action="store_true", help="print the listing as JSON")
+    rs.set_defaults(fn=cmd_runs)
 
     v = sub.add_parser("eval", help="models side by side: parameters, held-out loss and perplexity, task accuracy",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -209,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence length; None: the run's --seq-len, else 512")
     v.add_argument("--batch-size", type=int, default=4, help="sequences per batch (held-out loss and lm-eval)")
     v.add_argument("--text-field", default="text", help="text field of jsonl/json/parquet data")
+    v.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file for chat rows in --data; None: the one stored with the model")
+    v.add_argument("--train-on", default=None, choices=("all", "assistant"),
+                   help="which tokens of chat rows the held-out loss counts, for every model; None: what the "
+                   "first lrc run or export given trained on, else all")
     v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     v.add_argument("--tasks", nargs="+", default=None,
                    help="zero-shot tasks (needs lm-eval): lrc_next_line (shipped, offline), task YAML files, "
@@ -243,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the model card
         from transformers.utils import logging as hf_logging
 
         from lrc import log

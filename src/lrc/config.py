@@ -265,8 +265,11 @@ def _parse_type(name: str):
     return _base_type(tp)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One `--kebab-name` option per RunConfig field; defaults stay unset so we know what the user gave."""
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                         hidden: frozenset[str] = frozenset()) -> None:
+    """One `--kebab-name` option per RunConfig field; defaults stay unset so we know what the user gave.
+    `hidden` options are accepted but not listed in --help (e.g. `lrc plan` takes a distill command line whole
+    but lists only what changes a plan)."""
     for f in fields(RunConfig):
         if f.name in skip:
             continue
@@ -277,7 +280,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         if "(default:" not in help_text:  # some fields describe their default in words
             help_text += f" (default: {default})"
         flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                  help=argparse.SUPPRESS if f.name in hidden else help_text)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif tp is list:

@@ -8,7 +8,9 @@ def columns(records: list[dict]) -> list[tuple[str, str | None, str]]:
     """(header, task or None, key) of every column some record has, in a fixed order."""
     cols: list[tuple[str, str | None, str]] = [("model", None, "model"), ("parameters", None, "parameters")]
     if any("loss" in r for r in records):
-        cols += [("loss", None, "loss"), ("ppl", None, "perplexity")]
+        # chat rows scored on the assistant's tokens only (every record has the same targets): say so
+        loss = "loss (assistant)" if any(r.get("targets") == "assistant" for r in records) else "loss"
+        cols += [(loss, None, "loss"), ("ppl", None, "perplexity")]
     tasks: dict[str, list[str]] = {}
     for r in records:
         for task, metrics in r.get("tasks", {}).items():

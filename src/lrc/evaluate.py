@@ -77,7 +77,8 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
 
 
 def load_for_eval(path: str, device="cpu"):
-    """(model, tokenizer, default seq_len) for an exported/HF model directory or an lrc run directory."""
+    """(model, tokenizer, default seq_len or None) for an exported/HF model directory or an lrc run directory.
+    The tokenizer carries the chat template stored with the model (or run)."""
     from lrc.loading import load_teacher, load_tokenizer
 
     p = Path(path)
@@ -89,7 +90,21 @@ def load_for_eval(path: str, device="cpu"):
     model = load_teacher(path).to(device)
     tokenizer = load_tokenizer(path, whose="the model's",
                                if_missing="export with `lrc export` (it copies the teacher's)")
-    return model, tokenizer, None
+    return model, tokenizer, run_settings(path).get("seq_len")
+
+
+def run_settings(path: str) -> dict:
+    """{"seq_len", "train_on"} of the lrc run a model comes from (a run directory's config.yaml, an export's
+    lrc-config.yaml), else {} (any other model)."""
+    import yaml
+
+    p = Path(path)
+    stored = p / "config.yaml" if (p / "config.yaml").is_file() else p / "lrc-config.yaml"
+    try:
+        cfg = yaml.safe_load(stored.read_text()) if stored.is_file() else None
+    except (OSError, yaml.YAMLError):
+        cfg = None
+    return {k: cfg[k] for k in ("seq_len", "train_on") if k in cfg} if isinstance(cfg, dict) else {}
 
 
 def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
@@ -102,9 +117,15 @@ def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_
 def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] | None = None, *,
                     seq_len: int | None = None, batch_size: int = 4, device="cpu", text_field: str = "text",
                     cache_dir: Path | None = None, num_fewshot: int | None = None,
-                    limit: float | None = None) -> list[dict]:
+                    limit: float | None = None, chat_template: str | None = None,
+                    train_on: str | None = None) -> list[dict]:
     """One record per model (`lrc eval`): {"model", "parameters", and with data "loss", "perplexity", "tokens",
-    with tasks "tasks": {task: {"acc", "acc_norm", "samples"}}}.
+    "targets" (all, or assistant: the labelled tokens of chat rows), with tasks "tasks": {task: {"acc",
+    "acc_norm", "samples"}}}.
+
+    Chat rows are rendered with `chat_template` (a file; default: the template stored with each model or run)
+    and every model is scored on the same `train_on` tokens (default: what the first lrc run or export among
+    `paths` trained on, else all).
 
     Every input is checked first (data files, task names, task data), then each model is loaded in turn (a
     run directory is exported in memory) and dropped before the next."""
@@ -117,14 +138,17 @@ def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] |
 
         spec, manager = resolve_tasks(tasks)
         load_tasks(spec, manager)
+    # One choice of targets for every model, so the losses compare: the first lrc run's --train-on by default
+    targets = train_on or next((s["train_on"] for s in map(run_settings, paths) if "train_on" in s), "all")
     records = []
     for path in paths:
         model, tokenizer, run_seq_len = load_for_eval(path, device)
         record: dict = {"model": path, "parameters": sum(p.numel() for p in model.parameters())}
         if files:
             ds = build_packed_dataset(files, tokenizer, seq_len or run_seq_len or 512, cache_dir=cache_dir,
-                                      text_field=text_field)
+                                      text_field=text_field, chat_template=chat_template, train_on=targets)
             record.update(model_loss(model, ds, batch_size=batch_size, device=device, precision="auto"))
+            record["targets"] = targets
         if spec is not None:
             from lrc.tasks import run_tasks
 

@@ -46,3 +46,75 @@ def export_student(clone: LowRankClone, out_dir: str | Path, dtype: torch.dtype 
                    tokenizer=None, generation_config=None) -> Path:
     """Write an LRC student (`build_student_model`) to `out_dir`."""
     return save_student(build_student_model(clone, dtype), out_dir, tokenizer, generation_config)
+
+
+def end_of_turn_id(tokenizer, template: str) -> int | None:
+    """The special token a chat template closes an assistant turn with (e.g. <|im_end|>), or None: rendered
+    after a probe reply, the first token of what follows it, when that is a special token."""
+    probe = "lrc-probe-reply"
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template with requirements of its own (a system turn, ...): no guess
+        return None
+    if probe not in text:
+        return None
+    after = text[text.rindex(probe) + len(probe):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) else None
+
+
+def chat_generation_config(generation_config, tokenizer, template: str | None):
+    """The generation config of a chat student: generation also stops at the template's end-of-turn token
+    (a base teacher's config stops only at its EOS, so a chat reply would run on into the next turn)."""
+    if generation_config is None or not template:
+        return generation_config
+    eot = end_of_turn_id(tokenizer, template)
+    eos = generation_config.eos_token_id
+    stops = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if eot is not None and eot not in stops:
+        generation_config = generation_config.__class__.from_dict(generation_config.to_dict())  # a copy
+        generation_config.eos_token_id = stops + [eot]
+    return generation_config
+
+
+def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step: int | None = None,
+               checkpoint: Path | None = None) -> tuple[Path, str]:
+    """`lrc export`: a run's student at one of its checkpoints (default: the latest) as a Hugging Face model
+    folder with the run's chat template, a model card and the teacher's licence files. Returns (the
+    checkpoint exported, a one-line description)."""
+    import json
+
+    from lrc.card import CardFacts, heldout_at, teacher_folder, teacher_front_matter, write_card
+    from lrc.precision import dtype_name
+    from lrc.run import COMMANDS, find_checkpoint, load_run
+    from lrc.sizing import describe
+
+    chosen = find_checkpoint(run_dir, step, checkpoint)
+    cfg, method, tokenizer, teacher = load_run(run_dir, "cpu", checkpoint=chosen)
+    dtype = dtype or next(teacher.parameters()).dtype  # a bf16 teacher gives a bf16 student
+    chat = bool(cfg.chat_template) or cfg.train_on == "assistant"
+    template = getattr(tokenizer, "chat_template", None)
+    generation = chat_generation_config(teacher.generation_config, tokenizer,
+                                        template if chat and isinstance(template, str) else None)
+    with torch.no_grad():
+        student = method.student_model(dtype)
+        save_student(student, out, tokenizer, generation)
+    state = json.loads((chosen / "state.json").read_text())
+    mine, theirs = heldout_at(run_dir, state["step"])
+    commands = run_dir / COMMANDS
+    shape = describe(cfg, teacher.config)
+    facts = CardFacts(cfg=cfg, step=state["step"], tokens=state["tokens"],
+                      parameters=sum(p.numel() for p in student.parameters()),
+                      teacher_parameters=sum(p.numel() for p in teacher.parameters()), shape=shape,
+                      heldout=mine, teacher_heldout=theirs, chat=chat, name=out.resolve().name,
+                      commands=commands.read_text().splitlines() if commands.is_file() else [],
+                      licence=None)
+    folder = teacher_folder(str(cfg.teacher))
+    facts.licence = teacher_front_matter(folder).get("license")
+    licences = write_card(out, facts, folder)
+    if facts.licence is None and licences:  # the teacher's terms are in its files: say so in the metadata
+        facts.licence = "other"
+        write_card(out, facts, folder)
+    return chosen, (f"{cfg.method} student at step {state['step']:,} ({shape}, {dtype_name(dtype)})"
+                    + (f"; copied the teacher's {', '.join(licences)}" if licences else ""))

@@ -35,3 +35,7 @@ def configure(rank: int = 0) -> None:
 
 def info(message: str) -> None:
     logger.info(message)
+
+
+def warning(message: str) -> None:
+    logger.warning(f"warning: {message}")

@@ -143,6 +143,11 @@ class Plan:
     tokens_per_s: float | None = None
     """Per process; the whole run processes nproc times as many."""
     notes: list[str] = field(default_factory=list)
+    budget_tokens: int | None = None
+    """The run's training tokens (--max-tokens, or --max-steps x tokens per step; the smaller), None without
+    a budget."""
+    hours: float | None = None
+    """budget_tokens at tokens_per_s on all processes, in hours (None without both)."""
 
     @property
     def student_share(self) -> float:
@@ -376,7 +381,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     teacher_whole = teacher_params * tb
     teacher_held = math.ceil(teacher_params / nproc) * tb if sharded else teacher_whole
     teacher = Part("teacher weights", teacher_held,
-                   f"{teacher_params / 1e9:.3g}B x {tb} B" + (f", 1/{nproc} per process (fsdp)" if sharded else ""))
+                   f"{_count_str(teacher_params)} x {tb} B" + (f", 1/{nproc} per process (fsdp)" if sharded else ""))
 
     split = sharded and shard_trainables
     layer_part = s.layers * (len(ROLES) * s.d_t * s.d_s + 2 * s.d_s) if split else 0  # the sharded unit
@@ -384,7 +389,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
 
     def trainables(grads: bool):
         per = 12 + (4 if grads else 0)
-        return Part("trainables (fp32)", held_train * per, f"{trainable / 1e6:.4g}M x {per} B: params + AdamW "
+        return Part("trainables (fp32)", held_train * per, f"{_count_str(trainable)} x {per} B: params + AdamW "
                     f"moments" + (" + gradients" if grads else " (gradients not yet allocated)")
                     + (f"; layer projections 1/{nproc} per process (fsdp)" if split else ""))
 
@@ -421,7 +426,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
         per_el = gb
         gen_note = f"{'fp32' if fp32 else 'bf16'}, generated in the forward"
     gen = Part("generated student weights", (gen_el + head_el) * per_el,
-               f"{(gen_el + head_el) / 1e6:.4g}M elements, {gen_note}"
+               f"{_count_str(gen_el + head_el)} elements, {gen_note}"
                + ("" if head_generated else "; head factored"))
 
     acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing)
@@ -499,6 +504,15 @@ def _total(parts: list[Part]) -> int:
     return sum(p.bytes for p in parts)
 
 
+# Options of `lrc distill` that change nothing `lrc plan` models (memory, FLOPs, shape, time): accepted by
+# `lrc plan` (a distill command line or run.yaml plans as it is) but not listed in its --help.
+NOT_PLANNED = frozenset({
+    "data", "text_field", "num_proc", "streaming", "chat_template", "train_on", "out", "init", "calib_batches", "lr",
+    "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip", "seed",
+    "ce_weight", "kl_temperature", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+    "wandb", "cache_dir"})
+
+
 # ---------------------------------------------------------------------------------------------- plan
 def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: str | None = None,
                      device_tflops: float | None = None, mfu: float = DEFAULT_MFU,
@@ -572,6 +586,10 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                             gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
+    per_step = tokens * cfg.grad_accum * nproc
+    budgets = [b for b in (cfg.max_tokens, None if cfg.max_steps is None else cfg.max_steps * per_step)
+               if b is not None]
+    budget = min(budgets) if budgets else None
     notes = []
     if sharded:
         whole = max(_total(v) for v in phases_with(cfg.grad_checkpointing, shard_trainables=False).values())
@@ -589,7 +607,8 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         chunk_size=chunk, grad_checkpointing=cfg.grad_checkpointing, roles=roles, memory=phases[peak_phase],
         peak_bytes=totals[peak_phase], peak_phase=peak_phase, phases=totals, activations=acts,
         peak_other_checkpointing=max(_total(v) for v in other.values()), flops=flops, flops_per_token=per_token,
-        device_tflops=device_tflops, mfu=mfu, tokens_per_s=tps, notes=notes,
+        device_tflops=device_tflops, mfu=mfu, tokens_per_s=tps, notes=notes, budget_tokens=budget,
+        hours=budget / (tps * nproc) / 3600 if budget is not None and tps else None,
     )
 
 
@@ -608,7 +627,16 @@ def _gib(b: float) -> str:
 
 
 def _count_str(n: float) -> str:
-    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+    """A count for people: 1.24B, 18.9B, 350M, 50.2K (never an exponent)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 1000 * scale or unit == "B" else f"{n / scale:,.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} minutes" if hours < 1 else f"{hours:.1f} hours" if hours < 48 else \
+        f"{hours / 24:.1f} days"
 
 
 def format_plan(plan: Plan) -> str:
@@ -643,6 +671,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"throughput at {plan.device_tflops:g} TFLOP/s peak and {plan.mfu:.0%} utilisation (assumed): "
                      f"{plan.tokens_per_s:,.0f} tokens/s per process"
                      + (f", {plan.tokens_per_s * plan.nproc:,.0f} in all" if plan.nproc > 1 else ""))
+        if plan.hours is not None:
+            lines.append(f"time for {_count_str(plan.budget_tokens or 0)} tokens (the budget): {_duration(plan.hours)}")
     else:
         lines.append("tokens/s: pass --device-tflops (the device's peak dense TFLOP/s) for an estimate")
     lines += [f"note: {n}" for n in plan.notes]

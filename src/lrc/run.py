@@ -8,6 +8,8 @@ teacher and every option), for export and evaluation.
 RUN_DIR/config.yaml      the resolved configuration
 RUN_DIR/metrics.jsonl    one JSON record per log step and evaluation (`MetricsLog`)
 RUN_DIR/checkpoints/     see `lrc.checkpoint`
+RUN_DIR/chat_template.jinja  the --chat-template file the run trained with (when given)
+RUN_DIR/commands.txt     each `lrc distill` command line that ran the run, one a line
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from lrc.methods import METHODS, Method, build_method
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+
+CHAT_TEMPLATE = "chat_template.jinja"
+COMMANDS = "commands.txt"
 
 
 @dataclass
@@ -124,7 +130,9 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     options: dict[str, Any] = dict(text_field=cfg.text_field, num_proc=cfg.num_proc,
                                    chat_template=cfg.chat_template, train_on=cfg.train_on)
-    ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, **options)
+    # progress: a bar on a terminal, plain lines in a log (lrc.data.tokenise.DataProgress)
+    ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, progress=True,
+                             **options)
     train: Any
     val: Any
     if val_files:
@@ -197,17 +205,53 @@ class MetricsLog:
             self.wandb = None
 
 
-def load_run(run_dir: str | Path, device="cpu") -> tuple[RunConfig, Method, object, torch.nn.Module]:
-    """(config, method with the latest trained weights, tokenizer, teacher) of a finished or running run."""
+def find_checkpoint(run_dir: Path, step: int | None = None, path: str | Path | None = None) -> Path:
+    """The run's checkpoint to read: `path`, the one of `step`, or (neither) the latest; UserError if absent."""
+    kept = ckpt.checkpoint_dirs(run_dir)
+    if path is not None:
+        chosen = Path(path)
+        if not (chosen / "state.json").is_file():
+            raise UserError(f"--checkpoint {path} is not a checkpoint folder (no state.json); `lrc runs {run_dir}` "
+                            "lists the run's checkpoints")
+        return chosen
+    if not kept:
+        raise UserError(f"{run_dir} has no checkpoint yet; run `lrc distill` on it first")
+    if step is None:
+        return kept[-1]
+    named = run_dir / "checkpoints" / f"{ckpt.PREFIX}{step:08d}"
+    if named not in kept:
+        steps = ", ".join(str(int(p.name[len(ckpt.PREFIX):])) for p in kept)
+        raise UserError(f"{run_dir} keeps no checkpoint of step {step}; it keeps steps {steps} "
+                        "(see `lrc runs`; --keep-checkpoints sets how many are kept)")
+    return named
+
+
+def load_run(run_dir: str | Path, device="cpu", checkpoint: Path | None = None
+             ) -> tuple[RunConfig, Method, object, torch.nn.Module]:
+    """(config, method with the trained weights of `checkpoint` (default: the latest), tokenizer, teacher) of a
+    finished or running run."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is None:
-        raise UserError(f"{run_dir} has no checkpoint yet; run `lrc distill` on it first")
+    last = checkpoint or find_checkpoint(run_dir)
     teacher_id = cast(str, cfg.teacher)  # set: a run is only started with a teacher (see `prepare`)
     teacher = load_teacher(teacher_id, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
     method, _ = build_method(cfg, teacher, calibration=None)
     trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
     method.load_trainable_state_dict(trainable)
     tokenizer = load_tokenizer(teacher_id, trust_remote_code=cfg.trust_remote_code)
+    stored = run_dir / CHAT_TEMPLATE
+    if stored.is_file():  # the --chat-template FILE the run trained with, as it was then
+        tokenizer.chat_template = stored.read_text(encoding="utf-8")  # type: ignore[attr-defined]
     return cfg, method.to(device), tokenizer, teacher
+
+
+def store_run_inputs(run_dir: Path, cfg: RunConfig, command: str | None) -> None:
+    """What the run directory keeps besides config.yaml: the --chat-template file's text (the export carries
+    it) and each command line that ran the run (the model card shows them)."""
+    if cfg.chat_template and Path(cfg.chat_template).is_file():  # (a resumed run may train on a prepared
+        text = Path(cfg.chat_template).read_text(encoding="utf-8")  # folder after the file moved: keep the copy)
+        (run_dir / (CHAT_TEMPLATE + ".tmp")).write_text(text, encoding="utf-8")
+        (run_dir / (CHAT_TEMPLATE + ".tmp")).replace(run_dir / CHAT_TEMPLATE)
+    if command:
+        with (run_dir / COMMANDS).open("a") as f:
+            f.write(command + "\n")

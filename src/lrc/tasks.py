@@ -117,21 +117,37 @@ def load_tasks(spec: TaskSpec, manager) -> None:
         quiet.setLevel(level)
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval's `get_git_commit_hash` without its stderr: outside a git checkout (where `lrc eval` usually runs)
+    `git describe` prints "fatal: not a git repository" to the user's terminal."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # no git installed
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 def run_tasks(model, tokenizer, spec: TaskSpec, manager, *, batch_size: int = 4, num_fewshot: int | None = None,
               limit: float | None = None) -> dict[str, dict[str, float]]:
     """{task: {"acc": ..., "acc_norm": ... (where the task has them), "samples": n}} of one model in memory."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     quiet = logging.getLogger("lm_eval")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # lm-eval warns about a model passed as an object; that is intended here
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _quiet_git_hash
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(model=lm, tasks=list(spec.specs), task_manager=manager, num_fewshot=num_fewshot,
                               limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     finally:
         quiet.setLevel(level)
+        lm_eval.evaluator.get_git_commit_hash = git_hash
     assert out is not None  # None only on non-zero ranks of a distributed lm-eval run
     return extract_metrics(out, spec.names)
 

@@ -46,8 +46,9 @@ from lrc.lr_rule import AUTO, auto_lr
 from lrc.methods import METHODS, Calibration, Method, build_method
 from lrc.precision import autocast, compute_dtype
 from lrc.refit import calibration_sequences
-from lrc.run import MetricsLog, Prepared, prepare
+from lrc.run import MetricsLog, Prepared, prepare, store_run_inputs
 from lrc.schedule import lr_factor
+from lrc.summary import plural
 
 
 class RunInterrupted(Exception):
@@ -231,7 +232,7 @@ def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
     return Calibration(fit=batches(order[:cut]), check=batches(order[cut:]) if order[cut:] else None)
 
 
-def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Session:
+def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, command: str | None = None) -> Session:
     """Check and load every input, build (or restore) the method and optimizer, then write the run directory."""
     prep = prepare(cfg, explicit, resume)
     cfg, device = prep.cfg, info.device
@@ -239,12 +240,14 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     _place_teacher(prep, info, sharded)
     steps = total_steps(cfg, info.world_size)
     lr_how = "--lr auto" if cfg.lr == AUTO else "--lr"
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world_size * cfg.seq_len
+    lr_note = "as given" if prep.resume_from is None else "the run's"
     if cfg.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world_size * cfg.seq_len
         d_t = prep.teacher.config.hidden_size
         cfg = prep.cfg = replace(cfg, lr=auto_lr(cast(int, cfg.hidden_size), d_t, tokens_per_step))
-        log.info(f"--lr auto: peak learning rate {cfg.lr:.3g} for hidden size {cfg.hidden_size} of the teacher's "
-                 f"{d_t} and {tokens_per_step:,} tokens per step (lrc.lr_rule; stored in config.yaml)")
+        lr_note = (f"chosen by --lr auto from hidden size {cfg.hidden_size} of the teacher's {d_t} and "
+                   f"{tokens_per_step:,} tokens per step (lrc.lr_rule), stored in config.yaml")
+    _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
     method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
     method.to(device)
@@ -267,6 +270,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
     if info.is_main:
         prep.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, prep.run_dir / "config.yaml")
+        store_run_inputs(prep.run_dir, cfg, command)
     metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None,
                          wandb_project=cfg.wandb, config=cfg.to_dict())
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
@@ -277,20 +281,40 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> S
         metrics.write({"split": "init", "step": 0, **init_info})
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
     note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
-    log.info(f"method {cfg.method}: teacher {cfg.teacher} (hidden {prep.teacher.config.hidden_size}) -> "
-             f"hidden {cfg.hidden_size}; {sum(p.numel() for p in params):,} trainable parameters; "
-             f"{f'{len(prep.train):,}' if hasattr(prep.train, '__len__') else 'streamed'} training sequences of "
-             f"{cfg.seq_len}; {steps} steps on {info.world_size} x "
-             f"{device}" + (f"; init {cfg.init}: {init_info}" if init_info else "") + (f"; {note}" if note else ""))
-    if info.is_main:  # the forecast of `lrc plan`, from the loaded teacher's config
-        from lrc.plan import startup_summary
-        from lrc.precision import dtype_name
-
-        forecast = startup_summary(prep.teacher.config, cfg, info.world_size, device.type,
-                                   dtype_name(next(prep.teacher.parameters()).dtype))
-        if forecast:
-            log.info(forecast)
+    if info.is_main:
+        log.info(_startup_text(prep, s, init_info, note, tokens_per_step, lr_note))
     return s
+
+
+def _warn_long_sequences(cfg: RunConfig, teacher_config) -> None:
+    """A warning when --seq-len is longer than the teacher was trained for (its positions past that are
+    extrapolated: the teacher's targets there are worse, and so is what the student learns from them)."""
+    limit = getattr(teacher_config, "max_position_embeddings", None)
+    if limit and cfg.seq_len > limit:
+        log.warning(f"--seq-len {cfg.seq_len} is longer than the teacher's max_position_embeddings ({limit}); "
+                    f"positions past {limit} are outside what it was trained on: choose --seq-len {limit} or less")
+
+
+def _startup_text(prep: Prepared, s: Session, init_info: dict, note: str, tokens_per_step: int,
+                  lr_note: str) -> str:
+    """`lrc.summary.format_startup` of this run, with the forecast of `lrc plan` from the loaded teacher."""
+    from lrc.plan import startup_summary
+    from lrc.precision import dtype_name, resolve_precision
+    from lrc.sizing import describe
+    from lrc.summary import Startup, describe_data, describe_init, format_startup
+
+    cfg, teacher, device = s.cfg, prep.teacher, s.device
+    dtype = dtype_name(next(teacher.parameters()).dtype)
+    lr = (f"{float(cfg.lr):.3g} peak, {lr_note}; {cfg.schedule} schedule, "
+          f"{plural(round(cfg.warmup_ratio * s.steps), 'warm-up step')}")
+    return format_startup(Startup(
+        method=cfg.method, teacher=str(cfg.teacher), teacher_config=teacher.config,
+        teacher_params=sum(p.numel() for p in teacher.parameters()), teacher_dtype=dtype,
+        student=describe(cfg, teacher.config), trainable=sum(p.numel() for p in s.method.trainable_parameters()),
+        init=describe_init(cfg.method, cfg.init, init_info), data=describe_data(prep.train, prep.val, cfg.seq_len),
+        steps=s.steps, tokens_per_step=tokens_per_step, processes=s.info.world_size, device=str(device),
+        precision=resolve_precision(cfg.precision, device), lr=lr, extra=note,
+        forecast=startup_summary(teacher.config, cfg, s.info.world_size, device.type, dtype)))
 
 
 def _restore(prep: Prepared, resume: bool, info: DistInfo, method: Method, optimizer, scheduler,
@@ -461,7 +485,8 @@ def fit(s: Session) -> Path:
     if _has_sharded_trainables(s.method):
         _log_held(s)
     s.log.close()
-    log.info(f"done: {s.step} steps, {s.tokens:,} tokens. Export with `lrc export {s.run_dir} --out MODEL_DIR`")
+    log.info(f"done: {plural(s.step, 'step')}, {s.tokens:,} tokens. Export with `lrc export {s.run_dir} --out "
+             "MODEL_DIR`")
     return s.run_dir
 
 
@@ -477,11 +502,13 @@ def _log_held(s: Session) -> None:
     log.info(f"held per process (largest): {shown}")
 
 
-def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False) -> Path:
-    """Run (or continue) a distillation; returns the run directory."""
+def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = False,
+            command: str | None = None) -> Path:
+    """Run (or continue) a distillation; returns the run directory. `command`: the command line, kept in
+    RUN_DIR/commands.txt for the model card."""
     info = init_distributed(cfg.device)
     log.configure(info.rank)
     try:
-        return fit(setup(cfg, explicit or set(), resume, info))
+        return fit(setup(cfg, explicit or set(), resume, info, command))
     finally:
         cleanup(info)

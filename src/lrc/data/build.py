@@ -177,8 +177,8 @@ def build_packed_dataset(paths, tokenizer: Any, seq_len: int, cache_dir: Path | 
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cache path {folder} is a file, not a folder; pass a folder for the token cache")
     ds = once_per_machine(lambda: _stored(folder, stem, seq_len, fill, check))
-    logger.info("data %s: %d documents, %d tokens (cache %s)", _describe(paths), len(ds.doc_starts), len(ds.tokens),
-                folder / stem)
+    logger.info("data %s: %s documents, %s tokens (cache %s)", _describe(paths), f"{len(ds.doc_starts):,}",
+                f"{len(ds.tokens):,}", folder / stem)
     return ds
 
 
@@ -207,6 +207,7 @@ def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_di
     if streaming:
         files = src.resolve_data_files(items, streaming=True)
         options.pop("num_proc", None)
+        options.pop("progress", None)  # a stream is tokenised as training reads it
         recipe = Recipe(files, tokenizer, **options)
         parts = src.load_documents(files, recipe.text_field, streaming=True)
         logger.info("data %s: streamed, tokenised on the fly", _describe(items))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ from lrc.data.sources import CHAT, TEXT
 from lrc.errors import UserError
 
 IDS, MASK = "input_ids", "loss_mask"
+logger = logging.getLogger(__name__)
 _PROBE = "Hello world"  # encoded with and without special tokens, it shows what a tokenizer puts around a text
 
 
@@ -99,16 +102,51 @@ class Tokenise:
         return {IDS: framed, MASK: [[1] * len(f) for f in framed]} if self.masked else {IDS: framed}
 
 
+class DataProgress:
+    """Progress of tokenising: a tqdm bar (documents, tokens, tokens/s, ETA) when stderr is a terminal, else a
+    plain line at most every `every_s` seconds and one at the end (a log file has no use for a redrawn bar)."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 10.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.docs = self.tokens = 0
+        self.start = self.last = time.time()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit=" docs", desc="tokenising")
+
+    def _rate(self) -> float:
+        return self.tokens / max(1e-9, time.time() - self.start)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs, self.tokens = self.docs + docs, self.tokens + tokens
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens, {self._rate():,.0f} tokens/s", refresh=False)
+            self.bar.update(docs)
+        elif self.enabled and time.time() - self.last >= self.every_s and self.docs < self.total:
+            elapsed = time.time() - self.start
+            eta = elapsed / max(1, self.docs) * (self.total - self.docs)
+            logger.info("tokenising: %s of %s documents, %s tokens, %s tokens/s, about %.0f s left",
+                        f"{self.docs:,}", f"{self.total:,}", f"{self.tokens:,}", f"{self._rate():,.0f}", eta)
+            self.last = time.time()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            logger.info("tokenised %s documents, %s tokens in %.1f s (%s tokens/s)", f"{self.docs:,}",
+                        f"{self.tokens:,}", time.time() - self.start, f"{self._rate():,.0f}")
+
+
 def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
              features: Any = None):
     """Every part tokenised, in contiguous shards, in order: each shard is one ``map(batched=True, num_proc=N)``
     cached under a fingerprint of `key`, part and shard. Shards exist for the progress bar (documents, tokens,
     tokens/s, ETA), updated between them; each costs a worker pool, so there are at most 32."""
     import pyarrow.compute as pc
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(len(p) for p in parts), unit=" docs", desc="tokenising", disable=not progress)
-    tokens, start = 0, time.time()
+    bar = DataProgress(sum(len(p) for p in parts), progress)
     for index, part in enumerate(parts):
         shards = max(1, min(32, math.ceil(len(part) / (num_proc * batch_size * 8))))
         for s in range(shards):
@@ -117,9 +155,7 @@ def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_p
             procs = min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None
             out = piece.map(fn, batched=True, batch_size=batch_size, num_proc=procs,
                             remove_columns=piece.column_names, new_fingerprint=fingerprint, features=features)
-            tokens += sum(int(pc.sum(c.value_lengths()).as_py() or 0) for c in out.data.column(IDS).chunks)
-            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / max(1e-9, time.time() - start):,.0f} tokens/s",
-                                refresh=False)
-            bar.update(len(piece))
+            tokens = sum(int(pc.sum(c.value_lengths()).as_py() or 0) for c in out.data.column(IDS).chunks)
+            bar.update(len(piece), tokens)
             yield out
     bar.close()
