@@ -38,10 +38,11 @@ def test_prune_kd_start_up_is_one_readable_summary_with_the_long_sequence_warnin
 
 
 def test_init_and_counts_in_words():
-    lrc = describe_init("lrc", "refit", {"energy_kept": 0.9461, "calib_kl_pca": 0.001, "calib_kl_refit": 0.0006,
-                                         "refit_kept": True, "something_new": 3})
-    assert lrc == ("refit: 94.6% of the teacher's residual-stream energy kept; calibration KL 0.001 after pca, "
-                   "0.0006 after refit (refit kept); something new 3")
+    lrc = describe_init("lrc", "refit", {"energy_kept": 0.9461, "heldout_kl_pca": 0.001, "heldout_kl_refit": 0.0006,
+                                         "heldout_tokens": 2048, "ridge": 0.001, "refit_kept": True,
+                                         "something_new": 3})
+    assert lrc == ("refit: 94.6% of the teacher's residual-stream energy kept; KL to the teacher on 2,048 held-out "
+                   "calibration tokens 0.001 after pca, 0.0006 after refit (refit kept); something new 3")
     assert describe_init("kd", "refit", {}) == ""
     assert [plural(n, "step") for n in (0, 1, 2, 12000)] == ["0 steps", "1 step", "2 steps", "12,000 steps"]
     assert [_count_str(n) for n in (18_860_000_000, 350e6, 50_208, 7)] == ["18.9B", "350M", "50.2K", "7"]
