@@ -125,6 +125,9 @@ def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = Fals
         else:
             raise UserError(f"data file {raw} has an unsupported format '{path.suffix or '(no extension)'}': "
                             f"supported are {SUPPORTED}")
+    if not found and any(p.name.startswith("tokens.") and p.suffix == ".bin" for p in skipped):
+        raise UserError(f"{', '.join(map(str, paths))} holds the files of an `lrc prepare` that did not finish (no "
+                        f"{PREPARED_MARKER}, written last); run the same `lrc prepare` again to complete it")
     if not found:
         note = f" (skipped {len(skipped)} file(s) with other extensions)" if skipped else ""
         raise UserError(f"no usable data files in {', '.join(map(str, paths))}{note}: supported are {SUPPORTED}")
