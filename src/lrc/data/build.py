@@ -122,13 +122,16 @@ class Recipe:
         import datasets
 
         def fill(write_tokens, write_mask) -> np.ndarray:
-            parts = src.load_documents(self.files, self.text_field)
+            loaded = src.load_parts(self.files, self.text_field)
+            parts, origins = [p for p, _ in loaded], [o for _, o in loaded]
+            for part, origin in loaded:
+                _report_missing_text(part, origin, self.text_field)
             fn = self.function(parts)
             features = datasets.Features({tk.IDS: datasets.List(datasets.Value("int32")), **(
                 {tk.MASK: datasets.List(datasets.Value("uint8"))} if fn.masked else {})})
             starts, total = [np.zeros(0, np.int64)], 0
             for out in tk.tokenise(parts, fn, self.key, batch_size=batch_size, num_proc=num_proc,
-                                   progress=progress, features=features):
+                                   progress=progress, features=features, origins=origins):
                 self.map_files += [f["filename"] for f in out.cache_files]
                 for table in out.with_format("arrow").iter(batch_size=1024):  # rows: memory stays flat
                     ids = table.column(tk.IDS).combine_chunks()
@@ -141,6 +144,20 @@ class Recipe:
             return np.concatenate(starts)
 
         return fill
+
+
+def _report_missing_text(part: Any, origin: src.Origin, field: str) -> None:
+    """Rows without text (null, or no such field: `datasets` reads both as null) are skipped like blank ones;
+    one warning says how many and names the first."""
+    import pyarrow.compute as pc
+
+    if src.TEXT not in part.column_names or getattr(part, "_indices", None) is not None:
+        return
+    column = part.data.column(src.TEXT)
+    if column.null_count:
+        first = pc.index(pc.is_null(column), True).as_py()
+        logger.warning("%d row(s) of %s have no text (null, or no '%s' field) and are skipped; the first: %s",
+                       column.null_count, origin.where, field, origin.row(first))
 
 
 def _checker(paths, text_field: str, seq_len: int):
@@ -291,9 +308,10 @@ def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_di
         files = src.resolve_data_files(items, streaming=True)
         options.pop("num_proc", None)
         recipe = Recipe(files, tokenizer, **options)
-        parts = src.load_documents(files, recipe.text_field, streaming=True)
+        loaded = src.load_parts(files, recipe.text_field, streaming=True)
+        parts = [p for p, _ in loaded]
         logger.info("data %s: streamed, tokenised on the fly", _describe(items))
-        return TokenStream(parts, recipe.function(parts), seq_len)
+        return TokenStream(parts, recipe.function(parts), seq_len, origins=[o for _, o in loaded])
     parts = [build_packed_dataset(paths, tokenizer, seq_len, cache_dir, **options) for paths, _ in sources]
     if len(parts) == 1:
         return parts[0]
