@@ -116,7 +116,7 @@ def test_every_format_gives_the_same_tokens(tmp_path, tokenizer):
     for name, path in inputs.items():
         assert list(iter_documents(resolve_data_files([str(path)]))) == DOCS, name
         ds = build_packed_dataset([str(path)], tokenizer, seq_len=8, batch_size=4)
-        assert ds.tokens.dtype == np.int32 and ds.doc_starts.dtype == np.int64, name
+        assert ds.tokens.dtype == np.uint16 and ds.doc_starts.dtype == np.int64, name  # 46 ids: uint16
         np.testing.assert_array_equal(ds.tokens, want_tokens, err_msg=name)
         np.testing.assert_array_equal(ds.doc_starts, want_starts, err_msg=name)
         assert len(ds) == len(want_tokens) // 8
@@ -214,7 +214,7 @@ def test_cache_is_reused_and_keyed_on_inputs(tmp_path, tokenizer, monkeypatch):
     first = build_packed_dataset([str(data)], tokenizer, seq_len=8, cache_dir=cache)
     assert isinstance(first.tokens, np.memmap)
     files = _cache_files(cache)
-    assert len(files) == 2 and not any(".tmp-" in f for f in files)
+    assert len(files) == 3 and not any(".tmp-" in f for f in files)  # tokens, starts, manifest
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
@@ -233,18 +233,18 @@ def test_cache_is_reused_and_keyed_on_inputs(tmp_path, tokenizer, monkeypatch):
     _write_jsonl(data, [{"text": d} for d in DOCS] + [{"text": VOCAB_TEXT[-1]}])
     changed = build_packed_dataset([str(data)], tokenizer, seq_len=8, cache_dir=cache)
     assert len(changed.tokens) > len(first.tokens)
-    assert len(_cache_files(cache)) == 4
+    assert len(_cache_files(cache)) == 6
 
     # Same size, new mtime: also a new key (sizes alone would miss an in-place edit).
     stat = data.stat()
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     build_packed_dataset([str(data)], tokenizer, seq_len=8, cache_dir=cache)
-    assert len(_cache_files(cache)) == 6
+    assert len(_cache_files(cache)) == 9
 
     # A different text field is a different key too.
     _write_jsonl(data, [{"text": d, "body": d} for d in DOCS])
     build_packed_dataset([str(data)], tokenizer, seq_len=8, cache_dir=cache, text_field="body")
-    assert len(_cache_files(cache)) == 8
+    assert len(_cache_files(cache)) == 12
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, tokenizer, monkeypatch):
@@ -419,7 +419,7 @@ def test_hub_dataset_is_read_and_cached(tmp_path, tokenizer, monkeypatch):
     np.testing.assert_array_equal(first.tokens, want_tokens)
     np.testing.assert_array_equal(first.doc_starts, want_starts)
     files = _cache_files(cache)
-    assert len(files) == 2
+    assert len(files) == 3
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
@@ -433,9 +433,9 @@ def test_hub_dataset_is_read_and_cached(tmp_path, tokenizer, monkeypatch):
     # New content (a new fingerprint) or another split is a new cache entry.
     rows["text"] = DOCS[::-1] + [VOCAB_TEXT[-1]]
     build_packed_dataset(["owner/tiny:en"], tokenizer, seq_len=8, cache_dir=cache)
-    assert len(_cache_files(cache)) == 4
-    build_packed_dataset(["owner/tiny:en@validation"], tokenizer, seq_len=8, cache_dir=cache)
     assert len(_cache_files(cache)) == 6
+    build_packed_dataset(["owner/tiny:en@validation"], tokenizer, seq_len=8, cache_dir=cache)
+    assert len(_cache_files(cache)) == 9
 
     message = _user_error(build_packed_dataset, ["owner/tiny"], tokenizer, 8, text_field="body")
     assert "hub dataset owner/tiny@train has no field 'body'; pass --text-field NAME (fields: id, text)" in message

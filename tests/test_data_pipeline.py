@@ -57,18 +57,33 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 # ------------------------------------------------------------------------------------ parallel + cache
 
 
-def test_num_proc_gives_the_same_stream_and_datasets_keeps_the_cache(tmp_path, tokenizer, monkeypatch):
-    # Catches shards packed out of order or dropped by the multi-process map, and a map whose result is not
-    # kept in datasets' cache (a fresh lrc token cache must then be filled without tokenising again).
+def _map_cache_files(before: tuple = ()) -> list[Path]:  # those not in `before` (other tests share the cache)
+    import datasets
+
+    return sorted(set(Path(datasets.config.HF_DATASETS_CACHE).rglob("cache-*.arrow")) - set(before))
+
+
+def test_num_proc_gives_the_same_stream_and_ids_are_stored_once(tmp_path, tokenizer, monkeypatch):
+    # Catches shards packed out of order or dropped by the multi-process map; datasets' Arrow copy of the ids
+    # left beside the store (each id would be on disk twice); and an interrupted build whose map result is not
+    # kept until the store is complete (the next try would tokenise again).
+    import lrc.data.packed as packed
+
     data = write_data(tmp_path / "d", "jsonl", n_docs=60)
+    before = tuple(_map_cache_files())
     one = build_packed_dataset([data], tokenizer, 16, batch_size=4)
-    two = build_packed_dataset([data], tokenizer, 16, tmp_path / "cache-a", batch_size=4, num_proc=2)
-    np.testing.assert_array_equal(one.tokens, two.tokens)
-    np.testing.assert_array_equal(one.doc_starts, two.doc_starts)
+    assert _map_cache_files(before) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(packed, "_narrow", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build_packed_dataset([data], tokenizer, 16, tmp_path / "cache-a", batch_size=4, num_proc=2)
+    assert _map_cache_files(before) and not (tmp_path / "cache-a").exists()
     with monkeypatch.context() as patch:
         patch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenised again"))
-        again = build_packed_dataset([data], tokenizer, 16, tmp_path / "cache-b", batch_size=4, num_proc=2)
-    np.testing.assert_array_equal(again.tokens, one.tokens)
+        two = build_packed_dataset([data], tokenizer, 16, tmp_path / "cache-a", batch_size=4, num_proc=2)
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    np.testing.assert_array_equal(one.doc_starts, two.doc_starts)
+    assert two.tokens.dtype == np.uint16 and _map_cache_files(before) == []
 
 
 # ------------------------------------------------------------------------------------------------ chat

@@ -208,7 +208,7 @@ def test_cache_is_not_shared_across_conventions(llama_like, qwen_like, tmp_path)
     paths = _data(tmp_path)
     with_bos = build_packed_dataset(paths, llama_like, seq_len=24, cache_dir=cache)
     without = build_packed_dataset(paths, qwen_like, seq_len=24, cache_dir=cache)
-    assert len(list(cache.iterdir())) == 4
+    assert len(list(cache.iterdir())) == 6  # two entries of three files
     bos = llama_like.convert_tokens_to_ids(BOS)
     assert (with_bos.tokens[with_bos.doc_starts] == bos).all()
     assert not (without.tokens == bos).any()
@@ -250,7 +250,7 @@ def test_old_format_cache_is_not_reused(llama_like, tmp_path):
     ds = build_packed_dataset(paths, llama_like, seq_len=24, cache_dir=cache)
     assert (ds.tokens[ds.doc_starts] == llama_like.convert_tokens_to_ids(BOS)).all()
     assert len(ds.tokens) == len(old_tokens) + len(DOCS)
-    assert len(list(cache.iterdir())) == 4  # a new entry beside the old one (never deleted automatically)
+    assert len(list(cache.iterdir())) == 5  # a new entry (3 files) beside the old one (never deleted automatically)
 
 
 # ---------------------------------------------------------------------------------------- teacher forward

@@ -36,7 +36,8 @@ def describe_init(method: str, init: str, info: dict) -> str:
         info.pop("ridge", None)
         said.append(f"KL to the teacher on {_number(tokens)} held-out calibration tokens "
                     f"{_number(info.pop('heldout_kl_pca'))} after pca, {_number(info.pop('heldout_kl_refit'))} "
-                    "after refit" + ("" if kept is None else " (refit kept)" if kept else " (refit discarded: pca kept)"))
+                    "after refit"
+                    + ("" if kept is None else " (refit kept)" if kept else " (refit discarded: pca kept)"))
     if "refit_skipped" in info:
         info.pop("refit_kept", None)
         said.append(f"refit skipped: {info.pop('refit_skipped')}")

@@ -13,8 +13,8 @@ from lrc.data.tokenise import DocumentTemplate, detect_document_template
 from lrc.data.tokenise import tokenizer_fingerprint as _tokenizer_fingerprint
 
 
-def _cache_paths(cache_dir, key: str):  # (tokens, document starts) files of a cache entry
-    return store_paths(cache_dir, f"tokens-{key}")[:2]
+def _cache_paths(cache_dir, key: str, dtype="int32"):  # (tokens, document starts) files of a cache entry
+    return store_paths(cache_dir, f"tokens-{key}", dtype)[:2]
 
 
 __all__ = ["Batches", "DataSource", "DocumentTemplate", "HubDataset", "Mixture", "MixtureSampler", "PackedDataset",

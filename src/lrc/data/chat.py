@@ -20,17 +20,60 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assista
                    "system": "system", "tool": "tool"}
 
 
+ROLES = ("system", "user", "assistant", "tool")
+# Which roles may follow each (None: the start): an optional system turn first, then user and assistant
+# alternating from the user's, tool results only after an assistant turn (or another tool result).
+_MAY_FOLLOW = {None: {"system", "user"}, "system": {"user"}, "user": {"assistant"},
+               "assistant": {"user", "tool"}, "tool": {"tool", "assistant"}}
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1] in 'aeio' else 'a'} {name}"  # a user, a str, an int
+
+
+def _turn(turn: Any) -> tuple[Any, Any, str, str]:
+    """(role, content, role key, content key) of a turn in either layout."""
+    if "role" in turn or "content" in turn:
+        return turn.get("role"), turn.get("content"), "role", "content"
+    return turn.get("from"), turn.get("value"), "from", "value"
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """What is wrong with one chat row, in a few words (None: nothing): its type, an empty conversation, a turn
+    without a string role or content, an unknown role, or roles out of order (see `_MAY_FOLLOW`)."""
+    if not isinstance(messages, (list, tuple)):
+        return f"its conversation is {_a(type(messages).__name__)}, not a list of turns"
+    if not messages:
+        return "its conversation is empty (no turns)"
+    previous = None
+    for number, turn in enumerate(messages, start=1):
+        if not isinstance(turn, dict):
+            return f"turn {number} is {_a(type(turn).__name__)}, not an object with role and content"
+        role, content, role_key, content_key = _turn(turn)
+        if role is None or content is None:
+            missing = role_key if role is None else content_key
+            return (f"turn {number} has no '{missing}' (keys: {', '.join(k for k in turn if turn[k] is not None)}); "
+                    "use the messages [{role, content}] or ShareGPT [{from, value}] layout")
+        if not isinstance(role, str) or not isinstance(content, str):
+            bad, value = (role_key, role) if not isinstance(role, str) else (content_key, content)
+            return f"turn {number}'s '{bad}' is {_a(type(value).__name__)}, not text"
+        role = _SHAREGPT_ROLES.get(role.lower(), role)
+        if role not in ROLES:
+            return f"turn {number} has role '{role}'; roles are {', '.join(ROLES)} (ShareGPT: human, gpt)"
+        if role not in _MAY_FOLLOW[previous]:
+            after = f"after {_a(previous)} turn" if previous else "first"
+            return (f"its roles are out of order: turn {number} is {_a(role)} turn {after} (expected "
+                    f"{' or '.join(sorted(_MAY_FOLLOW[previous]))})")
+        previous = role
+    return None
+
+
 def normalise(messages: list[dict]) -> list[dict[str, str]]:
+    """Turns of either layout as [{role, content}] (rows are checked by `conversation_problem` first)."""
     out = []
     for turn in messages:
-        if turn.get("role") is not None:
-            out.append({"role": str(turn["role"]), "content": str(turn.get("content") or "")})
-        elif turn.get("from") is not None:
-            role = _SHAREGPT_ROLES.get(str(turn["from"]).lower(), str(turn["from"]))
-            out.append({"role": role, "content": str(turn.get("value") or "")})
-        else:
-            raise UserError(f"a chat turn has neither role/content nor from/value keys (keys: {', '.join(turn)}); "
-                            "use the messages [{role, content}] or ShareGPT [{from, value}] layout")
+        role, content, _, _ = _turn(turn)
+        out.append({"role": _SHAREGPT_ROLES.get(str(role).lower(), str(role)), "content": str(content)})
     return out
 
 
@@ -56,6 +99,7 @@ class ChatRenderer:
         self.tokenizer, self.template, self.train_on, self.eos_id = tokenizer, template, train_on, eos_id
 
     def _text(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        # a template's raise_exception() raises jinja2's TemplateError (`Tokenise` names the row)
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
 

@@ -10,12 +10,18 @@ eager/sdpa/flex) builds a block-diagonal causal mask; its flash-attention paths 
 document longer than the teacher's context gets positions past ``max_position_embeddings``: harmless for
 default and llama3 RoPE, not for "dynamic"/"longrope".
 
-On disk the tokens (and, for masked data, a byte per token) are memory-mapped, so a machine's processes share
-the pages. Files are written under temporary names and renamed, the token file last (it marks a complete store).
+On disk the tokens are stored once, in the narrowest dtype the vocabulary allows (uint16 up to 65,536 ids,
+else uint32), with a byte per token for masked data, and memory-mapped, so a machine's processes share the
+pages. Files are written under temporary names and renamed; a JSON manifest written last records what the
+store was made with and each file's size and SHA-256, and alone marks the store complete. `open_store` checks
+every file against it, so a truncated or overwritten file is never read as data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
 import os
 import uuid
@@ -103,52 +109,139 @@ def split_holdout(ds: PackedDataset, fraction: float) -> tuple[PackedDataset, Pa
     return train, hold
 
 
-def store_paths(folder: Path, stem: str) -> tuple[Path, Path, Path]:  # tokens, document starts, loss mask
-    return folder / f"{stem}.int32.bin", folder / f"{stem}.doc_starts.npy", folder / f"{stem}.mask.uint8.bin"
+TOKEN_LIMITS = ((np.uint16, 2**16), (np.uint32, 2**32))  # (dtype, ids it holds), narrowest first
 
 
-def open_store(folder: Path, stem: str, seq_len: int) -> PackedDataset | None:
-    """The stored stream memory-mapped, or None when missing or damaged (then it is rebuilt)."""
-    tokens_path, docs_path, mask_path = store_paths(folder, stem)
-    if not tokens_path.is_file() or not docs_path.is_file():
-        return None
-    size = tokens_path.stat().st_size
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id below `vocab_size` (uint16 up to 65,536 ids)."""
+    return np.dtype(next(dtype for dtype, limit in TOKEN_LIMITS if vocab_size <= limit))
+
+
+def store_paths(folder: Path, stem: str, dtype: np.dtype) -> tuple[Path, Path, Path]:
+    """(tokens, document starts, loss mask) files of a store."""
+    return (folder / f"{stem}.{np.dtype(dtype).name}.bin", folder / f"{stem}.doc_starts.npy",
+            folder / f"{stem}.mask.uint8.bin")
+
+
+class DamagedStore(Exception):
+    """A store whose manifest is missing, unreadable or of another format, or whose files disagree with it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path, fmt: str) -> dict:
+    """The manifest of a complete store (see `write_store`); DamagedStore when absent, torn or of another format."""
     try:
-        starts = np.load(docs_path)
-    except (OSError, ValueError):
-        return None
-    if not (size > 0 and size % 4 == 0 and starts.ndim == 1 and len(starts) and starts[0] == 0
-            and starts[-1] < size // 4) or (mask_path.is_file() and mask_path.stat().st_size != size // 4):
-        return None
-    mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if mask_path.is_file() else None
-    return PackedDataset(np.memmap(tokens_path, dtype=np.int32, mode="r"), starts.astype(np.int64), seq_len, mask)
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DamagedStore(f"{path.name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise DamagedStore(f"{path.name} is unreadable ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DamagedStore(f"it was written in format {found or 'unknown'}, not {fmt}")
+    return manifest
 
 
-def write_store(folder: Path, stem: str, fill: Callable, check: Callable) -> None:
-    """``fill(write_tokens, write_mask) -> doc_starts`` writes the chunks; ``check(starts, total)`` may refuse
-    them. On any failure nothing is committed and folders created here are removed again."""
+def open_store(folder: Path, manifest: dict, seq_len: int, verify: bool = True) -> PackedDataset:
+    """The store `manifest` describes, memory-mapped, after checking every file's size (and, with `verify`, its
+    SHA-256: about 1 s per GB, once per start-up); DamagedStore names the first file that disagrees."""
+    files: dict = manifest["files"]
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedStore(f"{name} is missing")
+        if path.stat().st_size != want["bytes"]:
+            raise DamagedStore(f"{name} has {path.stat().st_size:,} bytes, not the {want['bytes']:,} it was written "
+                               "with (cut short or overwritten)")
+        if verify and _sha256(path) != want["sha256"]:
+            raise DamagedStore(f"{name} does not match its checksum (its contents changed after it was written)")
+    dtype = np.dtype(manifest["dtype"])
+    tokens_path, docs_path, mask_path = store_paths(folder, manifest["stem"], dtype)
+    starts = np.load(docs_path)
+    mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if mask_path.name in files else None
+    return PackedDataset(np.memmap(tokens_path, dtype=dtype, mode="r"), starts.astype(np.int64), seq_len, mask)
+
+
+class _HashingWriter:
+    """A file written chunk by chunk while its size and SHA-256 are counted (no second read)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.digest, self.bytes = path, open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.bytes += len(data)
+
+    def close(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # on disk before the manifest says it is complete
+        self.file.close()
+        return {"bytes": self.bytes, "sha256": self.digest.hexdigest()}
+
+
+def _narrow(chunk: np.ndarray, dtype: np.dtype) -> bytes:
+    if chunk.size and (int(chunk.min()) < 0 or int(chunk.max()) > np.iinfo(dtype).max):
+        raise ValueError(f"token ids {int(chunk.min())}..{int(chunk.max())} do not fit {dtype.name}: the vocabulary "
+                         "size the dtype was chosen for is wrong")
+    return chunk.astype(dtype, copy=False).tobytes()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (a crash of the machine, not just of the process)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_store(folder: Path, stem: str, fill: Callable, check: Callable, manifest_path: Path, fmt: str,
+                record: dict, dtype: np.dtype) -> None:
+    """``fill(write_tokens, write_mask) -> doc_starts`` writes the chunks (as `dtype`); ``check(starts, total)`` may
+    refuse them. The files get temporary names and are renamed into place; the manifest (`fmt`, `record`, each
+    file's size and SHA-256) is written last and alone marks the store complete. On any failure nothing is
+    committed and folders created here are removed again."""
     created, parent = [], folder
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
     folder.mkdir(parents=True, exist_ok=True)
-    finals = store_paths(folder, stem)
+    finals = [*store_paths(folder, stem, dtype), manifest_path]
     suffix = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmps = [p.with_name(p.name + suffix) for p in finals]
     try:
-        with open(tmps[0], "wb") as tokens, open(tmps[2], "wb") as mask:
-            starts = fill(lambda chunk: tokens.write(chunk.tobytes()), lambda chunk: mask.write(chunk.tobytes()))
-            check(starts, tokens.tell() // 4)
-            has_mask = mask.tell() > 0
-            for f in (tokens, mask):
-                f.flush()
-                os.fsync(f.fileno())
-        with open(tmps[1], "wb") as f:  # a file object: np.save would add .npy to the temporary name
-            np.save(f, starts)
-        os.replace(tmps[1], finals[1])
-        if has_mask:
-            os.replace(tmps[2], finals[2])
-        os.replace(tmps[0], finals[0])  # last: marks the store complete
+        tokens, mask = _HashingWriter(tmps[0]), _HashingWriter(tmps[2])
+        try:
+            starts = fill(lambda chunk: tokens.write(_narrow(chunk, dtype)),
+                          lambda chunk: mask.write(chunk.astype(np.uint8, copy=False).tobytes()))
+            check(starts, tokens.bytes // dtype.itemsize)
+        finally:
+            token_entry, mask_entry = tokens.close(), mask.close()
+        docs = _HashingWriter(tmps[1])
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(starts, dtype=np.int64))
+        docs.write(buffer.getvalue())
+        entries = {finals[0].name: token_entry, finals[1].name: docs.close(),
+                   **({finals[2].name: mask_entry} if mask_entry["bytes"] else {})}
+        manifest = {"format": fmt, **record, "stem": stem, "dtype": dtype.name, "tokens": token_entry["bytes"] //
+                    dtype.itemsize, "documents": len(starts), "files": entries}
+        with open(tmps[3], "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        for tmp, final in zip(tmps[:3], finals[:3]):
+            if final.name in entries:
+                os.replace(tmp, final)
+        os.replace(tmps[3], finals[3])  # last: marks the store complete
+        fsync_dir(folder)
     except BaseException:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

@@ -125,19 +125,27 @@ def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = Fals
         else:
             raise UserError(f"data file {raw} has an unsupported format '{path.suffix or '(no extension)'}': "
                             f"supported are {SUPPORTED}")
+    if not found and any(p.name.startswith("tokens.") and p.suffix == ".bin" for p in skipped):
+        raise UserError(f"{', '.join(map(str, paths))} holds the files of an `lrc prepare` that did not finish (no "
+                        f"{PREPARED_MARKER}, written last); run the same `lrc prepare` again to complete it")
     if not found:
         note = f" (skipped {len(skipped)} file(s) with other extensions)" if skipped else ""
         raise UserError(f"no usable data files in {', '.join(map(str, paths))}{note}: supported are {SUPPORTED}")
     return list(dict.fromkeys(p if isinstance(p, HubDataset) else p.resolve() for p in found))
 
 
-def _bad_json(path: Path) -> str | None:
-    """After a failed load only: the line (or item) of a JSON file at fault, for the message."""
+def _bad_json(path: Path, text_field: str = TEXT) -> str | None:
+    """After a failed load only: the line (or item) of a JSON file at fault, for the message: not UTF-8, not
+    JSON, not an object, or a text or conversation of the wrong type (which `datasets` cannot mix in a column)."""
+    from lrc.data.chat import _a, conversation_problem
+
     hint = "each line must be one JSON object (a .json file may also hold a list of objects)"
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        return f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+        line = raw.count(b"\n", 0, err.start) + 1
+        return f"{path} line {line} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
     rows = []
     if text.lstrip()[:1] == "[":
         try:
@@ -149,15 +157,23 @@ def _bad_json(path: Path) -> str | None:
             rows.append((f"{path} line {number}", json.loads(line))) if line.strip() else None
         except json.JSONDecodeError as err:
             return f"{path} line {number} is not valid JSON ({err.msg}); {hint}"
-    return next((f"{name} is a JSON {type(row).__name__}, not an object; {hint}" for name, row in rows
-                 if not isinstance(row, dict)), None)
+    for name, row in rows:
+        if not isinstance(row, dict):
+            return f"{name} is a JSON {type(row).__name__}, not an object; {hint}"
+        value = row.get(text_field)
+        if value is not None and not isinstance(value, str):
+            return f"{name}: its text is {_a(type(value).__name__)}, not a string; fix or remove that row"
+        chat = next((c for c in (CHAT, "conversations") if c in row), None)
+        if text_field not in row and chat and (problem := conversation_problem(row[chat])):
+            return f"{name}: {problem}; fix or remove that row"
+    return None
 
 
 def _kind(source: DataSource) -> str | None:  # a data file's builder; None for a folder or hub split
     return KINDS.get(source.suffix.lower()) if isinstance(source, Path) and not source.is_dir() else None
 
 
-def _load_files(kind: str, files: list, streaming: bool) -> Any:
+def _load_files(kind: str, files: list, streaming: bool, text_field: str = TEXT) -> Any:
     import datasets
 
     text = {"sample_by": "document", "encoding": "utf-8-sig"} if kind == "text" else {}
@@ -167,7 +183,7 @@ def _load_files(kind: str, files: list, streaming: bool) -> Any:
     except Exception as err:  # the parser's error, wrapped in DatasetGenerationError
         cause = err.__cause__ or err
         for f in files if kind == "json" else []:
-            if reason := _bad_json(f):
+            if reason := _bad_json(f, text_field):
                 raise UserError(reason) from err
         why = f"not UTF-8 text ({cause.reason})" if isinstance(cause, UnicodeDecodeError) else \
             first_line(cause)
@@ -208,24 +224,87 @@ def _one_column(ds: Any, where: str, text_field: str) -> Any:  # `ds` as column 
     return ds if column == target else ds.rename_column(column, target)
 
 
+def _rows_of(path: Path, kind: str) -> list[str]:
+    """Names of a file's rows, in the order `datasets` reads them (only to name a row in an error)."""
+    if kind == "text":
+        return [str(path)]  # one document per file
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return [f"{path} row {i}" for i in range(pq.ParquetFile(path).metadata.num_rows)]
+    raw = path.read_bytes()
+    if raw.lstrip()[:1] == b"[":
+        try:
+            return [f"{path} item {i}" for i in range(len(json.loads(raw)))]
+        except ValueError:
+            pass
+    return [f"{path} line {n}" for n, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the rows of one loaded part come from: consecutive files of one kind (`kind`), or one saved
+    dataset or hub split (`kind` None, named `where`). Names a row for an error message."""
+
+    sources: tuple[DataSource, ...]
+    kind: str | None
+    where: str
+
+    def row(self, index: int) -> str:
+        """`index` (0-based, in the part) as FILE line N (1-based) / item N / row N (0-based), or FILE."""
+        if self.kind is None:
+            return f"{self.where} row {index}"
+        names: list[str] = []
+        for source in self.sources:
+            names += _rows_of(Path(str(source)), self.kind)
+            if index < len(names):
+                return names[index]
+        return f"{self.where} row {index}"
+
+    def first_undecodable(self, ds: Any) -> int | None:
+        """The first row of `ds` whose text is not valid UTF-8 (decoded one by one: only after a failure)."""
+        table = ds.with_format("arrow")
+        for start in range(0, len(ds), 1024):
+            try:
+                table[start:start + 1024].to_pylist()
+                continue
+            except UnicodeDecodeError:
+                pass
+            for i in range(start, min(start + 1024, len(ds))):
+                try:
+                    table[i:i + 1].to_pylist()
+                except UnicodeDecodeError:
+                    return i
+        return None
+
+
 def load_documents(files: Sequence[DataSource], text_field: str = "text", streaming: bool = False) -> list[Any]:
-    parts: list[Any] = []
+    return [part for part, _ in load_parts(files, text_field, streaming)]
+
+
+def load_parts(files: Sequence[DataSource], text_field: str = "text", streaming: bool = False
+               ) -> list[tuple[Any, Origin]]:
+    """Each part read with `datasets` as one column (TEXT or CHAT), with where its rows come from."""
+    parts: list[tuple[Any, Origin]] = []
     # Consecutive files of one kind are one `load_dataset` call (10,000 .txt files: one call, not 10,000).
     for kind, group in itertools.groupby(files, _kind):
         run = list(group)
         if kind:
-            ds = _load_files(kind, run, streaming)
-            parts.append(_one_column(ds, str(run[0]) + (", ..." if run[1:] else ""), text_field))
+            ds = _load_files(kind, run, streaming, text_field)
+            where = str(run[0]) + (", ..." if run[1:] else "")
+            parts.append((_one_column(ds, where, text_field), Origin(tuple(run), kind, where)))
             continue
         for src in run:
             if isinstance(src, HubDataset):
                 loaded = src.dataset if src.dataset is not None else _load_hub(src, streaming=streaming).dataset
-                parts.append(_one_column(loaded, f"hub dataset {src}", text_field))
+                where = f"hub dataset {src}"
+                parts.append((_one_column(loaded, where, text_field), Origin((src,), None, where)))
                 continue
             if (src / PREPARED_MARKER).is_file():
                 raise UserError(f"{src} holds tokens from `lrc prepare`: give it alone as a --data source")
             ds, where = _load_saved(src)
-            parts.append(_one_column(ds.to_iterable_dataset() if streaming else ds, where, text_field))
+            parts.append((_one_column(ds.to_iterable_dataset() if streaming else ds, where, text_field),
+                          Origin((src,), None, where)))
     return parts
 
 

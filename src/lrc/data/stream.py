@@ -19,7 +19,7 @@ import numpy as np
 
 from lrc.data.packed import PackedDataset, collate
 from lrc.data.sources import columns
-from lrc.data.tokenise import IDS, MASK, Tokenise
+from lrc.data.tokenise import IDS, MASK, RowError, Tokenise
 from lrc.errors import UserError
 
 
@@ -27,8 +27,10 @@ class TokenStream:
     """Endless packed sequences from streamed sources; `state_dict` is the start of the next global batch."""
 
     def __init__(self, parts: list[Any], fn: Tokenise, seq_len: int, batch_size: int = 256, rank: int = 0,
-                 world_size: int = 1):
-        self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=columns(p)) for p in parts]
+                 world_size: int = 1, origins: list[Any] | None = None):
+        self.parts = [p.map(fn, batched=True, batch_size=batch_size, remove_columns=columns(p), with_indices=True)
+                      for p in parts]
+        self.origins = origins  # sources.Origin of each part, to name a malformed row
         self.fresh = [p.state_dict() for p in self.parts]  # each source's state before its first document
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
         self.masked = fn.masked
@@ -46,7 +48,12 @@ class TokenStream:
                 it = iter(ds)
                 while True:
                     before = ds.state_dict()
-                    row: dict | None = next(it, None)
+                    try:
+                        row: dict | None = next(it, None)
+                    except RowError as e:  # the row's index counts from where this read of the source began
+                        where = self.origins[k].row(e.index) if self.origins and state is None else \
+                            f"a row of {self.origins[k].where if self.origins else f'source {k}'}"
+                        raise UserError(f"{where}: {e.problem}; fix or remove that row") from None
                     if row is None:
                         break
                     found = True

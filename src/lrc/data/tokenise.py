@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lrc.data.chat import ChatRenderer
+from lrc.data.chat import ChatRenderer, _a, conversation_problem
 from lrc.data.sources import CHAT, TEXT
 from lrc.errors import UserError
 
@@ -79,17 +79,34 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
             "backend_sha256": hashlib.sha256(material.encode()).hexdigest() if material is not None else None}
 
 
+class RowError(UserError):
+    """A malformed row, at `index` of the mapped piece (the caller names its file and line)."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(index, problem)  # both in args: the exception is pickled back from worker processes
+        self.index, self.problem = index, problem
+
+
+def _text_problem(text: Any) -> str | None:
+    return None if text is None or isinstance(text, str) else f"its text is {_a(type(text).__name__)}, not a string"
+
+
 class Tokenise:
     """The batched map function, TEXT or CHAT rows -> IDS (and MASK), dropping documents without tokens; a
-    class, so worker processes get it pickled with the tokenizer."""
+    class, so worker processes get it pickled with the tokenizer. A malformed row raises `RowError`."""
 
     def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None):
         self.tokenizer, self.template, self.chat = tokenizer, template, chat
         self.masked = chat is not None and chat.train_on == "assistant"  # then every row gets a MASK
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        if CHAT in batch and self.chat is not None:
-            rendered = [self.chat.render(m) for m in batch[CHAT] if m]
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        column = CHAT if CHAT in batch and self.chat is not None else TEXT
+        check = conversation_problem if column == CHAT else _text_problem
+        for i, row in enumerate(batch[column]):
+            if (problem := check(row)) is not None:
+                raise RowError(indices[i] if indices is not None else i, problem)
+        if column == CHAT:
+            rendered = [self._render(m, indices[i] if indices is not None else i) for i, m in enumerate(batch[CHAT])]
             out = {IDS: [ids for ids, _ in rendered]}
             if self.masked:
                 out[MASK] = [mask for _, mask in rendered]
@@ -100,6 +117,15 @@ class Tokenise:
         framed = [self.template.frame(i) for i in ids if len(i)]
         # plain text beside chat under --train-on assistant: all targets
         return {IDS: framed, MASK: [[1] * len(f) for f in framed]} if self.masked else {IDS: framed}
+
+    def _render(self, messages: list, index: int) -> tuple[list[int], list[int]]:
+        import jinja2
+
+        assert self.chat is not None
+        try:
+            return self.chat.render(messages)
+        except jinja2.TemplateError as e:  # the template's own checks (raise_exception)
+            raise RowError(index, f"the chat template refuses it ({str(e).splitlines()[0] if str(e) else e})") from None
 
 
 class DataProgress:
@@ -131,31 +157,54 @@ class DataProgress:
                         f"{self.docs:,}", f"{self.total:,}", f"{self.tokens:,}", f"{self._rate():,.0f}", eta)
             self.last = time.time()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """End the bar's line (before any error is printed); in logs, a closing line only when all was done."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.enabled and finished:
             logger.info("tokenised %s documents, %s tokens in %.1f s (%s tokens/s)", f"{self.docs:,}",
                         f"{self.tokens:,}", time.time() - self.start, f"{self._rate():,.0f}")
 
 
 def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_proc: int, progress: bool,
-             features: Any = None):
+             features: Any = None, origins: list[Any] | None = None):
     """Every part tokenised, in contiguous shards, in order: each shard is one ``map(batched=True, num_proc=N)``
     cached under a fingerprint of `key`, part and shard. Shards exist for the progress bar (documents, tokens,
-    tokens/s, ETA), updated between them; each costs a worker pool, so there are at most 32."""
+    tokens/s, ETA), updated between them; each costs a worker pool, so there are at most 32. A malformed row
+    ends in a UserError naming its file and line (`origins`: each part's `sources.Origin`)."""
     import pyarrow.compute as pc
 
     bar = DataProgress(sum(len(p) for p in parts), progress)
-    for index, part in enumerate(parts):
-        shards = max(1, min(32, math.ceil(len(part) / (num_proc * batch_size * 8))))
-        for s in range(shards):
-            piece = part.shard(shards, s, contiguous=True) if shards > 1 else part
-            fingerprint = hashlib.sha256(f"{key}/{part._fingerprint}/{index}/{s}/{shards}".encode()).hexdigest()[:32]
-            procs = min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None
-            out = piece.map(fn, batched=True, batch_size=batch_size, num_proc=procs,
-                            remove_columns=piece.column_names, new_fingerprint=fingerprint, features=features)
-            tokens = sum(int(pc.sum(c.value_lengths()).as_py() or 0) for c in out.data.column(IDS).chunks)
-            bar.update(len(piece), tokens)
-            yield out
-    bar.close()
+    try:  # the bar ends its line before any error is printed
+        for index, part in enumerate(parts):
+            origin = origins[index] if origins else None
+            shards = max(1, min(32, math.ceil(len(part) / (num_proc * batch_size * 8))))
+            for s in range(shards):
+                piece = part.shard(shards, s, contiguous=True) if shards > 1 else part
+                offset = len(part) // shards * s + min(s, len(part) % shards)  # datasets' contiguous shard
+                material = f"{key}/{part._fingerprint}/{index}/{s}/{shards}"
+                fingerprint = hashlib.sha256(material.encode()).hexdigest()[:32]
+                procs = min(num_proc, len(piece)) if num_proc > 1 and len(piece) > 1 else None
+                out = _map(piece, fn, origin, offset, batch_size=batch_size, num_proc=procs,
+                           new_fingerprint=fingerprint, features=features)
+                tokens = sum(int(pc.sum(c.value_lengths()).as_py() or 0) for c in out.data.column(IDS).chunks)
+                bar.update(len(piece), tokens)
+                yield out
+    finally:
+        bar.close(finished=sys.exc_info()[0] is None)
+
+
+def _map(piece: Any, fn: Tokenise, origin: Any, offset: int, **options) -> Any:
+    """`piece.map(fn)`, with a malformed row (at `offset` + its index in `piece`) as a one-line UserError."""
+    try:
+        return piece.map(fn, batched=True, with_indices=True, remove_columns=piece.column_names, **options)
+    except RowError as e:
+        raise UserError(f"{_where(origin, offset + e.index)}: {e.problem}; fix or remove that row") from None
+    except UnicodeDecodeError as e:  # Arrow holds the bytes; decoding them for the batch fails
+        row = origin.first_undecodable(piece) if origin is not None else None
+        where = _where(origin, offset + row) if row is not None else "a row"
+        raise UserError(f"{where} is not UTF-8 text ({e.reason}); convert the file to UTF-8") from None
+
+
+def _where(origin: Any, row: int) -> str:
+    return origin.row(row) if origin is not None else f"row {row}"
