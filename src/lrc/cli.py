@@ -6,12 +6,18 @@ Bad input raises `UserError` anywhere below; here it becomes one line on stderr 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from lrc.errors import UserError
+
+
+def emit_json(args, payload) -> None:
+    """The one thing a `--json` command writes to standard output (everything else goes to stderr, see `main`)."""
+    print(json.dumps(payload), file=getattr(args, "json_out", sys.stdout), flush=True)
 
 
 def cmd_distill(args) -> int:
@@ -58,7 +64,10 @@ def cmd_plan(args) -> int:
     values = read_yaml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
     plan = plan_run(build_config(values), nproc=args.nproc, device_tflops=args.device_tflops, mfu=args.mfu)
-    print(plan_json(plan) if args.json else format_plan(plan))
+    if args.json:
+        emit_json(args, json.loads(plan_json(plan)))
+    else:
+        print(format_plan(plan))
     return 0
 
 
@@ -110,7 +119,10 @@ def cmd_eval(args) -> int:
                               device=device, text_field=args.text_field, num_fewshot=args.num_fewshot, limit=limit)
     if markdown is not None:
         markdown.write_text(format_markdown(records))
-    print(json.dumps(records if len(records) > 1 else records[0]) if args.json else format_text(records))
+    if args.json:
+        emit_json(args, records if len(records) > 1 else records[0])
+    else:
+        print(format_text(records))
     return 0
 
 
@@ -131,7 +143,7 @@ def cmd_bench(args) -> int:
         raise UserError("--steps and --accum must be positive integers")
     rows = run_bench(shapes=args.shapes, steps=args.steps, accums=args.accum)
     if args.json:
-        print(json.dumps(rows))
+        emit_json(args, rows)
     return 0
 
 
@@ -253,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         import datasets
 
         datasets.disable_progress_bars()  # lrc.data shows one bar of its own
+        if getattr(args, "json", False):  # stdout holds the JSON alone: every other line goes to stderr
+            args.json_out = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                return args.fn(args)
         return args.fn(args)
     except UserError as e:
         msg = " ".join(str(e).split())

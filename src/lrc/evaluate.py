@@ -78,7 +78,7 @@ def model_loss(model, data: PackedDataset, batch_size: int = 4, device="cpu", ma
 
 def load_for_eval(path: str, device="cpu"):
     """(model, tokenizer, default seq_len) for an exported/HF model directory or an lrc run directory."""
-    from lrc.loading import load_teacher, load_tokenizer
+    from lrc.loading import load_teacher
 
     p = Path(path)
     if (p / "config.yaml").is_file():
@@ -87,9 +87,35 @@ def load_for_eval(path: str, device="cpu"):
         cfg, method, tokenizer, _ = load_run(p, device)
         return method.student_model().to(device).eval(), tokenizer, cfg.seq_len
     model = load_teacher(path).to(device)
-    tokenizer = load_tokenizer(path, whose="the model's",
-                               if_missing="export with `lrc export` (it copies the teacher's)")
-    return model, tokenizer, None
+    return model, _tokenizer_of(path), None
+
+
+def _tokenizer_of(path: str):
+    """The tokenizer a model or run directory is evaluated with (a run's: its teacher's)."""
+    from lrc.loading import load_tokenizer
+
+    if (Path(path) / "config.yaml").is_file():
+        from lrc.config import load_run_config
+
+        cfg = load_run_config(path)
+        return load_tokenizer(str(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
+    return load_tokenizer(path, whose="the model's", if_missing="export with `lrc export` (it copies the teacher's)")
+
+
+def table_windows(paths: list[str], seq_len: int | None):
+    """(tokenizer, seq_len) that every model of one table is measured with, so that all rows count the same
+    token windows: --seq-len, else the first run directory's, else 512. Models whose tokenizers differ cannot
+    be measured on the same tokens: refused before any model is loaded."""
+    from lrc.config import load_run_config
+    from lrc.data.tokenise import tokenizer_fingerprint
+
+    tokenizers = [_tokenizer_of(p) for p in paths]
+    prints = [{**tokenizer_fingerprint(t), "name_or_path": 0} for t in tokenizers]
+    if (other := next((i for i, f in enumerate(prints) if f != prints[0]), None)) is not None:
+        raise UserError(f"{paths[other]} and {paths[0]} use different tokenizers, so their held-out losses would not "
+                        "be measured on the same tokens; evaluate them in separate `lrc eval` calls")
+    runs = [p for p in paths if (Path(p) / "config.yaml").is_file()]
+    return tokenizers[0], seq_len or (load_run_config(runs[0]).seq_len if runs else None) or 512
 
 
 def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
@@ -106,8 +132,9 @@ def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] |
     """One record per model (`lrc eval`): {"model", "parameters", and with data "loss", "perplexity", "tokens",
     with tasks "tasks": {task: {"acc", "acc_norm", "samples"}}}.
 
-    Every input is checked first (data files, task names, task data), then each model is loaded in turn (a
-    run directory is exported in memory) and dropped before the next."""
+    Every input is checked first (data files, task names, task data, the models' tokenizers), then each model is
+    loaded in turn (a run directory is exported in memory) and dropped before the next. Every model's held-out
+    loss is measured on the same token windows (`table_windows`)."""
     if not data and not tasks:
         raise UserError("give --data FILES (held-out loss) or --tasks NAMES (accuracy), or both")
     files = resolve_data_files(list(data)) if data else None
@@ -117,13 +144,15 @@ def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] |
 
         spec, manager = resolve_tasks(tasks)
         load_tasks(spec, manager)
+    ds = None
+    if files:  # one set of token windows for the whole table
+        tokenizer, window = table_windows(paths, seq_len)
+        ds = build_packed_dataset(files, tokenizer, window, cache_dir=cache_dir, text_field=text_field)
     records = []
     for path in paths:
-        model, tokenizer, run_seq_len = load_for_eval(path, device)
+        model, tokenizer, _ = load_for_eval(path, device)
         record: dict = {"model": path, "parameters": sum(p.numel() for p in model.parameters())}
-        if files:
-            ds = build_packed_dataset(files, tokenizer, seq_len or run_seq_len or 512, cache_dir=cache_dir,
-                                      text_field=text_field)
+        if ds is not None:
             record.update(model_loss(model, ds, batch_size=batch_size, device=device, precision="auto"))
         if spec is not None:
             from lrc.tasks import run_tasks
