@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from helpers import save_teacher, write_data
 
 from lrc.cli import build_parser, main
