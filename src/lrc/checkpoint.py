@@ -54,10 +54,16 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer_state: 
         shutil.rmtree(tmp)
     tmp.mkdir()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}
-    # Tied tensors would be stored twice by name; safetensors refuses shared storage, so clone.
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    try:
+        # Tied tensors would be stored twice by name; safetensors refuses shared storage, so clone.
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    except OSError as e:  # disk full, quota: the previous checkpoint stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        before = latest_checkpoint(run_dir)
+        raise UserError(f"saving checkpoint {final.name} failed ({e.strerror or e}); the previous checkpoint "
+                        f"{before or '(none)'} is intact; free space and continue with --resume") from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

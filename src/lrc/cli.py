@@ -6,6 +6,7 @@ Bad input raises `UserError` anywhere below; here it becomes one line on stderr 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -13,6 +14,11 @@ import sys
 from pathlib import Path
 
 from lrc.errors import UserError
+
+
+def emit_json(args, payload) -> None:
+    """The one thing a `--json` command writes to standard output (everything else goes to stderr, see `main`)."""
+    print(json.dumps(payload), file=getattr(args, "json_out", sys.stdout), flush=True)
 
 
 def cmd_distill(args) -> int:
@@ -59,7 +65,10 @@ def cmd_plan(args) -> int:
     values = read_yaml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
     plan = plan_run(build_config(values), nproc=args.nproc, device_tflops=args.device_tflops, mfu=args.mfu)
-    print(plan_json(plan) if args.json else format_plan(plan))
+    if args.json:
+        emit_json(args, json.loads(plan_json(plan)))
+    else:
+        print(format_plan(plan))
     return 0
 
 
@@ -115,7 +124,10 @@ def cmd_eval(args) -> int:
                               chat_template=args.chat_template, train_on=args.train_on)
     if markdown is not None:
         markdown.write_text(format_markdown(records))
-    print(json.dumps(records if len(records) > 1 else records[0]) if args.json else format_text(records))
+    if args.json:
+        emit_json(args, records if len(records) > 1 else records[0])
+    else:
+        print(format_text(records))
     return 0
 
 
@@ -136,7 +148,7 @@ def cmd_bench(args) -> int:
         raise UserError("--steps and --accum must be positive integers")
     rows = run_bench(shapes=args.shapes, steps=args.steps, accums=args.accum)
     if args.json:
-        print(json.dumps(rows))
+        emit_json(args, rows)
     return 0
 
 
@@ -276,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         import datasets
 
         datasets.disable_progress_bars()  # lrc.data shows one bar of its own
+        if getattr(args, "json", False):  # stdout holds the JSON alone: every other line goes to stderr
+            args.json_out = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                return args.fn(args)
         return args.fn(args)
     except UserError as e:
         msg = " ".join(str(e).split())

@@ -144,8 +144,8 @@ def _bad_json(path: Path, text_field: str = TEXT) -> str | None:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        return f"{path} line {line} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+        at_line = raw.count(b"\n", 0, err.start) + 1
+        return f"{path} line {at_line} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
     rows = []
     if text.lstrip()[:1] == "[":
         try:
