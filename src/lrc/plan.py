@@ -180,6 +180,20 @@ def student_meta(teacher_meta, hidden_size: int, rms_norm_eps: float | None = No
     return _meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps, ffn_size, kept_layers))
 
 
+_COUNTS: dict[tuple, tuple[int, int, bool]] = {}
+
+
+def _param_counts(teacher_config, hidden_size: int, rms_norm_eps, ffn_size, kept) -> tuple[int, int, bool]:
+    """(teacher parameters, exported student parameters, tied head), counted on the meta device once per
+    shape (`lrc plan --gpus` plans many option changes of one run)."""
+    key = (teacher_config.to_json_string(use_diff=False), hidden_size, rms_norm_eps, ffn_size, kept)
+    if key not in _COUNTS:
+        t_meta = _meta_model(teacher_config)
+        s_meta = student_meta(t_meta, hidden_size, rms_norm_eps, ffn_size, kept)
+        _COUNTS[key] = (_count(t_meta), _count(s_meta), _is_tied_meta(t_meta))
+    return _COUNTS[key]
+
+
 def teacher_dtype_name(config, teacher_dtype: str) -> str:
     if teacher_dtype != "auto":
         return teacher_dtype
@@ -528,13 +542,12 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     precision = resolve_precision(cfg.precision, torch.device(device))
     dtype = teacher_dtype or teacher_dtype_name(teacher_config, cfg.teacher_dtype)
 
-    t_meta = _meta_model(teacher_config)
-    tied = _is_tied_meta(t_meta)
     n_layers = student_layers(cfg, teacher_config.num_hidden_layers)
     # which layers --layers keeps is measured at run time; any K of them have the same parameters
     kept = kept_layers(cfg, teacher_config.num_hidden_layers) or (
         tuple(range(n_layers)) if n_layers < teacher_config.num_hidden_layers else None)
-    s_meta = student_meta(t_meta, cfg.hidden_size, cfg.rms_norm_eps, cfg.ffn_size, kept)
+    teacher_count, student_count, tied = _param_counts(teacher_config, cfg.hidden_size, cfg.rms_norm_eps,
+                                                       cfg.ffn_size, kept)
     shape = shape_of(teacher_config, cfg.hidden_size, tied, cfg.ffn_size, n_layers)
     sharded = cfg.parallel == "fsdp" and nproc > 1
     tokens = cfg.batch_size * cfg.seq_len
@@ -551,7 +564,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
 
     def phases_with(grad_checkpointing: bool, shard_trainables: bool = True) -> dict[str, list[Part]]:
         return memory_phases(
-            shape, teacher_params=_count(t_meta), teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
+            shape, teacher_params=teacher_count, teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
             roles=roles, precision=precision, batch=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
             chunk=chunk, kl=kl, terms=terms, grad_checkpointing=grad_checkpointing, nproc=nproc, sharded=sharded,
             device=device, evaluates=cfg.val_fraction > 0 or bool(cfg.val_data), heap_slack=heap_slack,
@@ -582,7 +595,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         notes.append(f"{dtype} teacher under fp32: each teacher matrix is cast to fp32 only while it is used")
     return Plan(
         teacher=str(cfg.teacher), family=family_for(teacher_config).model_type, shape=shape,
-        teacher_params=_count(t_meta), student_params=_count(s_meta), trainable_params=n_train,
+        teacher_params=teacher_count, student_params=student_count, trainable_params=n_train,
         student_shape=describe(cfg, teacher_config),
         teacher_dtype=dtype, precision=precision, device=device, nproc=nproc, parallel=cfg.parallel,
         sharded=sharded, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
@@ -593,13 +606,17 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     )
 
 
-def plan_run(cfg: RunConfig, **kw) -> Plan:
-    """`plan_from_config` for cfg.teacher, reading its config.json only."""
+def require_teacher(cfg: RunConfig) -> str:
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
+    return cfg.teacher
+
+
+def plan_run(cfg: RunConfig, **kw) -> Plan:
+    """`plan_from_config` for cfg.teacher, reading its config.json only."""
     from lrc.loading import load_teacher_config
 
-    return plan_from_config(load_teacher_config(cfg.teacher, cfg.trust_remote_code), cfg, **kw)
+    return plan_from_config(load_teacher_config(require_teacher(cfg), cfg.trust_remote_code), cfg, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -81,7 +82,10 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
     return cfg, None
 
 
-def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
+def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
+            before_load: Callable[[RunConfig], None] | None = None) -> Prepared:
+    """Every option and input checked, then the teacher, tokenizer and data loaded; `before_load(cfg)` runs
+    just before the teacher's weights are read (the fit forecast of `lrc.fit`)."""
     cfg, resume_from = resolve_config(cfg, explicit, resume)
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
@@ -111,6 +115,8 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         resolve_data_files(paths, streaming=cfg.streaming)
     val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
 
+    if before_load is not None:
+        before_load(cfg)
     teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.hidden_size > teacher.config.hidden_size:
         raise UserError(

@@ -183,9 +183,25 @@ def _calibration(prep: Prepared, info: DistInfo) -> Callable | None:
     return batches
 
 
+def _warn_if_it_does_not_fit(cfg: RunConfig, info: DistInfo) -> None:
+    """Rank 0, before any weights load: the plan's peak against this device's memory (`lrc.fit`)."""
+    if not info.is_main:
+        return
+    import os
+
+    from lrc.fit import check_before_load
+    from lrc.loading import load_teacher_config
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    warning = check_before_load(load_teacher_config(cast(str, cfg.teacher), cfg.trust_remote_code), cfg,
+                                info.world_size, info.device.type, local)
+    if warning:
+        log.logger.warning(warning)
+
+
 def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo) -> Session:
     """Check and load every input, build (or restore) the method and optimizer, then write the run directory."""
-    prep = prepare(cfg, explicit, resume)
+    prep = prepare(cfg, explicit, resume, before_load=lambda c: _warn_if_it_does_not_fit(c, info))
     cfg, device = prep.cfg, info.device
     sharded = cfg.parallel == "fsdp" and info.enabled
     _place_teacher(prep, info, sharded)
