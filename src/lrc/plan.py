@@ -16,7 +16,8 @@ Memory is modelled per process as what is alive at a few moments of a run; the p
 * ``optimizer``: the optimizer step (gradients and both moments; with gradient accumulation the step's
   generated leaves and their gradients, which live until `train_step` returns).
 * ``end``: the last held-out evaluation and the checkpoint written after the last step.
-* ``load``: the whole teacher in memory before FSDP shards it (`--parallel fsdp` only).
+* ``load``: the teacher's shards read by each process (`--parallel fsdp` only; host memory, not the GPU's:
+  the teacher is built on the meta device and each process reads only its own rows of the safetensors files).
 
 The activation counts follow the autograd graph of the code as written (`activation_bytes`; tests/test_plan.py
 checks them against the tensors autograd really saves). Two constants were measured on CPU with
@@ -504,8 +505,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                      Part("evaluation / checkpoint", max(eval_b, trainable * 4),
                           "held-out forward" if eval_b > trainable * 4 else "checkpoint serialisation copy"),
                      *extra]
-    if sharded:
-        phases["load"] = [runtime, Part("teacher weights", teacher_whole, "whole, before FSDP shards it")]
+    if sharded:  # built on the meta device; each process reads only its own shards (`load_empty_teacher`)
+        phases["load"] = [runtime, Part("teacher weights", teacher_held, "each process reads its own shards")]
     return phases
 
 
@@ -589,8 +590,8 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     if sharded:
         whole = max(_total(v) for v in phases_with(cfg.grad_checkpointing, shard_trainables=False).values())
         notes.append(f"fsdp: the layer projections, their gradients and AdamW state are sharded too (peak "
-                     f"{whole / GiB:.2f} GiB per process if they were not); every process first reads the whole "
-                     "teacher into CPU memory")
+                     f"{whole / GiB:.2f} GiB per process if they were not); each process reads only its own "
+                     "shards of the teacher from its safetensors files (host memory: about one teacher per node)")
     if precision == "fp32" and DTYPE_BYTES[dtype] < 4:
         notes.append(f"{dtype} teacher under fp32: each teacher matrix is cast to fp32 only while it is used")
     return Plan(

@@ -27,7 +27,7 @@ from lrc.data import PackedDataset, build_packed_dataset, build_training_data, r
 from lrc.data.sampler import Mixture
 from lrc.data.sources import split_weights
 from lrc.errors import UserError
-from lrc.loading import load_teacher, load_tokenizer
+from lrc.loading import load_empty_teacher, load_teacher, load_tokenizer
 from lrc.methods import METHODS, Method, build_method
 
 if TYPE_CHECKING:
@@ -117,7 +117,11 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
 
     if before_load is not None:
         before_load(cfg)
-    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = None
+    if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank reads its shards later
+        teacher = load_empty_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.hidden_size > teacher.config.hidden_size:
         raise UserError(
             f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "

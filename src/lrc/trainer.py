@@ -159,11 +159,14 @@ def _place_teacher(prep: Prepared, info: DistInfo, sharded: bool) -> None:
         # transformers' @wraps-decorated PreTrainedModel.to is typed as if unbound (self expected first)
         prep.teacher.to(device)  # type: ignore[arg-type]
         return
+    from lrc.loading import is_empty
     from lrc.sharding import shard_teacher
 
+    own_shards = is_empty(prep.teacher)
     held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.precision, device))
     log.info(f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
-             f"{whole / 2**20:.4g} MiB of its weights on each")
+             f"{whole / 2**20:.4g} MiB of its weights on each"
+             + (", each read from the files by its own process" if own_shards else ""))
 
 
 def _calibration(prep: Prepared, info: DistInfo) -> Callable | None:
