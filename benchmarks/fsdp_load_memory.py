@@ -43,9 +43,9 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
     teacher = root / "teacher"
     if not (teacher / "model.safetensors").is_file():
         import torch
+        from helpers import corpus
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        from helpers import corpus
         from lrc.tokenizer import train_bpe
 
         torch.manual_seed(0)
