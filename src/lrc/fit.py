@@ -350,13 +350,13 @@ def check_before_load(teacher_config, cfg: RunConfig, nproc: int, device_type: s
         return None
     try:
         plan = plan_from_config(teacher_config, cfg, nproc=nproc, device=device_type)
-    except UserError:
+        memory, source = device_memory(device_type, local_processes)
+        phase, peak = device_peak(plan.phases)
+        if peak <= memory:
+            return None
+        v = judge(plan, teacher_config, cfg, memory, source, device=device_type)
+    except Exception:  # noqa: BLE001  a forecast must never stop a run (`plan.startup_summary` alike)
         return None
-    memory, source = device_memory(device_type, local_processes)
-    phase, peak = device_peak(plan.phases)
-    if peak <= memory:
-        return None
-    v = judge(plan, teacher_config, cfg, memory, source, device=device_type)
     fix = ""
     if v.suggestion is not None:
         s = v.suggestion
