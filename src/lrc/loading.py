@@ -201,8 +201,9 @@ def load_empty_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust
     teacher however many processes it runs. None where the weights are not local safetensors files (then the
     whole teacher is loaded as usual, `load_teacher`).
 
-    The file of each parameter is kept in the model's `lrc_weight_files`; names and shapes are checked against
-    the files' headers here (one UserError line, as `load_teacher`), before anything is sharded."""
+    The file of each parameter is kept in the model's `lrc_weight_files`. Names and shapes are checked against
+    the files' headers here, before anything is sharded: where they differ (a checkpoint transformers would
+    convert or reject), None, and `load_teacher` loads it or names what is wrong as before."""
     config = load_teacher_config(path_or_id, trust_remote_code)
     p = Path(path_or_id)
     files = _weight_files(p) if p.is_dir() else []
@@ -218,9 +219,7 @@ def load_empty_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust
     for name, param in model.named_parameters():  # a tied head is its embedding's parameter, named once
         found = index.get(name)
         if found is None or found[1] != tuple(param.shape):
-            which = "missing tensors" if found is None else "tensors of the wrong shape"
-            raise UserError(f"teacher weights in {path_or_id} do not match its config.json: {which}, e.g. "
-                            f"{name}; {_REDOWNLOAD}")
+            return None
         where[name] = found[0]
     setattr(model, WEIGHT_FILES_ATTR, where)
     model.eval()
