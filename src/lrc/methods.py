@@ -150,6 +150,10 @@ class LRC(Method):
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
         if micro_batches <= 1 or not self.reuse_weights:
             return None
+        if self.clone.grad_checkpointing and self.projections is None:
+            # regenerated per micro-batch inside each checkpointed layer: one layer's weights alive at a time
+            # (kept for the step they would be every layer's, the memory checkpointing is there to save)
+            return None
         if self.projections is None:
             return StepWeights(self.clone)
 
