@@ -170,6 +170,8 @@ class LRC(Method):
     def prepare(self, tokens_per_micro_batch: int, reuse: int, sharded: bool) -> str:
         if sharded:  # factored roles would hold whole teacher matrices
             return ""
+        if self.clone.grad_checkpointing:  # generated again per micro-batch (`begin_step`): nothing reused
+            reuse = 1
         plan = self.clone.plan_projections(tokens_per_micro_batch, reuse=reuse)
         factored = [r for r, how in plan.items() if how == "factored"]
         return f"factored: {', '.join(factored)}" if factored else ""

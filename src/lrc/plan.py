@@ -427,16 +427,28 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     head_generated = roles["head"] == "generated"
     head_el = s.vocab * s.d_s if head_generated else 0
     gb = 4 if fp32 else 2
-    if grad_accum > 1:
+    per_layer = grad_checkpointing and not split  # `LowRankClone.generate_per_layer`
+    if per_layer:
+        # each checkpointed layer generates its own weights, in forward and again in its backward recompute,
+        # per micro-batch: about one layer's weights and their gradients alive at a time (2 layers' worth)
+        per_el = gb
+        live_el = math.ceil(gen_el * 2 / max(1, s.layers))
+        gen_note = (f"{'fp32' if fp32 else 'bf16'}, generated per layer inside its checkpointed forward "
+                    "(about 2 layers alive; regenerated in backward and per micro-batch)")
+    elif grad_accum > 1:
+        live_el = gen_el
         # `StepWeights`: fp32 leaves with fp32 gradients, shared by the micro-batches (under fp32 the leaf is
         # the generated tensor itself); under bf16 also the bf16 originals and each micro-batch's bf16 casts
         per_el = 8 if fp32 else 12
         gen_note = f"fp32 leaves + gradients, kept across {grad_accum} micro-batches"
     else:
+        live_el = gen_el
         per_el = gb
         gen_note = f"{'fp32' if fp32 else 'bf16'}, generated in the forward"
-    gen = Part("generated student weights", (gen_el + head_el) * per_el,
-               f"{(gen_el + head_el) / 1e6:.4g}M elements, {gen_note}"
+    # the whole student's are `gen_el` elements (evaluation generates them all); `live_el` are alive in training
+    reused = grad_accum > 1 and not per_layer  # `StepWeights` kept across the micro-batches
+    gen = Part("generated student weights", (live_el + head_el) * per_el,
+               f"{(live_el + head_el) / 1e6:.4g}M elements, {gen_note}"
                + ("" if head_generated else "; head factored"))
 
     acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing)
@@ -475,9 +487,9 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
 
     # Backward start: chunks, the teacher's hidden states and head copy are gone; the head's gradient is
     # scaled (a second V x d_S) and sent back through H_T (fetched in fp32 when stored lower).
-    fetch = grad_accum == 1 and head_generated and (tb < 4 or sharded)  # else W_T itself was saved
+    fetch = not reused and head_generated and (tb < 4 or sharded)  # else W_T itself was saved
     back_loss = grad_h * 2 + grad_w * 2 + (s.vocab * s.d_t * 4 if fetch else 0)
-    gen_back = gen if grad_accum > 1 else Part(gen.name, gen_el * per_el, "without the head (freed)")
+    gen_back = gen if reused else Part(gen.name, live_el * per_el, "without the head (freed)")
     phases["backward"] = [runtime, teacher, trainables(grads=False), gen_back, act_part,
                           Part("loss", back_loss, "head/hidden gradients and their scaled copies"), *extra]
     if split:
@@ -486,7 +498,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     # The optimizer step (gradients and both moments; AdamW is fused on CUDA, per tensor on CPU). With
     # accumulation the step's leaves and their gradients live until `train_step` returns.
     opt = [runtime, teacher, trainables(grads=True)]
-    if grad_accum > 1:
+    if reused:
         largest = max(s.role_outs[r] for r in ROLES) * s.d_t * 4 if (tb < 4 or sharded) else 0
         opt.append(Part("generated student weights", (gen_el + head_el) * (8 if fp32 else 10),
                         "leaves and their gradients, until the step ends"))
@@ -552,7 +564,9 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     shape = shape_of(teacher_config, cfg.hidden_size, tied, cfg.ffn_size, n_layers)
     sharded = cfg.parallel == "fsdp" and nproc > 1
     tokens = cfg.batch_size * cfg.seq_len
-    roles = choose_roles(shape, tokens, cfg.grad_accum, sharded)
+    # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
+    reuse = 1 if cfg.grad_checkpointing and not sharded else cfg.grad_accum
+    roles = choose_roles(shape, tokens, reuse, sharded)
     weights = cfg.loss_weights()
     terms = set(weights.clone_terms())
     kl = weights.kl != 0.0
@@ -582,7 +596,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                                                    True).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
-    flops = flops_per_token(shape, roles, tokens, cfg.grad_accum, cfg.seq_len, kl=kl, projected_terms=projected,
+    flops = flops_per_token(shape, roles, tokens, reuse, cfg.seq_len, kl=kl, projected_terms=projected,
                             gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
