@@ -251,3 +251,40 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(method):
         result[ckpt] = (out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert result[True][0] == pytest.approx(result[False][0], abs=1e-6)
     assert_gradients_close(result[True][1], result[False][1], rtol=GRAD_RTOL)
+
+
+@pytest.mark.parametrize("family, tied, ffn_size", [("llama", False, None), ("llama", False, 48),
+                                                    ("qwen3", True, None), ("qwen3", True, 48)])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(family, tied, ffn_size, accum,
+                                                                            monkeypatch):
+    """With gradient checkpointing each layer generates its own weights inside the checkpointed layer (and
+    again in backward, per micro-batch); the losses and every trainable's gradient equal today's path, which
+    generates every layer up front (and keeps the step's weights over the micro-batches)."""
+    import lrc.clone
+    from lrc.config import RunConfig
+
+    teacher = make_teacher(family, tied)
+    batches = [packed_batch(seed=s) for s in range(accum)]
+    per_layer_calls = []
+    layer_weights = lrc.clone.generate_layer_weights
+    monkeypatch.setattr(lrc.clone, "generate_layer_weights",
+                        lambda clone, i: per_layer_calls.append(i) or layer_weights(clone, i))
+    result = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model, _ = build_method(RunConfig(teacher="t", hidden_size=40, init="random", ffn_size=ffn_size,
+                                          grad_checkpointing=ckpt), teacher, calibration=lambda: [])
+        model.train()
+        step = model.begin_step(accum)
+        losses = []
+        for ids, pos in batches:
+            out = model(ids, position_ids=pos, step=step)
+            (out.loss / accum).backward()
+            losses.append(out.loss.item())
+        model.finish_step(step)
+        result[ckpt] = (losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    # generated per layer only under checkpointing: in forward, then again in the backward's recompute
+    assert per_layer_calls == [0, 1, 1, 0] * accum
+    assert result[True][0] == pytest.approx(result[False][0], rel=1e-5)
+    assert_gradients_close(result[True][1], result[False][1], rtol=GRAD_RTOL)

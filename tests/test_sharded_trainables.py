@@ -88,6 +88,7 @@ def _mib_pairs(text: str, label: str) -> tuple[float, float]:
 @pytest.mark.slow
 def test_each_process_holds_half_of_the_projections_and_their_adamw_state(two_processes):
     out, stdout = two_processes
+    assert "each read from the files by its own process" in stdout  # no process loaded the whole teacher
     held, whole = _mib_pairs(stdout, "layer projections sharded (FSDP2):")
     assert held == pytest.approx(whole / 2, rel=1e-3), stdout
     # measured after training, the largest of the two processes: parameters and AdamW's moments

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from lrc.errors import UserError
@@ -60,15 +61,33 @@ def cmd_prepare(args) -> int:
 
 def cmd_plan(args) -> int:
     from lrc.config import FIELDS, build_config, read_yaml
-    from lrc.plan import format_plan, plan_json, plan_run
+    from lrc.fit import budget, format_budget, format_verdict, gpu_memory_for, judge, nproc_for
+    from lrc.loading import load_teacher_config
+    from lrc.plan import format_plan, plan_from_config, require_teacher
 
     values = read_yaml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
-    plan = plan_run(build_config(values), nproc=args.nproc, device_tflops=args.device_tflops, mfu=args.mfu)
+    cfg = build_config(values)
+    nproc = nproc_for(args.gpus, args.nproc)
+    gpu = gpu_memory_for(args.gpus, args.gpu_memory, args.gpu, args.device_tflops)
+    teacher_config = load_teacher_config(require_teacher(cfg), cfg.trust_remote_code)
+    plan = plan_from_config(teacher_config, cfg, nproc=nproc, device=gpu.device, device_tflops=gpu.tflops,
+                            mfu=args.mfu)
+    verdict = None
+    if gpu.memory is not None and plan.device == "cuda":
+        verdict = judge(plan, teacher_config, cfg, gpu.memory, gpu.source)
+    cost = budget(plan, cfg, teacher_config.hidden_size, gpu.tflops, gpu.name)
+    nproc_flag = "--nproc" if args.nproc is not None else "--gpus"
     if args.json:
-        emit_json(args, json.loads(plan_json(plan)))
-    else:
-        print(format_plan(plan))
+        out = plan.to_dict()
+        out["budget"] = asdict(cost)
+        out["verdict"] = None if verdict is None else asdict(verdict)
+        emit_json(args, out)
+        return 0
+    text = [format_plan(plan), "", format_budget(plan, cost)]
+    if verdict is not None:
+        text.append(format_verdict(plan, verdict, args.argv, nproc_flag))
+    print("\n".join(text))
     return 0
 
 
@@ -199,11 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.json is read. --data and --out are not needed; options of `lrc distill` that change no "
                         "figure of the plan (data, learning rate, logging, ...) are accepted and not listed here.")
     pl.add_argument("--config", help="YAML file of options (default: none)")
-    pl.add_argument("--nproc", type=int, default=1, help="processes of the run (torchrun: per node x nodes); "
+    pl.add_argument("--nproc", type=int, default=None, help="processes of the run (torchrun: per node x nodes); "
                     "--parallel fsdp divides the teacher over them (default: 1)")
+    pl.add_argument("--gpus", type=int, default=None, help="GPUs of the run, one process each (all nodes): "
+                    "plans for CUDA and says whether the run fits them (default: none)")
+    pl.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GiB (default: the local CUDA "
+                    "device's, else --gpu's)")
+    pl.add_argument("--gpu", default=None, help="the GPU by name (H100, H200, B200, A100, A100-40GB, L40S): its "
+                    "memory and peak bf16 TFLOP/s (default: the local CUDA device, if listed)")
     pl.add_argument("--device-tflops", type=float, default=None,
                     help="peak dense TFLOP/s of one device in the run's precision, for a tokens/s estimate "
-                    "(default: none)")
+                    "(default: --gpu's)")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed share of that peak reached (default: 0.4)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (default: False)")
     from lrc.plan import NOT_PLANNED
@@ -277,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the model card
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card and `lrc plan`'s suggestions
         from transformers.utils import logging as hf_logging
 
         from lrc import log

@@ -17,7 +17,7 @@ choose devices or know about ranks.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,7 +32,7 @@ from lrc.families import INPUT_SIDE, ROLES, Family, family_for
 from lrc.losses import CLONE_TERMS, masked_mse
 from lrc.precision import for_product
 from lrc.sharding import gathered, is_sharded
-from lrc.weights import FactoredLinear, StepWeights, generate_weights, student_head
+from lrc.weights import FactoredLinear, StepWeights, generate_layer_weights, generate_weights, student_head
 
 
 @dataclass
@@ -189,7 +189,7 @@ class LowRankClone(nn.Module):
                         FactoredLinear("input" if role in INPUT_SIDE else "output", has_bias))
         if self.grad_checkpointing:
             for i in range(self.num_layers):
-                _checkpoint_layer(base.get_submodule(f"{self.family.layers}.{i}"))
+                _checkpoint_layer(base.get_submodule(f"{self.family.layers}.{i}"), self._layer_generator(i))
         shell.train(self.training)
         # Kept out of the module tree: it lives on the meta device and only lends its forward().
         self.__dict__["_shell"] = shell
@@ -202,6 +202,18 @@ class LowRankClone(nn.Module):
         if "_shell" in self.__dict__:
             self._shell.train(mode)
         return self
+
+    def _layer_generator(self, i: int):
+        """For layer i's checkpointed forward: its weight generator when this forward generates per layer
+        (`generate_per_layer`), else None (asked at forward time; the recompute uses the same answer)."""
+        return lambda: (lambda: generate_layer_weights(self, i)) if self.__dict__.get("_per_layer") else None
+
+    def generate_per_layer(self, step: StepWeights | None) -> bool:
+        """Whether this training forward generates each layer's weights inside its checkpointed layer (so in
+        backward the layer is generated again with its activations, and one layer's generated weights are
+        alive at a time) instead of all layers up front: with gradient checkpointing, when nothing gives
+        the weights for the step (`StepWeights`, or the sharded projections' generation)."""
+        return self.grad_checkpointing and step is None and torch.is_grad_enabled()
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each student layer in backward instead of keeping its activations."""
@@ -373,7 +385,13 @@ class LowRankClone(nn.Module):
         terms = tuple(terms)
         valid = attention_mask.bool() if attention_mask is not None else None
         t_hidden, t_acts = self._run_teacher(input_ids, position_ids, attention_mask, set(terms))
-        weights = step.weights if step is not None else generate_weights(self)
+        per_layer = self.generate_per_layer(step)
+        if step is not None:
+            weights = step.weights
+        elif per_layer:  # each checkpointed layer generates its own (`_checkpoint_layer`)
+            weights = {f"{self.family.final_norm}.weight": self.final_norm}
+        else:
+            weights = generate_weights(self)
         errors: dict[tuple[int, str], torch.Tensor] = {}
 
         def hooks(shell_base):
@@ -384,6 +402,7 @@ class LowRankClone(nn.Module):
                     handles.append(module.register_forward_hook(self._clone_hook(errors, t_acts, i, term, valid)))
             return handles
 
+        self.__dict__["_per_layer"] = per_layer  # read by the checkpointed layers, in forward and recompute
         hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
         factored_head = "head" in self.factored and (step is None or step.head is None)
         # (V, d_T) teacher head (the embedding when tied), gathered (and cast) once per forward
@@ -438,11 +457,14 @@ class LowRankClone(nn.Module):
                                  weights if weights is not None else generate_weights(self))
 
 
-def _checkpoint_layer(layer: nn.Module) -> None:
+def _checkpoint_layer(layer: nn.Module, generate: Callable[[], Callable[[], dict] | None]) -> None:
     """Make a shell decoder layer recompute itself in backward (non-reentrant activation checkpointing).
 
     transformers' own checkpointing would re-run the layer after functional_call has put the meta
-    tensors back; here the layer's tensors of this call are captured and handed to the recompute."""
+    tensors back; here the layer's tensors of this call are captured and handed to the recompute.
+    `generate()` returns the layer's weight generator when the clone generates per layer (else None): the
+    weights are then generated inside the checkpointed function, and so again in backward, instead of being
+    captured, so only the running layer's generated weights are alive."""
     from torch.utils.checkpoint import checkpoint
 
     inner_forward = layer.forward
@@ -451,11 +473,15 @@ def _checkpoint_layer(layer: nn.Module) -> None:
     def forward(*args, **kwargs):
         if state["inside"] or not torch.is_grad_enabled():
             return inner_forward(*args, **kwargs)
-        tensors = dict(layer.named_parameters())  # this call's weights, swapped in by functional_call
+        own_weights = generate()
+        # this call's weights, swapped in by functional_call (meta placeholders when the layer generates its own)
+        tensors = dict(layer.named_parameters()) if own_weights is None else {}
 
         def run(params, *a):
             state["inside"] = True
             try:
+                if own_weights is not None:
+                    params = own_weights()
                 return functional_call(layer, params, a, kwargs, strict=False, tie_weights=False)
             finally:
                 state["inside"] = False

@@ -178,3 +178,84 @@ def load_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remot
     model.eval()
     upcast_frozen_modules(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- fsdp loading
+WEIGHT_FILES_ATTR = "lrc_weight_files"
+"""The attribute of an empty teacher (`load_empty_teacher`) naming the file of each parameter."""
+
+
+def _safetensors_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """{tensor name: (file, shape)} from the headers of safetensors files (nothing else is read)."""
+    index: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                index[name] = (f, tuple(h.get_slice(name).get_shape()))
+    return index
+
+
+def load_empty_teacher(path_or_id: str, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False):
+    """The teacher with its parameters on the meta device (no memory), for `--parallel fsdp`: each process
+    then reads only its own shards from the files (`lrc.sharding.shard_teacher`), so a node holds about one
+    teacher however many processes it runs. None where the weights are not local safetensors files (then the
+    whole teacher is loaded as usual, `load_teacher`).
+
+    The file of each parameter is kept in the model's `lrc_weight_files`. Names and shapes are checked against
+    the files' headers here, before anything is sharded: where they differ (a checkpoint transformers would
+    convert or reject), None, and `load_teacher` loads it or names what is wrong as before."""
+    config = load_teacher_config(path_or_id, trust_remote_code)
+    p = Path(path_or_id)
+    files = _weight_files(p) if p.is_dir() else []
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    _check_safetensors(files)
+    if isinstance(dtype, str):
+        dtype = checkpoint_dtype(config) if dtype == "auto" else DTYPES[dtype]
+    with torch.device("meta"), _transformers_errors_only():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    index = _safetensors_index(files)
+    where: dict[str, Path] = {}
+    for name, param in model.named_parameters():  # a tied head is its embedding's parameter, named once
+        found = index.get(name)
+        if found is None or found[1] != tuple(param.shape):
+            return None
+        where[name] = found[0]
+    setattr(model, WEIGHT_FILES_ATTR, where)
+    model.eval()
+    upcast_frozen_modules(model)
+    return model
+
+
+def is_empty(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are still to be read (`load_empty_teacher`)."""
+    return hasattr(model, WEIGHT_FILES_ATTR)
+
+
+def read_own_shards(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate an empty teacher's parameters on `device` (each process only its shards, once FSDP2 has sharded
+    them) and read exactly those rows from the safetensors files; recompute the buffers (RoPE frequencies)."""
+    from lrc.sharding import read_local_rows
+
+    where: dict[str, Path] = getattr(model, WEIGHT_FILES_ATTR)
+    model.to_empty(device=device)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        handles: dict[Path, Any] = {}
+        for name, param in model.named_parameters():
+            f = where[name]
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+            read_local_rows(param, handles[f].get_slice(name))
+    _init_buffers(model)
+    delattr(model, WEIGHT_FILES_ATTR)
+
+
+def _init_buffers(model) -> None:
+    """The non-persistent buffers `to_empty` left uninitialised: transformers' RoPE modules recompute theirs
+    (its own `_init_weights`, as `from_pretrained` does for a model built on the meta device)."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+            model._init_weights(module)
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
+            raise RuntimeError(f"buffer {name} of the teacher was not initialised after loading its shards")

@@ -178,6 +178,10 @@ class LRC(Method):
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
         if micro_batches <= 1 or not self.reuse_weights:
             return None
+        if self.clone.grad_checkpointing and self.projections is None:
+            # regenerated per micro-batch inside each checkpointed layer: one layer's weights alive at a time
+            # (kept for the step they would be every layer's, the memory checkpointing is there to save)
+            return None
         if self.projections is None:
             return StepWeights(self.clone)
 
@@ -194,6 +198,8 @@ class LRC(Method):
     def prepare(self, tokens_per_micro_batch: int, reuse: int, sharded: bool) -> str:
         if sharded:  # factored roles would hold whole teacher matrices
             return ""
+        if self.clone.grad_checkpointing:  # generated again per micro-batch (`begin_step`): nothing reused
+            reuse = 1
         plan = self.clone.plan_projections(tokens_per_micro_batch, reuse=reuse)
         factored = [r for r, how in plan.items() if how == "factored"]
         return f"factored: {', '.join(factored)}" if factored else ""

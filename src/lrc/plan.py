@@ -16,7 +16,8 @@ Memory is modelled per process as what is alive at a few moments of a run; the p
 * ``optimizer``: the optimizer step (gradients and both moments; with gradient accumulation the step's
   generated leaves and their gradients, which live until `train_step` returns).
 * ``end``: the last held-out evaluation and the checkpoint written after the last step.
-* ``load``: the whole teacher in memory before FSDP shards it (`--parallel fsdp` only).
+* ``load``: the teacher's shards read by each process (`--parallel fsdp` only; host memory, not the GPU's:
+  the teacher is built on the meta device and each process reads only its own rows of the safetensors files).
 
 The activation counts follow the autograd graph of the code as written (`activation_bytes`; tests/test_plan.py
 checks them against the tensors autograd really saves). Two constants were measured on CPU with
@@ -183,6 +184,20 @@ def student_meta(teacher_meta, hidden_size: int, rms_norm_eps: float | None = No
     from lrc.clone import student_config
 
     return _meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps, ffn_size, kept_layers))
+
+
+_COUNTS: dict[tuple, tuple[int, int, bool]] = {}
+
+
+def _param_counts(teacher_config, hidden_size: int, rms_norm_eps, ffn_size, kept) -> tuple[int, int, bool]:
+    """(teacher parameters, exported student parameters, tied head), counted on the meta device once per
+    shape (`lrc plan --gpus` plans many option changes of one run)."""
+    key = (teacher_config.to_json_string(use_diff=False), hidden_size, rms_norm_eps, ffn_size, kept)
+    if key not in _COUNTS:
+        t_meta = _meta_model(teacher_config)
+        s_meta = student_meta(t_meta, hidden_size, rms_norm_eps, ffn_size, kept)
+        _COUNTS[key] = (_count(t_meta), _count(s_meta), _is_tied_meta(t_meta))
+    return _COUNTS[key]
 
 
 def teacher_dtype_name(config, teacher_dtype: str) -> str:
@@ -417,16 +432,28 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     head_generated = roles["head"] == "generated"
     head_el = s.vocab * s.d_s if head_generated else 0
     gb = 4 if fp32 else 2
-    if grad_accum > 1:
+    per_layer = grad_checkpointing and not split  # `LowRankClone.generate_per_layer`
+    if per_layer:
+        # each checkpointed layer generates its own weights, in forward and again in its backward recompute,
+        # per micro-batch: about one layer's weights and their gradients alive at a time (2 layers' worth)
+        per_el = gb
+        live_el = math.ceil(gen_el * 2 / max(1, s.layers))
+        gen_note = (f"{'fp32' if fp32 else 'bf16'}, generated per layer inside its checkpointed forward "
+                    "(about 2 layers alive; regenerated in backward and per micro-batch)")
+    elif grad_accum > 1:
+        live_el = gen_el
         # `StepWeights`: fp32 leaves with fp32 gradients, shared by the micro-batches (under fp32 the leaf is
         # the generated tensor itself); under bf16 also the bf16 originals and each micro-batch's bf16 casts
         per_el = 8 if fp32 else 12
         gen_note = f"fp32 leaves + gradients, kept across {grad_accum} micro-batches"
     else:
+        live_el = gen_el
         per_el = gb
         gen_note = f"{'fp32' if fp32 else 'bf16'}, generated in the forward"
-    gen = Part("generated student weights", (gen_el + head_el) * per_el,
-               f"{_count_str(gen_el + head_el)} elements, {gen_note}"
+    # the whole student's are `gen_el` elements (evaluation generates them all); `live_el` are alive in training
+    reused = grad_accum > 1 and not per_layer  # `StepWeights` kept across the micro-batches
+    gen = Part("generated student weights", (live_el + head_el) * per_el,
+               f"{_count_str(live_el + head_el)} elements, {gen_note}"
                + ("" if head_generated else "; head factored"))
 
     acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing)
@@ -465,9 +492,9 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
 
     # Backward start: chunks, the teacher's hidden states and head copy are gone; the head's gradient is
     # scaled (a second V x d_S) and sent back through H_T (fetched in fp32 when stored lower).
-    fetch = grad_accum == 1 and head_generated and (tb < 4 or sharded)  # else W_T itself was saved
+    fetch = not reused and head_generated and (tb < 4 or sharded)  # else W_T itself was saved
     back_loss = grad_h * 2 + grad_w * 2 + (s.vocab * s.d_t * 4 if fetch else 0)
-    gen_back = gen if grad_accum > 1 else Part(gen.name, gen_el * per_el, "without the head (freed)")
+    gen_back = gen if reused else Part(gen.name, live_el * per_el, "without the head (freed)")
     phases["backward"] = [runtime, teacher, trainables(grads=False), gen_back, act_part,
                           Part("loss", back_loss, "head/hidden gradients and their scaled copies"), *extra]
     if split:
@@ -476,7 +503,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     # The optimizer step (gradients and both moments; AdamW is fused on CUDA, per tensor on CPU). With
     # accumulation the step's leaves and their gradients live until `train_step` returns.
     opt = [runtime, teacher, trainables(grads=True)]
-    if grad_accum > 1:
+    if reused:
         largest = max(s.role_outs[r] for r in ROLES) * s.d_t * 4 if (tb < 4 or sharded) else 0
         opt.append(Part("generated student weights", (gen_el + head_el) * (8 if fp32 else 10),
                         "leaves and their gradients, until the step ends"))
@@ -495,8 +522,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                      Part("evaluation / checkpoint", max(eval_b, trainable * 4),
                           "held-out forward" if eval_b > trainable * 4 else "checkpoint serialisation copy"),
                      *extra]
-    if sharded:
-        phases["load"] = [runtime, Part("teacher weights", teacher_whole, "whole, before FSDP shards it")]
+    if sharded:  # built on the meta device; each process reads only its own shards (`load_empty_teacher`)
+        phases["load"] = [runtime, Part("teacher weights", teacher_held, "each process reads its own shards")]
     return phases
 
 
@@ -542,17 +569,18 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     precision = resolve_precision(cfg.precision, torch.device(device))
     dtype = teacher_dtype or teacher_dtype_name(teacher_config, cfg.teacher_dtype)
 
-    t_meta = _meta_model(teacher_config)
-    tied = _is_tied_meta(t_meta)
     n_layers = student_layers(cfg, teacher_config.num_hidden_layers)
     # which layers --layers keeps is measured at run time; any K of them have the same parameters
     kept = kept_layers(cfg, teacher_config.num_hidden_layers) or (
         tuple(range(n_layers)) if n_layers < teacher_config.num_hidden_layers else None)
-    s_meta = student_meta(t_meta, cfg.hidden_size, cfg.rms_norm_eps, cfg.ffn_size, kept)
+    teacher_count, student_count, tied = _param_counts(teacher_config, cfg.hidden_size, cfg.rms_norm_eps,
+                                                       cfg.ffn_size, kept)
     shape = shape_of(teacher_config, cfg.hidden_size, tied, cfg.ffn_size, n_layers)
     sharded = cfg.parallel == "fsdp" and nproc > 1
     tokens = cfg.batch_size * cfg.seq_len
-    roles = choose_roles(shape, tokens, cfg.grad_accum, sharded)
+    # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
+    reuse = 1 if cfg.grad_checkpointing and not sharded else cfg.grad_accum
+    roles = choose_roles(shape, tokens, reuse, sharded)
     weights = cfg.loss_weights()
     terms = set(weights.clone_terms())
     kl = weights.kl != 0.0
@@ -565,7 +593,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
 
     def phases_with(grad_checkpointing: bool, shard_trainables: bool = True) -> dict[str, list[Part]]:
         return memory_phases(
-            shape, teacher_params=_count(t_meta), teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
+            shape, teacher_params=teacher_count, teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
             roles=roles, precision=precision, batch=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
             chunk=chunk, kl=kl, terms=terms, grad_checkpointing=grad_checkpointing, nproc=nproc, sharded=sharded,
             device=device, evaluates=cfg.val_fraction > 0 or bool(cfg.val_data), heap_slack=heap_slack,
@@ -582,7 +610,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                                                    True).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
-    flops = flops_per_token(shape, roles, tokens, cfg.grad_accum, cfg.seq_len, kl=kl, projected_terms=projected,
+    flops = flops_per_token(shape, roles, tokens, reuse, cfg.seq_len, kl=kl, projected_terms=projected,
                             gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
@@ -594,13 +622,13 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     if sharded:
         whole = max(_total(v) for v in phases_with(cfg.grad_checkpointing, shard_trainables=False).values())
         notes.append(f"fsdp: the layer projections, their gradients and AdamW state are sharded too (peak "
-                     f"{whole / GiB:.2f} GiB per process if they were not); every process first reads the whole "
-                     "teacher into CPU memory")
+                     f"{whole / GiB:.2f} GiB per process if they were not); each process reads only its own "
+                     "shards of the teacher from its safetensors files (host memory: about one teacher per node)")
     if precision == "fp32" and DTYPE_BYTES[dtype] < 4:
         notes.append(f"{dtype} teacher under fp32: each teacher matrix is cast to fp32 only while it is used")
     return Plan(
         teacher=str(cfg.teacher), family=family_for(teacher_config).model_type, shape=shape,
-        teacher_params=_count(t_meta), student_params=_count(s_meta), trainable_params=n_train,
+        teacher_params=teacher_count, student_params=student_count, trainable_params=n_train,
         student_shape=describe(cfg, teacher_config),
         teacher_dtype=dtype, precision=precision, device=device, nproc=nproc, parallel=cfg.parallel,
         sharded=sharded, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
@@ -612,13 +640,17 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     )
 
 
-def plan_run(cfg: RunConfig, **kw) -> Plan:
-    """`plan_from_config` for cfg.teacher, reading its config.json only."""
+def require_teacher(cfg: RunConfig) -> str:
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
+    return cfg.teacher
+
+
+def plan_run(cfg: RunConfig, **kw) -> Plan:
+    """`plan_from_config` for cfg.teacher, reading its config.json only."""
     from lrc.loading import load_teacher_config
 
-    return plan_from_config(load_teacher_config(cfg.teacher, cfg.trust_remote_code), cfg, **kw)
+    return plan_from_config(load_teacher_config(require_teacher(cfg), cfg.trust_remote_code), cfg, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -28,7 +29,7 @@ from lrc.data import PackedDataset, build_packed_dataset, build_training_data, r
 from lrc.data.sampler import Mixture
 from lrc.data.sources import split_weights
 from lrc.errors import UserError
-from lrc.loading import load_teacher, load_tokenizer
+from lrc.loading import load_empty_teacher, load_teacher, load_tokenizer
 from lrc.methods import METHODS, Method, build_method
 
 if TYPE_CHECKING:
@@ -87,7 +88,10 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
     return cfg, None
 
 
-def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
+def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
+            before_load: Callable[[RunConfig], None] | None = None) -> Prepared:
+    """Every option and input checked, then the teacher, tokenizer and data loaded; `before_load(cfg)` runs
+    just before the teacher's weights are read (the fit forecast of `lrc.fit`)."""
     cfg, resume_from = resolve_config(cfg, explicit, resume)
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
@@ -117,7 +121,13 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool) -> Prepared:
         resolve_data_files(paths, streaming=cfg.streaming)
     val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
 
-    teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    if before_load is not None:
+        before_load(cfg)
+    teacher = None
+    if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank reads its shards later
+        teacher = load_empty_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.hidden_size > teacher.config.hidden_size:
         raise UserError(
             f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "

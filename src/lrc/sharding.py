@@ -61,7 +61,9 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
                   compute_dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """Shard `teacher` (a supported *ForCausalLM, frozen) over all ranks of the default process group.
 
-    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`. Each gathered layer
+    The teacher may be loaded on the CPU: FSDP2 moves only each rank's shard to `device`. Or it may be empty
+    (`lrc.loading.load_empty_teacher`: built on the meta device): then each rank reads only its own shards
+    from the safetensors files, so no process ever holds the whole teacher. Each gathered layer
     computes in `compute_dtype` (FSDP2's mixed-precision policy casts it after the all-gather), so a bf16
     teacher under fp32 precision needs no other cast in its forward.
     Returns (bytes of teacher parameters this rank holds, bytes of the whole teacher)."""
@@ -85,6 +87,10 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
         head_layer.weight = embed_module.weight
     else:  # read only through `gathered`; never run as a module during training
         fully_shard(head_layer, mesh=mesh, reshard_after_forward=True)
+    from lrc.loading import is_empty, read_own_shards
+
+    if is_empty(teacher):  # built on the meta device: each rank reads its own shards from the files now
+        read_own_shards(teacher, device)
     return local_bytes(teacher.parameters()), sum(p.numel() * p.element_size() for p in teacher.parameters())
 
 
@@ -150,3 +156,21 @@ def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[Proj
     unit = Projections(layers)
     fully_shard(unit, mesh=mesh, reshard_after_forward=False)
     return unit, local_bytes(layers.parameters()), whole
+
+
+def read_local_rows(param: torch.Tensor, source) -> None:
+    """Copy this rank's rows of a whole tensor into `param` (a DTensor sharded on dim 0 by FSDP2, or a plain
+    tensor: all of it). `source` is sliceable like safetensors' `get_slice` (only the rows asked for are
+    read from the file) and may be stored in another dtype."""
+    local = param.to_local() if isinstance(param, DTensor) else param
+    rows = local.shape[0] if local.dim() else 0
+    start = 0
+    if isinstance(param, DTensor) and dist.is_initialized():
+        # FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows per rank, the last ranks fewer or none
+        per_rank = -(-param.shape[0] // dist.get_world_size())
+        start = min(dist.get_rank() * per_rank, param.shape[0])
+    if local.dim() == 0:
+        local.copy_(source[...])
+        return
+    if rows:
+        local.copy_(source[start:start + rows].to(local.dtype))

@@ -198,11 +198,14 @@ def _place_teacher(prep: Prepared, info: DistInfo, sharded: bool) -> None:
         # transformers' @wraps-decorated PreTrainedModel.to is typed as if unbound (self expected first)
         prep.teacher.to(device)  # type: ignore[arg-type]
         return
+    from lrc.loading import is_empty
     from lrc.sharding import shard_teacher
 
+    own_shards = is_empty(prep.teacher)
     held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.precision, device))
     log.info(f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
-             f"{whole / 2**20:.4g} MiB of its weights on each")
+             f"{whole / 2**20:.4g} MiB of its weights on each"
+             + (", each read from the files by its own process" if own_shards else ""))
 
 
 def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
@@ -232,9 +235,25 @@ def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
     return Calibration(fit=batches(order[:cut]), check=batches(order[cut:]) if order[cut:] else None)
 
 
+def _warn_if_it_does_not_fit(cfg: RunConfig, info: DistInfo) -> None:
+    """Rank 0, before any weights load: the plan's peak against this device's memory (`lrc.fit`)."""
+    if not info.is_main:
+        return
+    import os
+
+    from lrc.fit import check_before_load
+    from lrc.loading import load_teacher_config
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    warning = check_before_load(load_teacher_config(cast(str, cfg.teacher), cfg.trust_remote_code), cfg,
+                                info.world_size, info.device.type, local)
+    if warning:
+        log.logger.warning(warning)
+
+
 def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, command: str | None = None) -> Session:
     """Check and load every input, build (or restore) the method and optimizer, then write the run directory."""
-    prep = prepare(cfg, explicit, resume)
+    prep = prepare(cfg, explicit, resume, before_load=lambda c: _warn_if_it_does_not_fit(c, info))
     cfg, device = prep.cfg, info.device
     sharded = cfg.parallel == "fsdp" and info.enabled
     _place_teacher(prep, info, sharded)

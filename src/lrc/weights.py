@@ -26,8 +26,6 @@ from lrc.precision import for_product
 from lrc.sharding import DTensor, gathered
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from lrc.clone import LayerProjections, LowRankClone
 
 
@@ -134,41 +132,51 @@ def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[s
     """
     fam = clone.family
     out: dict[str, torch.Tensor] = {}
-    for i, proj in enumerate(cast("Iterable[LayerProjections]", clone.layers)):
-        prefix = f"{fam.layers}.{i}"
-        t_layer = clone.t_layer(i)
-        q_ffn = proj.ffn  # (d_ff_T, M) or None: the FFN keeps the teacher's width
-        for role in ROLES:
-            lin = clone.teacher_weight(i, role)
-            p = getattr(proj, role)
-            path = f"{prefix}.{fam.linear_path(role)}"
-            bias = for_product(gathered(lin.bias), p) if lin.bias is not None else None
-            if role in clone.factored and not all_generated:
-                out[f"{path}.teacher_weight"] = gathered(lin.weight)
-                out[f"{path}.proj"] = p
-                if bias is not None:
-                    out[f"{path}.bias"] = bias
-            elif role in INPUT_SIDE:
-                out[f"{path}.weight"] = project_input(lin.weight, p)
-                if bias is not None:
-                    out[f"{path}.bias"] = bias
-                if q_ffn is not None and role in ("gate", "up"):  # Q^T (W_T P): narrow the intermediate side too
-                    out[f"{path}.weight"] = q_ffn.t() @ out[f"{path}.weight"]
-                    if bias is not None:
-                        out[f"{path}.bias"] = bias @ q_ffn
-            else:  # o, down: compress the output side
-                out[f"{path}.weight"] = project_output(lin.weight, p)
-                if bias is not None:
-                    out[f"{path}.bias"] = bias @ p
-                if q_ffn is not None and role == "down":  # (P^T W_T) Q
-                    out[f"{path}.weight"] = out[f"{path}.weight"] @ q_ffn
-        out[f"{prefix}.{fam.input_norm}.weight"] = proj.input_norm
-        out[f"{prefix}.{fam.post_attention_norm}.weight"] = proj.post_attention_norm
-        for norm in fam.qk_norms:
-            # the family's own RMSNorm class: its gain is a tensor
-            qk_norm = gathered(cast(torch.Tensor, t_layer.get_submodule(f"{fam.attn}.{norm}").weight))
-            out[f"{prefix}.{fam.attn}.{norm}.weight"] = for_product(qk_norm, clone.final_norm)
+    for i in range(clone.num_layers):
+        out.update({f"{fam.layers}.{i}.{k}": w for k, w in generate_layer_weights(clone, i, all_generated).items()})
     out[f"{fam.final_norm}.weight"] = clone.final_norm
+    return out
+
+
+def generate_layer_weights(clone: LowRankClone, i: int, all_generated: bool = False) -> dict[str, torch.Tensor]:
+    """Student decoder layer i's weights, named inside the layer (`self_attn.q_proj.weight`): one layer's
+    share of `generate_weights`. Gradient checkpointing calls it inside the checkpointed layer, so that only
+    the running layer's generated weights are alive (and are generated again in backward)."""
+    fam = clone.family
+    proj = cast("LayerProjections", clone.layers[i])
+    out: dict[str, torch.Tensor] = {}
+    t_layer = clone.t_layer(i)
+    q_ffn = proj.ffn  # (d_ff_T, M) or None: the FFN keeps the teacher's width
+    for role in ROLES:
+        lin = clone.teacher_weight(i, role)
+        p = getattr(proj, role)
+        path = fam.linear_path(role)
+        bias = for_product(gathered(lin.bias), p) if lin.bias is not None else None
+        if role in clone.factored and not all_generated:
+            out[f"{path}.teacher_weight"] = gathered(lin.weight)
+            out[f"{path}.proj"] = p
+            if bias is not None:
+                out[f"{path}.bias"] = bias
+        elif role in INPUT_SIDE:
+            out[f"{path}.weight"] = project_input(lin.weight, p)
+            if bias is not None:
+                out[f"{path}.bias"] = bias
+            if q_ffn is not None and role in ("gate", "up"):  # Q^T (W_T P): narrow the intermediate side too
+                out[f"{path}.weight"] = q_ffn.t() @ out[f"{path}.weight"]
+                if bias is not None:
+                    out[f"{path}.bias"] = bias @ q_ffn
+        else:  # o, down: compress the output side
+            out[f"{path}.weight"] = project_output(lin.weight, p)
+            if bias is not None:
+                out[f"{path}.bias"] = bias @ p
+            if q_ffn is not None and role == "down":  # (P^T W_T) Q
+                out[f"{path}.weight"] = out[f"{path}.weight"] @ q_ffn
+    out[f"{fam.input_norm}.weight"] = proj.input_norm
+    out[f"{fam.post_attention_norm}.weight"] = proj.post_attention_norm
+    for norm in fam.qk_norms:
+        # the family's own RMSNorm class: its gain is a tensor
+        qk_norm = gathered(cast(torch.Tensor, t_layer.get_submodule(f"{fam.attn}.{norm}").weight))
+        out[f"{fam.attn}.{norm}.weight"] = for_product(qk_norm, clone.final_norm)
     return out
 
 
