@@ -306,7 +306,8 @@ def write_report21(results: dict, md: Path) -> None:
             auto = runs["auto"]
             t = auto["teacher_loss"]
             by_lr = {float(k): v for k, v in runs.items() if k != "auto"}
-            cells = [_loss_cell(next((v for x, v in by_lr.items() if abs(x / (auto["lr"] * m) - 1) < 0.01), None), t)
+            cells = [_loss_cell(next((v for x, v in by_lr.items() if abs(x / (auto["lr"] * m) - 1) < 0.01),
+                                     auto if m == 1 else None), t)
                      for m in (0.25, 0.5, 1, 2, 4)]
             lr, loss, _ = best_lr(runs)
             lines.append(f"| {name} (d_T {TEACHER_WIDTH[name]}, teacher {t:.4f}) | {width} | {auto['lr']:.3g} | "

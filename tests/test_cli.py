@@ -345,7 +345,7 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, qwen3_tie
     assert len(keys) == len(set(keys)) == (len(records(single, "train")) + len(records(single, "val")) + 1
                                            + len(records(single, "init")))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "commands.txt", "config.yaml", "metrics.jsonl"]
     for k, v in last_weights(single).items():
         if not parallel.endswith("refit"):  # see PCA_START; its losses above agree to 1e-4
             assert torch.allclose(last_weights(out)[k], v, rtol=1e-3, atol=1e-5), k
