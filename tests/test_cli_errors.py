@@ -311,6 +311,7 @@ BAD_VALUES = [
     ("--eval-batches", "0", "--eval-batches must be a positive integer (got 0)"),
     ("--eval-every", "-1", "--eval-every must be >= 0 (got -1)"),
     ("--keep-checkpoints", "-1", "--keep-checkpoints must be >= 0 (got -1)"),
+    ("--stop-on-rise", "-0.5", "--stop-on-rise must be >= 0 (got -0.5)"),
     ("--max-steps", "-1", "--max-steps must be >= 0 (got -1)"),
     ("--max-tokens", "-5", "--max-tokens must be >= 0 (got -5)"),
     ("--seq-len", "1", "--seq-len must be >= 2 (got 1)"),

@@ -37,7 +37,9 @@ CHECK = textwrap.dedent("""
         # the base model (the head is read through `gathered` in training, never run as a sharded module)
         got, want = empty.base_model(ids).last_hidden_state, whole.base_model(ids).last_hidden_state
         assert torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-4)
-    print(f"rank {dist.get_rank()} ok {held} of {total}")
+    # one write (print writes the newline apart): the 3 processes share the pipe
+    sys.stdout.write(f"rank {dist.get_rank()} ok {held} of {total}\\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
 """)
 

@@ -9,7 +9,7 @@ from helpers import save_teacher, write_data
 
 from lrc.cli import build_parser, main
 
-TESTED = {"plan", "eval", "bench"}
+TESTED = {"plan", "eval", "bench", "runs"}
 
 
 def test_every_json_command_is_tested():
@@ -50,3 +50,5 @@ def test_plan_and_eval_json_and_one_set_of_windows(tmp_path, capsys, monkeypatch
     assert len({r["tokens"] for r in rows}) == 1, rows  # the teacher at the run's --seq-len 32, not 512
     alone = _only_json(capsys, ["eval", teacher, "--data", data, "--seq-len", "32", "--json", "--device", "cpu"])
     assert alone["tokens"] == rows[0]["tokens"]
+    listing = _only_json(capsys, ["runs", tmp_path / "run", "--json"])
+    assert [c["step"] for c in listing["checkpoints"]] == [1]

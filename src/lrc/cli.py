@@ -114,7 +114,10 @@ def cmd_runs(args) -> int:
     from lrc.runs import format_runs, list_checkpoints
 
     listing = [list_checkpoints(Path(r)) for r in args.run_dir]
-    print(json.dumps(listing if len(listing) > 1 else listing[0]) if args.json else format_runs(listing))
+    if args.json:
+        emit_json(args, listing if len(listing) > 1 else listing[0])
+    else:
+        print(format_runs(listing))
     return 0
 
 
