@@ -1,8 +1,10 @@
 """Checkpoints: only what is trained, plus optimizer, schedule, data position; written atomically.
 
 Layout: RUN_DIR/checkpoints/step-00000100/{trainable.safetensors, optimizer.pt, state.json}. A checkpoint is
-written under a temporary name and renamed into place, so a crash mid-write never leaves a half checkpoint
-that looks complete. `optimizer.pt` is read back with `torch.load(weights_only=True)`: no pickled code.
+written under a temporary name, flushed to disk and renamed into place (`lrc.atomic`), and old ones are
+renamed away before they are deleted, so a process killed at any moment never leaves a half checkpoint that
+looks complete; the next save removes what a killed one left. `optimizer.pt` is read back with
+`torch.load(weights_only=True)`: no pickled code.
 
 A run whose trainables are sharded over processes (LRC's projections under `--parallel fsdp`) writes
 RUN_DIR/checkpoints/step-00000100/{sharded/, scheduler.pt, state.json} instead: `sharded/` is a
@@ -25,11 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from lrc.atomic import RETIRED, clear_leftovers, fsync_tree, publish_dir, remove_dir
 from lrc.errors import UserError
 
 PREFIX = "step-"
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a sharded checkpoint
 SHARDED_OVER = "sharded_over"  # state.json: the number of processes a sharded checkpoint was written by
+TMP = ".tmp-"  # a checkpoint being written
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -48,10 +52,9 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer_state: 
                     keep: int) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(root, (TMP, RETIRED))  # of a save or a deletion that was killed
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = root / f"{TMP}{PREFIX}{step:08d}"
     tmp.mkdir()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}
     try:
@@ -59,17 +62,24 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer_state: 
         save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        fsync_tree(tmp)
     except OSError as e:  # disk full, quota: the previous checkpoint stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
-        before = latest_checkpoint(run_dir)
-        raise UserError(f"saving checkpoint {final.name} failed ({e.strerror or e}); the previous checkpoint "
-                        f"{before or '(none)'} is intact; free space and continue with --resume") from None
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        raise save_failed(run_dir, final, e) from None
+    publish_dir(tmp, final)
+    _retire_old(run_dir, keep)
     return final
+
+
+def save_failed(run_dir: Path, final: Path, e: OSError) -> UserError:
+    before = latest_checkpoint(run_dir)
+    return UserError(f"saving checkpoint {final.name} failed ({e.strerror or e}); the previous checkpoint "
+                     f"{before or '(none)'} is intact; free space and continue with --resume")
+
+
+def _retire_old(run_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        remove_dir(old)
 
 
 def _corrupt(path: Path, e: BaseException) -> UserError:
@@ -136,22 +146,18 @@ def save_sharded_checkpoint(run_dir: Path, step: int, method: nn.Module, optimiz
 
     root = run_dir / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    tmp = root / f"{TMP}{PREFIX}{step:08d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        clear_leftovers(root, (TMP, RETIRED))
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_sharded_content(method, optimizer), checkpoint_id=str(tmp / SHARDED))
+    dcp.save(_sharded_content(method, optimizer), checkpoint_id=str(tmp / SHARDED))  # each process fsyncs its files
     if rank == 0:
         torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, SHARDED_OVER: world_size}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)
+        _retire_old(run_dir, keep)
     dist.barrier()  # no process leaves (or exits on a signal) while rank 0 still writes
     return final
 

@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from lrc import checkpoint as ckpt
+from lrc import log
 from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, validate
 from lrc.data import PackedDataset, build_packed_dataset, build_training_data, resolve_data_files, split_holdout
 from lrc.data.sampler import Mixture
 from lrc.data.sources import split_weights
 from lrc.errors import UserError
 from lrc.loading import load_empty_teacher, load_teacher, load_tokenizer
+from lrc.lr_rule import AUTO
 from lrc.methods import METHODS, Method, build_method
 
 if TYPE_CHECKING:
@@ -64,13 +66,18 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
     if not cfg.out:
         raise UserError("--out RUN_DIR is required: the folder for checkpoints and metrics")
     run_dir = Path(cfg.out)
+    if resume and not _is_run_dir(run_dir) and _holds_no_run_yet(run_dir):
+        # --resume starts the run when there is none yet, so that one command starts and restarts it
+        log.info(f"--resume: {run_dir} holds no run yet; starting it")
+        return cfg, None
     if resume:
         if not _is_run_dir(run_dir):
-            raise UserError(
-                f"--resume: {run_dir} holds no run to continue (no config.yaml); drop --resume to start one")
+            raise UserError(f"--resume: {run_dir} holds no run to continue (no config.yaml) and is not empty; "
+                            "choose another --out")
         saved = load_run_config(run_dir)
+        # --lr auto resumes with the rate it chose when the run started (config.yaml stores the number)
         clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
-                   and getattr(cfg, k) != getattr(saved, k)]
+                   and getattr(cfg, k) != getattr(saved, k) and not (k == "lr" and cfg.lr == AUTO)]
         if clashes:
             k = clashes[0]
             raise UserError(
@@ -78,7 +85,7 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
                 f"({getattr(saved, k)!r}); drop it or start a new --out"
             )
         merged = saved.to_dict()
-        merged.update({k: getattr(cfg, k) for k in explicit})
+        merged.update({k: getattr(cfg, k) for k in explicit if not (k == "lr" and cfg.lr == AUTO)})
         cfg = RunConfig(**merged)
         return cfg, ckpt.latest_checkpoint(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -86,6 +93,13 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
             raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out")
         raise UserError(f"{run_dir} exists and is not empty; choose a new --out")
     return cfg, None
+
+
+def _holds_no_run_yet(run_dir: Path) -> bool:
+    """Absent, empty, or holding only what a start killed before its config.yaml was complete leaves."""
+    if not run_dir.exists():
+        return True
+    return run_dir.is_dir() and all(p.name == "config.tmp" for p in run_dir.iterdir())
 
 
 def prepare(cfg: RunConfig, explicit: set[str], resume: bool,

@@ -40,6 +40,7 @@ from lrc.distributed import (
     clip_gradients,
     init_distributed,
 )
+from lrc.errors import UserError
 from lrc.evaluate import heldout_loss
 from lrc.losses import TokenCounts, total_loss
 from lrc.lr_rule import AUTO, auto_lr
@@ -290,7 +291,10 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
         prep.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, prep.run_dir / "config.yaml")
         store_run_inputs(prep.run_dir, cfg, command)
-    metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=step if resume else None,
+    # A resumed run drops the records past its checkpoint; one with no checkpoint yet (killed before its
+    # first) starts afresh, so it drops them all
+    truncate = (step if prep.resume_from is not None else -1) if resume else None
+    metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=truncate,
                          wandb_project=cfg.wandb, config=cfg.to_dict())
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
                 sharded, steps, metrics, step=step, tokens=tokens, first_loss=first_loss, lr_how=lr_how,
@@ -375,11 +379,22 @@ def _save(s: Session) -> None:
         ckpt.save_sharded_checkpoint(s.run_dir, s.step, s.method, s.optimizer, s.scheduler.state_dict(), state,
                                      s.cfg.keep_checkpoints, s.info.rank, s.info.world_size)
         return
-    if not s.info.is_main:
-        return
-    ckpt.save_checkpoint(s.run_dir, s.step, s.method.trainable_state_dict(),
-                         {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
-                         state, keep=s.cfg.keep_checkpoints)
+    error = None
+    if s.info.is_main:
+        try:
+            ckpt.save_checkpoint(s.run_dir, s.step, s.method.trainable_state_dict(),
+                                 {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
+                                 state, keep=s.cfg.keep_checkpoints)
+        except UserError as e:  # disk full: raised below, after telling the other processes
+            error = e
+    failed = error is not None
+    if s.info.enabled:  # every process stops at the same step, instead of waiting for rank 0 in the next one
+        failed = bool(all_reduce_sum(torch.tensor(float(failed), device=s.device), s.info) > 0)
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"saving checkpoint step {s.step} failed in process 0 (its error is printed there); the "
+                        "previous checkpoint is intact; free space and continue with --resume")
 
 
 def _evaluate(s: Session, split: str = "val") -> None:
