@@ -5,7 +5,6 @@ process with one line and leaves the previous checkpoint intact."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import env, records, run, save_teacher, write_data
+from helpers import env, kill_tree, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
 from lrc.cli import main
@@ -108,11 +107,32 @@ def test_leftovers_of_killed_saves_and_deletions_are_never_taken_for_checkpoints
     assert all(w.equal(v) for w, v in zip(weights(out).values(), weights(straight).values(), strict=True))
 
 
+def test_a_run_folder_another_process_writes_in_is_refused(tmp_path, teacher, data, capsys):
+    """E.g. the workers of a torchrun killed alone, which go on training: a restart must not write beside them."""
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    cmd = command(teacher, data, out, "--save-every", "4")
+    assert main([*cmd, "--max-steps", "4"]) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the other run's rank 0 holds it
+        capsys.readouterr()
+        assert main(cmd) == 2
+        assert "is in use by another lrc process" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert main([*cmd, "--max-steps", "4"]) == 0  # free again (and a finished run of 4 steps)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_repeated_sigkills_with_the_same_command_end_as_a_run_never_killed(nproc, tmp_path, teacher, data,
                                                                            straight, cache_dir):
-    """Killed (SIGKILL, the whole process group) at random moments, some of them while a checkpoint is being
+    """Killed (SIGKILL, the process and all its descendants) at random moments, some of them while a checkpoint is being
     written, then started again with the same command until it finishes. --save-every 1 makes every step a
     save; the weights and every logged step equal the same command run once without a kill."""
     out, log = tmp_path / "run", tmp_path / "log.txt"
@@ -124,7 +144,7 @@ def test_repeated_sigkills_with_the_same_command_end_as_a_run_never_killed(nproc
     for _ in range(12):
         with log.open("a") as f:
             proc = subprocess.Popen([*launcher, *cmd], stdout=f, stderr=subprocess.STDOUT, env=env(cache_dir),
-                                    start_new_session=True)
+                                    )
         if kills < 4:
             done = len(records_safe(out)) if (out / "metrics.jsonl").is_file() else 0
             deadline = time.time() + 240
@@ -134,7 +154,7 @@ def test_repeated_sigkills_with_the_same_command_end_as_a_run_never_killed(nproc
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.25))
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 kills += 1
         rc = proc.wait(timeout=300)
         if rc == 0:

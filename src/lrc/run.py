@@ -95,6 +95,36 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
     return cfg, None
 
 
+_HELD: dict[Path, int] = {}  # run directories this process holds (`hold_run_dir`), with their descriptors
+
+
+def hold_run_dir(run_dir: Path, is_main: bool) -> bool:
+    """Hold RUN_DIR while this run writes into it (rank 0; an exclusive flock, which the kernel drops when the
+    process ends, however it ends). False when another process holds it: a run already writing there, e.g. the
+    workers of a torchrun that was killed alone, which outlive it. True where flock is unavailable."""
+    if not is_main or not run_dir.is_dir() or run_dir in _HELD:
+        return True
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no check
+        return True
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _HELD[run_dir] = fd
+    return True
+
+
+def release_run_dirs() -> None:
+    """Let go of what `hold_run_dir` holds (a run's end; in-process callers may start another on the folder)."""
+    for fd in _HELD.values():
+        os.close(fd)
+    _HELD.clear()
+
+
 def _holds_no_run_yet(run_dir: Path) -> bool:
     """Absent, empty, or holding only what a start killed before its config.yaml was complete leaves."""
     if not run_dir.exists():

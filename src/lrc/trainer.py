@@ -47,7 +47,7 @@ from lrc.lr_rule import AUTO, auto_lr
 from lrc.methods import METHODS, Calibration, Method, build_method
 from lrc.precision import autocast, compute_dtype
 from lrc.refit import calibration_sequences
-from lrc.run import MetricsLog, Prepared, prepare, store_run_inputs
+from lrc.run import MetricsLog, Prepared, hold_run_dir, prepare, release_run_dirs, store_run_inputs
 from lrc.schedule import lr_factor
 from lrc.summary import plural
 
@@ -255,6 +255,7 @@ def _warn_if_it_does_not_fit(cfg: RunConfig, info: DistInfo) -> None:
 def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, command: str | None = None) -> Session:
     """Check and load every input, build (or restore) the method and optimizer, then write the run directory."""
     prep = prepare(cfg, explicit, resume, before_load=lambda c: _warn_if_it_does_not_fit(c, info))
+    _hold(prep.run_dir, info)  # before its checkpoint is read
     cfg, device = prep.cfg, info.device
     sharded = cfg.parallel == "fsdp" and info.enabled
     _place_teacher(prep, info, sharded)
@@ -289,6 +290,8 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     all_reduce_sum(torch.zeros((), device=device), info)
     if info.is_main:
         prep.run_dir.mkdir(parents=True, exist_ok=True)
+    _hold(prep.run_dir, info)  # a new run: now that its folder exists
+    if info.is_main:
         save_config(cfg, prep.run_dir / "config.yaml")
         store_run_inputs(prep.run_dir, cfg, command)
     # A resumed run drops the records past its checkpoint; one with no checkpoint yet (killed before its
@@ -307,6 +310,16 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     if info.is_main:
         log.info(_startup_text(prep, s, init_info, note, tokens_per_step, lr_note))
     return s
+
+
+def _hold(run_dir: Path, info: DistInfo) -> None:
+    """Rank 0 holds RUN_DIR (`lrc.run.hold_run_dir`); if another process does, every rank stops with one line."""
+    held = hold_run_dir(run_dir, info.is_main)
+    if info.enabled:
+        held = not bool(all_reduce_sum(torch.tensor(float(not held), device=info.device), info) > 0)
+    if not held:
+        raise UserError(f"{run_dir} is in use by another lrc process (a run still writing there, e.g. the workers of "
+                        "a torchrun that was killed alone); stop it, then run the command again")
 
 
 def _warn_long_sequences(cfg: RunConfig, teacher_config) -> None:
@@ -545,4 +558,5 @@ def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = Fal
     try:
         return fit(setup(cfg, explicit or set(), resume, info, command))
     finally:
+        release_run_dirs()
         cleanup(info)
