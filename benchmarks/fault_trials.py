@@ -1,15 +1,18 @@
 """Fault trials for BENCHMARKS.md: SIGKILL at four moments, then the same command again until it finishes.
 
-    python benchmarks/fault_trials.py            # all trials (about 10 minutes on 2 cores), table into BENCHMARKS.md
+    python benchmarks/fault_trials.py                    # all trials (about 5 minutes on 2 cores) -> BENCHMARKS.md
+    python benchmarks/fault_trials.py --chains export    # rerun some; the others' rows are kept (results.json)
 
 Moments: during a training step; while a checkpoint is written (the kill is sent the moment a `.tmp-step-*`
 folder appears); during `lrc prepare` and during the tokenising at the start of a run under torchrun; during
 `lrc export`. Runs use 1 process and 2 (torchrun, gloo) where the command has both. Every kill is SIGKILL to
-the process and all its descendants at once (torchrun and its workers), as a job scheduler ends a job. After each kill the *same command* is started again; each
-chain ends with a run that is not killed, and its result is compared with the same command run once without a
-kill: the weights of the last checkpoint and every logged step (distill), the token files (prepare), every
-file of the exported model (export). The teacher is a tiny random Llama (hidden 64, 2 layers) with the demo's
-BPE tokenizer; the corpus is the demo's plays.
+the process and all its descendants at once (torchrun and its workers), as a job scheduler ends a job. After
+each kill the *same command* is started again; each distill and prepare chain ends with a run that is not
+killed, and its result is compared with the same command run once without a kill: the weights of the last
+checkpoint and every logged step (distill), the token files (prepare). Each export is killed once and then
+finished by the same command (or found complete), and compared file by file with an export never killed.
+The teacher is a tiny random Llama (hidden 64, 2 layers) with the demo's BPE tokenizer; the corpus is the
+demo's plays.
 """
 
 from __future__ import annotations
@@ -236,7 +239,7 @@ def tokenising_chain(kills: int, teacher: Path, data: Path, rng: random.Random) 
     rows = []
     for _ in range(kills):
         proc = start(cmd, cache, log)
-        when = rng.uniform(2.0, took * 0.6)
+        when = rng.uniform(3.5, took * 0.7)  # start-up (imports, teacher) takes about 3 s of it
         time.sleep(when)
         first_step = steps_logged(out) > 0
         landed = kill(proc)
@@ -252,18 +255,22 @@ def tokenising_chain(kills: int, teacher: Path, data: Path, rng: random.Random) 
 
 
 def export_chain(kills: int, rng: random.Random) -> list[dict]:
+    """Each trial: `lrc export` into a new folder, killed (the moment its hidden folder appears, or at a random
+    time); --out must then be absent or the complete model; the same command finishes it where absent."""
     work = ROOT / "export"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     run = ROOT / "ref-1"
-    clean, out, log = work / "clean", work / "model", work / "log.txt"
+    clean, log = work / "clean", work / "log.txt"
     t0 = time.time()
     assert finish([*LRC, "export", str(run), "--out", str(clean)], ROOT / "cache", log) == 0
     took = time.time() - t0
     rows = []
     for i in range(kills):
-        proc = start([*LRC, "export", str(run), "--out", str(out)], ROOT / "cache", log)
-        partial = work / ".model.partial"
+        out = work / f"model-{i}"
+        partial = work / f".model-{i}.partial"
+        cmd = [*LRC, "export", str(run), "--out", str(out)]
+        proc = start(cmd, ROOT / "cache", log)
         if i % 2 == 0:  # the moment the model starts being written
             while proc.poll() is None and not partial.exists():
                 time.sleep(0.0005)
@@ -273,14 +280,14 @@ def export_chain(kills: int, rng: random.Random) -> list[dict]:
             time.sleep(when)
             at = f"{when:.1f} s of {took:.1f} s"
         landed = kill(proc)
-        rows.append({"moment": "export", "processes": 1, "killed": landed, "at": at,
-                     "left": ("--out exists! " if out.exists() else "no --out; ")
-                     + ("hidden .model.partial" if partial.exists() else "no partial folder"),
-                     "resumes_from": "the same command"})
-    rc = finish([*LRC, "export", str(run), "--out", str(out)], ROOT / "cache", log)
-    ok = rc == 0 and same_tree(out, clean, skip=("README.md",))  # the card names the folder
-    for r in rows:
-        r["outcome"] = "same files as never killed" if ok else f"DIFFERENT (exit {rc})"
+        complete = out.exists()
+        left = ("--out complete (killed after the rename)" if complete else "no --out") + \
+            ("; hidden partial folder" if partial.exists() else "")
+        rc = 0 if complete else finish(cmd, ROOT / "cache", log)
+        ok = rc == 0 and same_tree(out, clean, skip=("README.md",)) and not partial.exists()  # the card names --out
+        rows.append({"moment": "export", "processes": 1, "killed": landed, "at": at, "left": left,
+                     "resumes_from": "nothing to do" if complete else "the same command",
+                     "outcome": "same files as never killed" if ok else f"DIFFERENT (exit {rc})"})
     return rows
 
 
@@ -301,20 +308,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chains", nargs="*", help="rerun only these (default: all); the others' rows are kept")
     args = p.parse_args()
-    t0 = time.time()
     rng = random.Random(args.seed)
     teacher, small, large = setup()
-    rows: list[dict] = []
-    for moment in ("step", "checkpoint"):
-        for nproc in (1, 2):
-            rows += distill_chain(moment, nproc, 3, teacher, small, rng)
-            print(json.dumps(rows[-3:]), flush=True)
-    rows += prepare_chain(3, teacher, large, rng)
-    rows += tokenising_chain(3, teacher, large, rng)
-    rows += export_chain(4, rng)
-    (ROOT / "results.json").write_text(json.dumps(rows, indent=1))
-    report(rows, Path(args.markdown), time.time() - t0)
+    saved = ROOT / "results.json"
+    chains = json.loads(saved.read_text()) if saved.is_file() else {}
+    runs = {**{f"{m}-{n}": (lambda m=m, n=n: distill_chain(m, n, 3, teacher, small, rng))
+               for m in ("step", "checkpoint") for n in (1, 2)},
+            "prepare": lambda: prepare_chain(3, teacher, large, rng),
+            "tokenising": lambda: tokenising_chain(3, teacher, large, rng),
+            "export": lambda: export_chain(4, rng)}
+    for name in args.chains or list(runs):
+        t1 = time.time()
+        chains[name] = {"rows": runs[name](), "seconds": time.time() - t1}
+        print(name, json.dumps(chains[name]), flush=True)
+        saved.write_text(json.dumps(chains, indent=1))
+    rows = [r for name in runs if name in chains for r in chains[name]["rows"]]
+    report(rows, Path(args.markdown), sum(c["seconds"] for c in chains.values()))
 
 
 if __name__ == "__main__":

@@ -71,10 +71,19 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer_state: 
     return final
 
 
-def save_failed(run_dir: Path, final: Path, e: OSError) -> UserError:
+def save_failed(run_dir: Path, final: Path, e: BaseException) -> UserError:
     before = latest_checkpoint(run_dir)
-    return UserError(f"saving checkpoint {final.name} failed ({e.strerror or e}); the previous checkpoint "
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else \
+        type(e).__name__
+    return UserError(f"saving checkpoint {final.name} failed ({reason}); the previous checkpoint "
                      f"{before or '(none)'} is intact; free space and continue with --resume")
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The error behind a collective CheckpointException (the first failing process's)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
 
 
 def _retire_old(run_dir: Path, keep: int) -> None:
@@ -83,8 +92,7 @@ def _retire_old(run_dir: Path, keep: int) -> None:
 
 
 def _corrupt(path: Path, e: BaseException) -> UserError:
-    if isinstance(e, CheckpointException) and e.failures:  # one per rank: the first rank's says what is wrong
-        e = next(iter(e.failures.values()))[0]
+    e = _first_failure(e)  # one per rank: the first rank's says what is wrong
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     return UserError(f"checkpoint {path} is corrupt ({reason}); delete that folder to resume from the one before it")
 
@@ -152,7 +160,13 @@ def save_sharded_checkpoint(run_dir: Path, step: int, method: nn.Module, optimiz
         clear_leftovers(root, (TMP, RETIRED))
         tmp.mkdir()
     dist.barrier()
-    dcp.save(_sharded_content(method, optimizer), checkpoint_id=str(tmp / SHARDED))  # each process fsyncs its files
+    try:  # collective: a failure in any process (disk full) is raised in all of them
+        dcp.save(_sharded_content(method, optimizer), checkpoint_id=str(tmp / SHARDED))  # each fsyncs its files
+    except (OSError, CheckpointException) as e:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise save_failed(run_dir, final, _first_failure(e)) from None
     if rank == 0:
         torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, SHARDED_OVER: world_size}, indent=1))
