@@ -3,7 +3,9 @@ weighted mixtures, streaming with exact resume, `lrc prepare`, and tokenising on
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +231,36 @@ def test_stream_equals_the_stored_stream_and_resumes_exactly(tmp_path, tokenizer
     assert torch.equal(resumed.next(1)["input_ids"], head["input_ids"])
 
 
+def test_under_torchrun_each_process_streams_and_tokenises_only_its_share(tmp_path, tokenizer, monkeypatch):
+    # Catches every process reading and tokenising the whole stream (as before), shares that overlap or miss
+    # documents, and held-out documents read again for training.
+    from lrc.data.tokenise import Tokenise
+
+    data = write_data(tmp_path / "d", "jsonl", n_docs=30)
+    whole = build_training_data([str(data)], tokenizer, 16, None, streaming=True)
+    docs = [(index, list(ids)) for _, _, _, index, _, ids, _ in itertools.islice(whole._documents(whole.position), 30)]
+    assert [i for i, _ in docs] == list(range(30))
+    rows = []
+    real = Tokenise.__call__
+    monkeypatch.setattr(Tokenise, "__call__", lambda self, batch, indices=None: (
+        rows.append(len(next(iter(batch.values())))), real(self, batch, indices))[1])
+    got, held = {}, None
+    for rank in (0, 1):
+        stream = build_training_data([str(data)], tokenizer, 16, None, streaming=True)
+        val = stream.head(5, advance=True)  # the held-out sequences: from the whole stream, on every process
+        assert held is None or torch.equal(torch.as_tensor(val.tokens), held)
+        held = torch.as_tensor(val.tokens)
+        skip = stream.position["doc"] + (stream.position["offset"] > 0)
+        rows.clear()
+        batches = make_batches(stream, seed=0, rank=rank, world_size=2)
+        mine = [ids for i, ids in docs if i >= skip and (i - skip) % 2 == rank]
+        want = torch.tensor([t for ids in mine for t in ids])
+        got[rank] = torch.cat([batches.next(1)["input_ids"].flatten() for _ in range(len(want) // 16)])
+        assert torch.equal(got[rank], want[: len(got[rank])]), rank  # its own documents, in order
+        assert sum(rows) == len(mine), (rows, len(mine))  # tokenised: its share only (one map batch of it)
+    assert 0 < skip < 30
+
+
 def test_hub_id_is_streamed_without_known_columns(tokenizer, monkeypatch):
     # A hub stream whose features are unknown until read (a generator): columns are found by reading a row,
     # and the stream resumes exactly. Catches a full download (streaming=True not passed) too.
@@ -308,6 +340,31 @@ def test_streaming_distill_resumes_exactly(tmp_path, teacher, monkeypatch):
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+
+
+@pytest.mark.slow
+def test_streaming_under_torchrun_resumes_exactly_from_each_process_position(tmp_path, teacher):
+    # 2 processes, each streaming its own share; the step-6 checkpoint dropped, the same command resumes from
+    # step 3 (every process's saved position) and logs the losses of the run that was not interrupted.
+    cache = tmp_path / "lrc-cache"
+    data = write_data(tmp_path / "d", "jsonl")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrc",
+           "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--streaming", "--lr", "3e-3",
+           "--eval-every", "0", "--max-steps", "6", "--save-every", "3", "--keep-checkpoints", "0", "--resume",
+           *map(str, COMMON)]
+    subprocess.run(cmd, check=True, capture_output=True, env=env(cache), timeout=300)
+    straight = records(out)
+    state = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())["sampler"]
+    assert len(state["ranks"]) == 2 and state["ranks"][0] != state["ranks"][1]
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    subprocess.run(cmd, check=True, capture_output=True, env=env(cache), timeout=300)
+    assert [r["step"] for r in records(out)] == list(range(1, 7))
+    for ra, rb in zip(straight, records(out), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+    one = subprocess.run([sys.executable, "-m", "lrc", *cmd[cmd.index("distill"):]], capture_output=True, text=True,
+                         env=env(cache), timeout=300)
+    assert one.returncode == 2 and "resume it on 2" in one.stderr, one.stderr[-2000:]
 
 
 # -------------------------------------------------------------------------------------------- torchrun

@@ -112,10 +112,12 @@ class Recipe:
             Path(name).unlink(missing_ok=True)
         self.map_files.clear()
 
-    def function(self, parts: list[Any]) -> tk.Tokenise:
+    def function(self, parts: list[Any], keep_rows: bool = False) -> tk.Tokenise:
+        """The map function; `keep_rows`: one output row per input row (a stream counts its documents)."""
         chat = any(src.CHAT in src.columns(p) for p in parts)
         return tk.Tokenise(self.tokenizer, self.template, ChatRenderer(
-            self.tokenizer, read_template(self.tokenizer, self.chat_file), self.train_on, self.eos) if chat else None)
+            self.tokenizer, read_template(self.tokenizer, self.chat_file), self.train_on, self.eos) if chat else None,
+            keep_rows=keep_rows)
 
     def fill(self, batch_size: int = 256, num_proc: int = 1, progress: bool = False):
         """``fill(write_tokens, write_mask) -> doc_starts``: tokenise and pack, chunk by chunk."""
@@ -312,7 +314,7 @@ def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_di
         loaded = src.load_parts(files, recipe.text_field, streaming=True)
         parts = [p for p, _ in loaded]
         logger.info("data %s: streamed, tokenised on the fly", _describe(items))
-        return TokenStream(parts, recipe.function(parts), seq_len, origins=[o for _, o in loaded])
+        return TokenStream(parts, recipe.function(parts, keep_rows=True), seq_len, origins=[o for _, o in loaded])
     parts = [build_packed_dataset(paths, tokenizer, seq_len, cache_dir, **options) for paths, _ in sources]
     if len(parts) == 1:
         return parts[0]
@@ -323,8 +325,8 @@ def build_training_data(items: list[str], tokenizer: Any, seq_len: int, cache_di
 
 def make_batches(train: Any, seed: int, rank: int = 0, world_size: int = 1):
     """The trainer's micro-batches (`next`, `state_dict`, `load_state_dict`) for `build_training_data`'s result."""
-    if isinstance(train, TokenStream):  # it batches itself
-        train.rank, train.world_size = rank, world_size
+    if isinstance(train, TokenStream):  # it batches itself; under torchrun each process reads its share
+        train.split(rank, world_size)
         return train
     if isinstance(train, Mixture):
         return Batches(train, MixtureSampler(train, seed, rank, world_size))

@@ -92,11 +92,13 @@ def _text_problem(text: Any) -> str | None:
 
 
 class Tokenise:
-    """The batched map function, TEXT or CHAT rows -> IDS (and MASK), dropping documents without tokens; a
-    class, so worker processes get it pickled with the tokenizer. A malformed row raises `RowError`."""
+    """The batched map function, TEXT or CHAT rows -> IDS (and MASK), dropping documents without tokens (with
+    `keep_rows`: as empty rows, one row out per row in); a class, so worker processes get it pickled with the
+    tokenizer. A malformed row raises `RowError`."""
 
-    def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None):
-        self.tokenizer, self.template, self.chat = tokenizer, template, chat
+    def __init__(self, tokenizer: Any, template: DocumentTemplate, chat: ChatRenderer | None,
+                 keep_rows: bool = False):
+        self.tokenizer, self.template, self.chat, self.keep_rows = tokenizer, template, chat, keep_rows
         self.masked = chat is not None and chat.train_on == "assistant"  # then every row gets a MASK
 
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
@@ -111,10 +113,12 @@ class Tokenise:
             if self.masked:
                 out[MASK] = [mask for _, mask in rendered]
             return out
-        texts = [t for t in batch[TEXT] if t and t.strip()]
+        texts = [t if t and t.strip() else "" for t in batch[TEXT]] if self.keep_rows else \
+            [t for t in batch[TEXT] if t and t.strip()]
         # verbose=False: the "longer than model_max_length" warning is irrelevant when packing
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)[IDS] if texts else []
-        framed = [self.template.frame(i) for i in ids if len(i)]
+        framed = [self.template.frame(i) if len(i) else [] for i in ids] if self.keep_rows else \
+            [self.template.frame(i) for i in ids if len(i)]
         # plain text beside chat under --train-on assistant: all targets
         return {IDS: framed, MASK: [[1] * len(f) for f in framed]} if self.masked else {IDS: framed}
 
