@@ -27,7 +27,9 @@ CHARS_PER_TOKEN = 3.0  # a low guess for this tokenizer, so the corpus comes out
 SMALL_CHARS_PER_TOKEN = 2.75  # measured on the big corpus (161.7M characters, 60.3M tokens)
 
 
-def make_corpus() -> None:
+def plays_and_teacher(teacher: Path) -> list[str]:
+    """The demo's plays (texts), and at `teacher` (made once) a tiny random Llama (hidden 64, 2 layers) with
+    the demo's BPE tokenizer (2,048 tokens, trained on the plays): a teacher for data and fault benchmarks."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -36,7 +38,6 @@ def make_corpus() -> None:
 
     train, val = play_files()
     plays = [p.read_text() for p in train + val]
-    teacher = ROOT / "teacher"
     if not (teacher / "config.json").is_file():
         tok = train_bpe(plays, vocab_size=2048)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -45,6 +46,11 @@ def make_corpus() -> None:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
         tok.save_pretrained(teacher)
+    return plays
+
+
+def make_corpus() -> None:
+    plays = plays_and_teacher(ROOT / "teacher")
     paragraphs = [p.strip() for play in plays for p in play.split("\n\n") if p.strip()]
     rng = random.Random(0)
     if not (ROOT / "big").is_dir():

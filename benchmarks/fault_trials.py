@@ -40,23 +40,10 @@ STEPS = 150
 
 def setup() -> tuple[Path, Path, Path]:
     """(teacher, small corpus for training, larger corpus for tokenising) under ROOT, made once."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from data_pipeline import plays_and_teacher
 
-    from lrc.demo import play_files
-    from lrc.tokenizer import train_bpe
-
-    train, val = play_files()
-    plays = [p.read_text() for p in train + val]
     teacher = ROOT / "teacher"
-    if not (teacher / "config.json").is_file():
-        tok = train_bpe(plays, vocab_size=2048)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
-        tok.save_pretrained(teacher)
+    plays = plays_and_teacher(teacher)
     paragraphs = [p.strip() for play in plays for p in play.split("\n\n") if p.strip()]
     rng = random.Random(0)
     small, large = ROOT / "small.jsonl", ROOT / "large.jsonl"

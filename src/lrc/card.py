@@ -8,7 +8,6 @@ that step and of the teacher) and commands.txt (the command lines that ran it).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -78,19 +77,10 @@ def teacher_front_matter(teacher: str | Path | None) -> dict[str, Any]:
 
 def heldout_at(run_dir: Path, step: int) -> tuple[dict[str, float], dict[str, float]]:
     """(the student's held-out record at `step`, the teacher's) from metrics.jsonl; {} where absent."""
-    student: dict[str, float] = {}
-    teacher: dict[str, float] = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a kill
-        if r.get("split") == "val" and r.get("step") == step:
-            student = r
-        elif r.get("split") == "val_teacher":
-            teacher = r
-    return student, teacher
+    from lrc.runs import heldout_by_step
+
+    by_step, teacher = heldout_by_step(run_dir)
+    return by_step.get(step, {}), teacher or {}
 
 
 def copy_licence_files(folder: Path | None, out: Path) -> list[str]:

@@ -9,7 +9,7 @@ from lrc import checkpoint as ckpt
 from lrc.config import load_run_config
 
 
-def _heldout_by_step(run_dir: Path) -> tuple[dict[int, dict], dict | None]:
+def heldout_by_step(run_dir: Path) -> tuple[dict[int, dict], dict | None]:
     """({step: the student's last held-out record at that step}, the teacher's held-out record or None)."""
     student: dict[int, dict] = {}
     teacher = None
@@ -30,7 +30,7 @@ def list_checkpoints(run_dir: Path) -> dict:
     """{"run", "teacher", "method", "teacher_loss", "checkpoints": [{"step", "tokens", "loss", "perplexity",
     "path"}]}; loss and perplexity are None where no evaluation ran at a checkpoint's step."""
     cfg = load_run_config(run_dir)  # UserError for a folder that is not a run
-    heldout, teacher = _heldout_by_step(run_dir)
+    heldout, teacher = heldout_by_step(run_dir)
     rows = []
     for folder in ckpt.checkpoint_dirs(run_dir):
         try:
