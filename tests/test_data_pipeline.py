@@ -261,6 +261,34 @@ def test_under_torchrun_each_process_streams_and_tokenises_only_its_share(tmp_pa
     assert 0 < skip < 30
 
 
+def test_a_stream_split_from_its_start_gives_each_process_its_own_files_and_resumes(tmp_path, tokenizer):
+    # With the held-out data elsewhere (--val-data), a source of 2 files under 2 processes is split by files:
+    # each process reads only its own file; a copy restored from its position continues at the same token.
+    first = write_data(tmp_path / "a", "jsonl", n_docs=12, seed=1)
+    second = write_data(tmp_path / "b", "jsonl", n_docs=12, seed=2)
+    single = build_training_data([str(first)], tokenizer, 16, None, streaming=True)
+    own = torch.tensor([t for _, _, _, _, _, ids, _ in itertools.islice(single._documents(single.position), 12)
+                        for t in ids])
+    streams = []
+    for rank in (0, 1):
+        stream = build_training_data([str(first), str(second)], tokenizer, 16, None, streaming=True)
+        assert len(stream.raw) == 1 and stream.raw[0].num_shards == 2  # one source of two files
+        streams.append(make_batches(stream, seed=0, rank=rank, world_size=2))
+    assert streams[0].split_at["strategy"] == "auto"
+    got = torch.cat([streams[0].next(1)["input_ids"].flatten() for _ in range(len(own) // 16)])
+    assert torch.equal(got, own[: len(got)])  # rank 0: the first file's documents only, in order
+    b = streams[1]
+    for _ in range(3):
+        b.next(2)
+    saved = json.loads(json.dumps({"split": b.split_at, "ranks": [None, b.position]}))
+    want = b.next(2)
+    again = build_training_data([str(first), str(second)], tokenizer, 16, None, streaming=True)
+    again.rank, again.world_size = 1, 2
+    again.load_state_dict(saved)
+    got = again.next(2)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_hub_id_is_streamed_without_known_columns(tokenizer, monkeypatch):
     # A hub stream whose features are unknown until read (a generator): columns are found by reading a row,
     # and the stream resumes exactly. Catches a full download (streaming=True not passed) too.

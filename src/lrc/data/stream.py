@@ -9,12 +9,12 @@ document and continues at the same token. After the last source the stream start
 
 Under torchrun each process reads only its share (`split`): from the point the held-out sequences and the
 calibration were taken (identically, by every process, from the whole stream), process r of W reads
-documents r, r + W, ... of each source (`datasets.distributed.split_dataset_by_node`, by examples, so the
-share does not depend on how a source is sharded into files), tokenises only those and packs its own
-sequences (the split is applied to the rows as they are read, so a process tokenises only its own; the
-tokeniser keeps one row per document, an empty one for a blank document, so the index of a document is its
-row's). A checkpoint keeps every process's position (gathered to rank 0); the run resumes on the same number
-of processes.
+documents r, r + W, ... of each source (`datasets.distributed.split_dataset_by_node` by examples; when the
+split starts at the very beginning, e.g. with --val-data, a source of W x k files is split by files, so each
+process also reads only its own files). The split applies to the rows as they are read, so a process
+tokenises only its own; the tokeniser keeps one row per document (an empty one for a blank document), so the
+index of a document is its row's. A checkpoint keeps every process's position (gathered to rank 0); the run
+resumes on the same number of processes.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ class TokenStream:
         # doc: the index of the document `state` is before, in its source (counts every row, blank ones too)
         self.position: dict[str, Any] = {"part": 0, "state": None, "offset": 0, "epoch": 0, "doc": 0}
         self._iter: Any = None
-        self.split_at: dict[str, int] | None = None  # {"part", "skip", "epoch", "world_size"} once `split`
+        self.split_at: dict[str, Any] | None = None  # {"part", "skip", "epoch", "world_size", "strategy"}
         self.first: Any = None  # the split source the split starts in, past its first `skip` documents
 
-    def split(self, rank: int, world_size: int, at: dict[str, int] | None = None) -> None:
+    def split(self, rank: int, world_size: int, at: dict[str, Any] | None = None) -> None:
         """From here on (or from the split point `at` of a checkpoint), this process reads only documents
         rank, rank + W, ... of each source: the rest of the current source past the documents already read,
         then the sources after it; later epochs read each source's share from its start."""
@@ -57,11 +57,16 @@ class TokenStream:
             return
         if at is None:
             p = self.position  # a document partly read (by the held-out sequences) is left out whole
-            at = {"part": p["part"], "skip": p.get("doc", 0) + (1 if p["offset"] > 0 else 0), "epoch": p["epoch"],
-                  "world_size": world_size}
+            skip = p.get("doc", 0) + (1 if p["offset"] > 0 else 0)
+            # From the very start (held-out data from --val-data), a source of W x k files gives each process
+            # its own files ("auto": by shards where they divide evenly); after a skip, split by examples
+            # (a skip split by shards would be divided among the processes, not applied to the source)
+            at = {"part": p["part"], "skip": skip, "epoch": p["epoch"], "world_size": world_size,
+                  "strategy": "auto" if (skip, p["part"], p["epoch"]) == (0, 0, 0) else "examples"}
+        strategy = at.get("strategy", "examples")
 
         def share(ds: Any) -> Any:
-            return split_dataset_by_node(ds, rank, world_size, strategy="examples")
+            return split_dataset_by_node(ds, rank, world_size, strategy=strategy)
 
         self.split_at = at
         self.parts = [share(p) for p in self.raw]
