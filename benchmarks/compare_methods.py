@@ -26,7 +26,8 @@ import yaml
 from _markdown import write_block
 
 from lrc.config import RunConfig
-from lrc.demo import FULL, QUICK, build_teacher, play_files
+from lrc.demo import FULL, QUICK, build_teacher
+from lrc.plays import play_files
 from lrc.run import default_cache_dir
 from lrc.trainer import distill
 

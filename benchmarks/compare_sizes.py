@@ -34,8 +34,9 @@ import torch
 from _markdown import write_block
 
 from lrc.config import RunConfig
-from lrc.demo import FULL, QUICK, build_teacher, play_files
+from lrc.demo import FULL, QUICK, build_teacher
 from lrc.loading import load_teacher_config
+from lrc.plays import play_files
 from lrc.run import default_cache_dir
 from lrc.sizing import param_counter, solve
 from lrc.trainer import distill

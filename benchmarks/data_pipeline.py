@@ -33,7 +33,7 @@ def plays_and_teacher(teacher: Path) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lrc.demo import play_files
+    from lrc.plays import play_files
     from lrc.tokenizer import train_bpe
 
     train, val = play_files()

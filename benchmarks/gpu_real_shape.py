@@ -82,7 +82,7 @@ def build_teacher(a: argparse.Namespace, folder: Path, device) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lrc.demo import play_files
+    from lrc.plays import play_files
     from lrc.tokenizer import train_bpe
 
     t0 = time.time()
@@ -108,9 +108,9 @@ def main(argv=None) -> int:
     import torch
 
     from lrc.cli import main as lrc_main
-    from lrc.demo import play_files
     from lrc.distributed import pick_device
     from lrc.errors import UserError
+    from lrc.plays import play_files
 
     try:
         device = pick_device(a.device)

@@ -33,7 +33,8 @@ import torch
 from _markdown import write_block
 
 from lrc.config import RunConfig
-from lrc.demo import FULL, build_teacher, play_files
+from lrc.demo import FULL, build_teacher
+from lrc.plays import play_files
 from lrc.run import default_cache_dir
 from lrc.trainer import TrainingDiverged, distill
 

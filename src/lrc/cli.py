@@ -92,7 +92,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lrc.export import export_run
+    from lrc.export_run import export_run
     from lrc.precision import DTYPES
 
     run = Path(args.run_dir)

@@ -236,7 +236,7 @@ class LowRankClone(nn.Module):
             self._build_shell()
 
     def plan_projections(self, tokens_per_micro_batch: int, reuse: int = 1) -> dict[str, str]:
-        """Choose generated or factored per role from the cost model (spec section 5) and apply it."""
+        """Choose generated or factored per role from the cost model (`lrc.costs`) and apply it."""
         from lrc.costs import choose_projections
 
         cfg = self.teacher.config

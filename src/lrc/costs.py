@@ -1,4 +1,4 @@
-"""The cost model of spec section 5: generated vs factored student matrices, in training FLOPs.
+"""The cost model: generated vs factored student matrices, in training FLOPs.
 
 A student matrix W_S = W_T @ P (out x d_S, W_T frozen) can be *generated* once per optimizer step and then
 applied to N tokens, or applied *factored* as W_T (P x) without ever forming it. Counting forward and

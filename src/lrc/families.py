@@ -14,7 +14,6 @@ from lrc.errors import UserError
 
 # The seven clone terms of a layer, in the order the spec lists them.
 INPUT_SIDE = ("q", "k", "v", "gate", "up")  # projection acts on the input (d_T -> d_S) side
-OUTPUT_SIDE = ("o", "down")  # projection compresses the output (d_T) side
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 

@@ -267,7 +267,7 @@ def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None
     lr = auto_lr(int(cfg.hidden_size or 0), d_t, tokens_per_step) if auto else float(cfg.lr)
     steps = None
     if cfg.max_steps is not None or cfg.max_tokens is not None:
-        from lrc.trainer import total_steps
+        from lrc.schedule import total_steps
 
         steps = total_steps(cfg, plan.nproc)
     seconds = None

@@ -1,6 +1,6 @@
 """Initialising the projections: `random` (the official code's N(0, 0.02)), `pca` (teacher-aware) and `identity`.
 
-`pca` (spec section 4): take the top-d_S principal directions U (d_T x d_S, orthonormal) of the teacher's
+`pca`: take the top-d_S principal directions U (d_T x d_S, orthonormal) of the teacher's
 residual stream on calibration batches, and set P_emb = P_o = P_down = U and P_q/k/v = diag(g_in) U s,
 P_gate/up = diag(g_post) U s with s = sqrt(d_T / d_S), folding the teacher's RMSNorm gains into the
 projections (the student gains start at 1). The student at step 0 is then the teacher seen through its

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -235,7 +236,6 @@ def is_empty(model: torch.nn.Module) -> bool:
 def read_own_shards(model: torch.nn.Module, device: torch.device) -> None:
     """Allocate an empty teacher's parameters on `device` (each process only its shards, once FSDP2 has sharded
     them) and read exactly those rows from the safetensors files; recompute the buffers (RoPE frequencies)."""
-    from lrc.sharding import read_local_rows
 
     where: dict[str, Path] = getattr(model, WEIGHT_FILES_ATTR)
     model.to_empty(device=device)
@@ -259,3 +259,22 @@ def _init_buffers(model) -> None:
     for name, buf in model.named_buffers():
         if buf.is_floating_point() and not bool(torch.isfinite(buf).all()):
             raise RuntimeError(f"buffer {name} of the teacher was not initialised after loading its shards")
+
+
+def read_local_rows(param: torch.Tensor, source) -> None:
+    """Copy this rank's rows of a whole tensor into `param` (a DTensor sharded on dim 0 by FSDP2, or a plain
+    tensor: all of it). `source` is sliceable like safetensors' `get_slice` (only the rows asked for are
+    read from the file) and may be stored in another dtype."""
+    sharded = hasattr(param, "to_local")  # a DTensor (not imported: torch builds without distributed lack it)
+    local = cast(Any, param).to_local() if sharded else param
+    rows = local.shape[0] if local.dim() else 0
+    start = 0
+    if sharded and dist.is_available() and dist.is_initialized():
+        # FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows per rank, the last ranks fewer or none
+        per_rank = -(-param.shape[0] // dist.get_world_size())
+        start = min(dist.get_rank() * per_rank, param.shape[0])
+    if local.dim() == 0:
+        local.copy_(source[...])
+        return
+    if rows:
+        local.copy_(source[start:start + rows].to(local.dtype))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lrc.precision import for_product
 
 IGNORE_INDEX = -100  # label with no target (cross_entropy's default ignore_index)
-# The activation-clone terms of a layer: the output of each module they name (spec section 3).
+# The activation-clone terms of a layer: the output of each module they name.
 CLONE_TERMS = ("q", "k", "v", "attn_out", "gate", "up", "ffn_out")
 
 

@@ -55,7 +55,7 @@ def play_items(name: str, text: str, n: int = ITEMS_PER_PLAY) -> list[dict]:
 
 def build_items(n_per_play: int = ITEMS_PER_PLAY) -> list[dict]:
     """The task's items, from the demo's held-out plays in a fixed order."""
-    from lrc.demo import HELD_OUT, play_files
+    from lrc.plays import HELD_OUT, play_files
 
     _, held_out = play_files()
     by_name = {p.stem: p for p in held_out}

@@ -29,7 +29,7 @@ On 40 calibration runs (hidden 256-2048, 2-6 layers, vocabularies 16K-128K, bf16
 with glibc's default, except one small-matrix shape with accumulation where glibc kept 2-3x more (-24%).
 GPU memory is not calibrated.
 
-FLOPs follow `lrc.costs` (the cost model of spec section 5) with the generated/factored choice per role that
+FLOPs follow `lrc.costs` (the generated-vs-factored cost model) with the generated/factored choice per role that
 `LowRankClone.plan_projections` makes, plus attention scores, which the cost model leaves out.
 """
 

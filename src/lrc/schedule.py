@@ -1,8 +1,12 @@
-"""Learning-rate schedules: linear warm-up, then cosine, linear or constant."""
+"""Learning-rate schedules (linear warm-up, then cosine, linear or constant) and the steps a run takes."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lrc.config import RunConfig
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:
@@ -17,3 +21,15 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float = 
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_ratio + (1.0 - min_ratio) * shape
+
+
+def total_steps(cfg: RunConfig, world: int) -> int:
+    """Optimizer steps of a run: --max-steps, or --max-tokens over the tokens of one step (all processes),
+    whichever is fewer."""
+    per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    limits = []
+    if cfg.max_steps is not None:
+        limits.append(cfg.max_steps)
+    if cfg.max_tokens is not None:
+        limits.append(math.ceil(cfg.max_tokens / per_step))
+    return max(0, min(limits))

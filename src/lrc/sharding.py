@@ -158,19 +158,3 @@ def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[Proj
     return unit, local_bytes(layers.parameters()), whole
 
 
-def read_local_rows(param: torch.Tensor, source) -> None:
-    """Copy this rank's rows of a whole tensor into `param` (a DTensor sharded on dim 0 by FSDP2, or a plain
-    tensor: all of it). `source` is sliceable like safetensors' `get_slice` (only the rows asked for are
-    read from the file) and may be stored in another dtype."""
-    local = param.to_local() if isinstance(param, DTensor) else param
-    rows = local.shape[0] if local.dim() else 0
-    start = 0
-    if isinstance(param, DTensor) and dist.is_initialized():
-        # FSDP2 shards dim 0 as torch.chunk does: ceil(n / world) rows per rank, the last ranks fewer or none
-        per_rank = -(-param.shape[0] // dist.get_world_size())
-        start = min(dist.get_rank() * per_rank, param.shape[0])
-    if local.dim() == 0:
-        local.copy_(source[...])
-        return
-    if rows:
-        local.copy_(source[start:start + rows].to(local.dtype))

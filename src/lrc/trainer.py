@@ -48,7 +48,7 @@ from lrc.methods import METHODS, Calibration, Method, build_method
 from lrc.precision import autocast, compute_dtype
 from lrc.refit import calibration_sequences
 from lrc.run import MetricsLog, Prepared, hold_run_dir, prepare, release_run_dirs, store_run_inputs
-from lrc.schedule import lr_factor
+from lrc.schedule import lr_factor, total_steps
 from lrc.summary import plural
 
 
@@ -89,16 +89,6 @@ class RiseWatch:
                 f"{step - RISE_WINDOW + 1}-{step}), more than {self.rise:.0%} above it: the peak learning rate "
                 f"{lr:.3g} ({how}) is too high for this student; rerun with a lower --lr (e.g. {lr / 4:.2g}), or "
                 "--stop-on-rise 0 to train on")
-
-
-def total_steps(cfg: RunConfig, world: int) -> int:
-    per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
-    limits = []
-    if cfg.max_steps is not None:
-        limits.append(cfg.max_steps)
-    if cfg.max_tokens is not None:
-        limits.append(math.ceil(cfg.max_tokens / per_step))
-    return max(0, min(limits))
 
 
 def _to(batch: dict, device) -> dict:

@@ -1,6 +1,6 @@
 """The one weight generator: every student matrix from its frozen teacher matrix and a trainable projection.
 
-Training and export both call `generate_weights` (spec section 2): input-side roles (q, k, v, gate, up, the
+Training and export both call `generate_weights`: input-side roles (q, k, v, gate, up, the
 embedding and head) are W_T @ P, output-side roles (o, down) are P^T @ W_T. A student with a narrower FFN
 (`--ffn-size M`) also narrows the intermediate side of the FFN by its layer's Q (d_ff_T x M): gate/up are
 Q^T (W_T P), down is (P^T W_T) Q (docs/student-shape.md). A role may instead be applied
