@@ -57,9 +57,9 @@ def remove_dir(path: Path) -> None:
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Put the complete folder `tmp` at `final` (replacing an existing `final`, which stays whole until the
-    moment it is renamed away), flushed to disk first."""
-    fsync_tree(tmp)
+    """Put the complete folder `tmp` (its files already flushed by the caller, e.g. `fsync_tree`) at `final`,
+    replacing an existing `final`, which stays whole until the moment it is renamed away."""
+    fsync_dir(tmp)
     if final.exists():
         if final.is_dir() and not any(final.iterdir()):
             final.rmdir()

@@ -18,6 +18,7 @@ import yaml
 
 from lrc.config import RunConfig
 from lrc.data.sources import split_weights
+from lrc.runs import heldout_by_step
 
 LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
 METHOD_NAMES = {"lrc": "Low-Rank Clone (arXiv 2505.12781)", "kd": "knowledge distillation into a random student",
@@ -77,8 +78,6 @@ def teacher_front_matter(teacher: str | Path | None) -> dict[str, Any]:
 
 def heldout_at(run_dir: Path, step: int) -> tuple[dict[str, float], dict[str, float]]:
     """(the student's held-out record at `step`, the teacher's) from metrics.jsonl; {} where absent."""
-    from lrc.runs import heldout_by_step
-
     by_step, teacher = heldout_by_step(run_dir)
     return by_step.get(step, {}), teacher or {}
 

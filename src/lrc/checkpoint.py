@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from lrc.atomic import RETIRED, clear_leftovers, fsync_tree, publish_dir, remove_dir
+from lrc.atomic import RETIRED, clear_leftovers, fsync_file, fsync_tree, publish_dir, remove_dir
 from lrc.errors import UserError
 
 PREFIX = "step-"
@@ -170,6 +170,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, method: nn.Module, optimiz
     if rank == 0:
         torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, SHARDED_OVER: world_size}, indent=1))
+        for written in ("scheduler.pt", "state.json"):  # the shards were flushed by the processes writing them
+            fsync_file(tmp / written)
         publish_dir(tmp, final)
         _retire_old(run_dir, keep)
     dist.barrier()  # no process leaves (or exits on a signal) while rank 0 still writes

@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except UserError as e:
         msg = " ".join(str(e).split())
-        print(f"lrc: error: {msg}", file=sys.stderr)
+        sys.stderr.write(f"lrc: error: {msg}\n")  # one write: under torchrun every process may print at once
+        sys.stderr.flush()
         return 2
 
 

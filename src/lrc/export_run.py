@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lrc.atomic import publish_dir
+from lrc.atomic import fsync_tree, publish_dir
 from lrc.card import CardFacts, heldout_at, teacher_folder, teacher_front_matter, write_card
 from lrc.export import chat_generation_config, save_student
 from lrc.precision import dtype_name
@@ -33,6 +33,7 @@ def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step:
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
+    fsync_tree(out)
     publish_dir(out, final)
     return chosen, described
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 from lrc.config import RunConfig
 from lrc.errors import UserError
+from lrc.lr_rule import AUTO, auto_lr
+from lrc.schedule import total_steps
 
 GiB = 1 << 30
 # Peak dense bf16 TFLOP/s and memory of the GPUs users name with --gpu (vendors' datasheets, SXM parts).
@@ -260,15 +262,11 @@ class Budget:
 
 def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None) -> Budget:
     """The learning rate `--lr auto` picks (or the one given), optimizer steps, and wall time at plan.mfu."""
-    from lrc.lr_rule import AUTO, auto_lr
-
     tokens_per_step = cfg.batch_size * cfg.grad_accum * plan.nproc * cfg.seq_len
     auto = cfg.lr == AUTO
     lr = auto_lr(int(cfg.hidden_size or 0), d_t, tokens_per_step) if auto else float(cfg.lr)
     steps = None
     if cfg.max_steps is not None or cfg.max_tokens is not None:
-        from lrc.schedule import total_steps
-
         steps = total_steps(cfg, plan.nproc)
     seconds = None
     if steps is not None and tflops:

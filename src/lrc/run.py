@@ -75,9 +75,10 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
             raise UserError(f"--resume: {run_dir} holds no run to continue (no config.yaml) and is not empty; "
                             "choose another --out")
         saved = load_run_config(run_dir)
-        # --lr auto resumes with the rate it chose when the run started (config.yaml stores the number)
+        if cfg.lr == AUTO:  # resumes with the rate it chose when the run started (config.yaml stores the number)
+            explicit = explicit - {"lr"}
         clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
-                   and getattr(cfg, k) != getattr(saved, k) and not (k == "lr" and cfg.lr == AUTO)]
+                   and getattr(cfg, k) != getattr(saved, k)]
         if clashes:
             k = clashes[0]
             raise UserError(
@@ -85,7 +86,7 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
                 f"({getattr(saved, k)!r}); drop it or start a new --out"
             )
         merged = saved.to_dict()
-        merged.update({k: getattr(cfg, k) for k in explicit if not (k == "lr" and cfg.lr == AUTO)})
+        merged.update({k: getattr(cfg, k) for k in explicit})
         cfg = RunConfig(**merged)
         return cfg, ckpt.latest_checkpoint(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):

@@ -23,6 +23,7 @@ import copy
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 
 from lrc.data.packed import PackedDataset, collate
 from lrc.data.tokenise import IDS, MASK, RowError, Tokenise
@@ -50,7 +51,7 @@ class TokenStream:
         """From here on (or from the split point `at` of a checkpoint), this process reads only documents
         rank, rank + W, ... of each source: the rest of the current source past the documents already read,
         then the sources after it; later epochs read each source's share from its start."""
-        from datasets.distributed import split_dataset_by_node
+        from datasets.distributed import split_dataset_by_node  # datasets: heavy, imported by sources lazily too
 
         self.rank, self.world_size = rank, world_size
         if world_size == 1:
@@ -175,8 +176,6 @@ class TokenStream:
         """The position (one process), or every process's and the split point (collective under torchrun)."""
         if self.split_at is None:
             return {"stream": copy.deepcopy(self.position)}
-        import torch.distributed as dist
-
         ranks: list[Any] = [None] * self.world_size
         dist.all_gather_object(ranks, copy.deepcopy(self.position))
         return {"split": dict(self.split_at), "ranks": ranks}
