@@ -26,10 +26,10 @@ import yaml
 from _markdown import write_block
 
 from lrc.config import RunConfig
-from lrc.demo import FULL, QUICK, build_teacher
-from lrc.plays import play_files
-from lrc.run import default_cache_dir
-from lrc.trainer import distill
+from lrc.data.plays import play_files
+from lrc.train.run import default_cache_dir
+from lrc.train.teacher import DEMO, DEMO_QUICK, build_teacher
+from lrc.train.trainer import distill
 
 VARIANTS = {
     "lrc (refit init)": dict(method="lrc"),
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--from-results", action="store_true", help="rewrite BENCHMARKS.md from OUT/results.json")
     args = p.parse_args(argv)
-    s = FULL if args.full else QUICK
+    s = DEMO if args.full else DEMO_QUICK
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_results:

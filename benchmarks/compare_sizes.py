@@ -2,7 +2,7 @@
 layers, and prune-kd, at equal parameter budgets and equal training tokens (demo teacher, CPU).
 
 For each budget (a share of the teacher's non-embedding parameters) the shapes are solved with
-`lrc.sizing.solve` (the same solver as `--target-params`, counting non-embedding parameters):
+`lrc.student.shape.solve` (the same solver as `--target-params`, counting non-embedding parameters):
 
 * lrc hidden: only the hidden size shrinks (the paper's LRC);
 * lrc hidden+ffn: hidden and FFN width (`--ffn-size`) shrink by a common factor;
@@ -34,12 +34,12 @@ import torch
 from _markdown import write_block
 
 from lrc.config import RunConfig
-from lrc.demo import FULL, QUICK, build_teacher
-from lrc.loading import load_teacher_config
-from lrc.plays import play_files
-from lrc.run import default_cache_dir
-from lrc.sizing import param_counter, solve
-from lrc.trainer import distill
+from lrc.data.plays import play_files
+from lrc.model.teacher import load_teacher_config
+from lrc.student.shape import param_counter, solve
+from lrc.train.run import default_cache_dir
+from lrc.train.teacher import DEMO, DEMO_QUICK, build_teacher
+from lrc.train.trainer import distill
 
 VARIANTS = {
     "lrc hidden": (("hidden",), dict(method="lrc")),
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--full", action="store_true", help="use the full demo's teacher (trained first unless cached)")
     args = p.parse_args(argv)
-    s = FULL if args.full else QUICK
+    s = DEMO if args.full else DEMO_QUICK
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir().parent / "demo"
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             cfg = RunConfig(teacher=str(teacher_dir), data=[str(x) for x in train], val_data=[str(x) for x in val],
                             out=str(run), max_tokens=args.tokens, batch_size=s.batch, seq_len=s.seq_len,
-                            lr=s.student_lr, schedule="cosine", warmup_ratio=0.05, eval_every=0,
+                            lr="auto", schedule="cosine", warmup_ratio=0.05, eval_every=0,
                             eval_batches=args.eval_batches, save_every=10**9, log_every=10,
                             cache_dir=str(cache / "tokens"), **shape, **opts)
             distill(cfg)
@@ -114,7 +114,7 @@ def write_markdown(results: dict, args, s, md: Path, command: str) -> None:
              f"FFN {s.ffn}, {s.teacher_layers} layers, vocabulary {s.vocab}, tied; {full:,} non-embedding parameters; "
              f"trained on {s.teacher_tokens:,} tokens; held-out loss {results['teacher_loss']:.3f}). Every "
              f"student trains on {args.tokens:,} tokens (sequences of {s.seq_len}, batch {s.batch}, lr "
-             f"{s.student_lr} cosine after 5% warm-up, pca init, default loss weights); held-out: 4 whole plays, "
+             f"auto cosine after 5% warm-up, pca init, default loss weights); held-out: 4 whole plays, "
              f"{args.eval_batches} batches.", "",
              "| budget | variant | shape (hidden / FFN / layers) | non-embedding params | all params | "
              "held-out loss at step 0 | held-out loss at the end | vs lrc hidden | wall time |",

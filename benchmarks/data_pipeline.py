@@ -33,8 +33,8 @@ def plays_and_teacher(teacher: Path) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lrc.plays import play_files
-    from lrc.tokenizer import train_bpe
+    from lrc.data.plays import play_files
+    from lrc.data.tokenizer import train_bpe
 
     train, val = play_files()
     plays = [p.read_text() for p in train + val]

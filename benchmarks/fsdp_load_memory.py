@@ -46,7 +46,7 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
         from helpers import corpus
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        from lrc.tokenizer import train_bpe
+        from lrc.data.tokenizer import train_bpe
 
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE), dtype=torch.bfloat16)
@@ -89,7 +89,7 @@ def forecast(teacher: Path, data: Path, nproc: int) -> tuple[int, str]:
     """The plan's peak per process for the same run (heap slack off: the runs fix the mmap threshold)."""
     from lrc.cli import build_parser
     from lrc.config import FIELDS, build_config
-    from lrc.plan import plan_run
+    from lrc.plan.estimate import plan_run
 
     args = build_parser().parse_args(lrc_argv(teacher, data, Path("unused")))
     cfg = build_config({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})

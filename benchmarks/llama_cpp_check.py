@@ -11,7 +11,7 @@ num_heads x head_dim differs from its hidden size (the demo's student: hidden 96
    smallest top-1 / top-2 gap of transformers' logits along the way, which says how close a tie came).
 
 The converter identifies a BPE tokenizer's pre-tokenizer by hashing its output on a fixed text, and knows
-only published tokenizers; the byte-level BPE that `lrc demo` trains (`lrc.tokenizer.train_bpe`, GPT-2's
+only published tokenizers; the byte-level BPE that `lrc demo` trains (`lrc.data.tokenizer.train_bpe`, GPT-2's
 split regex) is not one of them, so, where the stock lookup fails, this script tells it "gpt-2" (what
 llama.cpp's convert_hf_to_gguf_update.py would add for a new tokenizer). Nothing else in the converter is
 changed. A student of a published teacher (Llama 3, Qwen) carries that teacher's tokenizer, which it knows.
@@ -147,10 +147,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     models = list(args.model)
     if args.demo:
-        from lrc.demo import run_demo
-
-        if not (args.out / "demo" / "student").is_dir():
-            run_demo(args.out / "demo", quick=True)
+        if not (args.out / "demo" / "student").is_dir():  # the demo as a user runs it: its command
+            subprocess.run([sys.executable, "-m", "lrc", "demo", "--quick", "--out", str(args.out / "demo")],
+                           check=True)
         models.append(args.out / "demo" / "student")
     if not models:
         p.error("give --model DIR or --demo")

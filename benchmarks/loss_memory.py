@@ -9,7 +9,7 @@ on CPU, peak allocated memory on CUDA).
 
 from __future__ import annotations
 
-from lrc.bench import SHAPES, measure_in_subprocess
+from lrc.train.bench import SHAPES, measure_in_subprocess
 
 
 def main() -> None:

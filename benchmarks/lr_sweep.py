@@ -1,9 +1,9 @@
 """Learning rate x student width on two small teachers of different family and corpus, and pca vs refit init.
 
-The evidence behind `--lr auto` (`lrc.lr_rule`) and `--init refit` (`lrc.refit`), in BENCHMARKS.md:
+The evidence behind `--lr auto` (`lrc.optim.lr_rule`) and `--init refit` (`lrc.student.refit`), in BENCHMARKS.md:
 
 * `llama-plays`: the full demo's teacher (Llama, hidden 256, 4 layers, Shakespeare, 500K tokens; built and
-  cached by `lrc.demo.build_teacher`, so `lrc demo` reuses it);
+  cached by `lrc.train.teacher.build_teacher`, so `lrc demo` reuses it);
 * `qwen3-code`: a Qwen3 (hidden 192, 3 layers, untied head, its own 2048-token BPE) trained here on 400K
   tokens of the Python standard library's top-level modules (every tenth file held out).
 
@@ -14,7 +14,7 @@ at once, and a run already there is skipped, so the sweep can be run in short ch
     python benchmarks/lr_sweep.py teachers
     python benchmarks/lr_sweep.py runs --lrs 5e-4 1e-3 2e-3 4e-3 8e-3 [--cells llama-plays:128 ...] [--init refit]
     python benchmarks/lr_sweep.py runs --lrs auto --init pca refit
-    python benchmarks/lr_sweep.py fit          # least squares of the best lr on the width: lrc.lr_rule's constants
+    python benchmarks/lr_sweep.py fit          # least squares of the best lr on the width: lr_rule's constants
     python benchmarks/lr_sweep.py report [--markdown BENCHMARKS.md]
 """
 
@@ -33,23 +33,23 @@ import torch
 from _markdown import write_block
 
 from lrc.config import RunConfig
-from lrc.demo import FULL, build_teacher
-from lrc.plays import play_files
-from lrc.run import default_cache_dir
-from lrc.trainer import TrainingDiverged, distill
+from lrc.data.plays import play_files
+from lrc.train.run import default_cache_dir
+from lrc.train.teacher import DEMO, build_teacher
+from lrc.train.trainer import TrainingDiverged, distill
 
 WORK = Path("/tmp/lrc15")
 # A width series on the same plays, tokenizer, depth (2 layers) and tokens (1M): what changes is d_T alone
 # (the learning rate's dependence on absolute width, issue 21). head_dim 64 as in Llama 3; FFN 2.75 d_T.
-_SERIES = replace(FULL, teacher_layers=2, teacher_tokens=1_000_000)
+_SERIES = replace(DEMO, teacher_layers=2, teacher_tokens=1_000_000)
 WIDE = {"plays-w256": replace(_SERIES, teacher_hidden=256, heads=4, kv_heads=2, ffn=704, teacher_lr=2e-3),
         "plays-w512": replace(_SERIES, teacher_hidden=512, heads=8, kv_heads=4, ffn=1408, teacher_lr=1.4e-3),
         "plays-w1024": replace(_SERIES, teacher_hidden=1024, heads=16, kv_heads=8, ffn=2816, teacher_lr=1e-3)}
 WIDTHS = {"llama-plays": (128, 96, 64), "qwen3-code": (96, 72, 48),  # half, between, quarter
           **{k: (s.teacher_hidden // 2, s.teacher_hidden // 4) for k, s in WIDE.items()}}
-TEACHER_WIDTH = {"llama-plays": FULL.teacher_hidden, "qwen3-code": 192,
+TEACHER_WIDTH = {"llama-plays": DEMO.teacher_hidden, "qwen3-code": 192,
                  **{k: s.teacher_hidden for k, s in WIDE.items()}}
-TEACHER_TOKENS = {"llama-plays": FULL.teacher_tokens, "qwen3-code": 400_000,
+TEACHER_TOKENS = {"llama-plays": DEMO.teacher_tokens, "qwen3-code": 400_000,
                   **{k: s.teacher_tokens for k, s in WIDE.items()}}
 SEQ, BATCH = 128, 8
 START, END = "<!-- lr_sweep:start -->", "<!-- lr_sweep:end -->"
@@ -72,9 +72,9 @@ def build_code_teacher(cache: Path) -> Path:
     """A Qwen3 on Python source, trained with the project's own trainer (`--method scratch`)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from lrc.export import save_student
-    from lrc.run import load_run
-    from lrc.tokenizer import train_bpe
+    from lrc.data.tokenizer import train_bpe
+    from lrc.model.export import save_student
+    from lrc.train.run import load_run
 
     home = cache / "teacher-qwen3-code"
     model_dir = home / "teacher"
@@ -113,7 +113,7 @@ def teachers(names=None) -> dict[str, tuple[Path, list[Path], list[Path]]]:
             ctrain, cval = code_files()
             out[name] = (build_code_teacher(WORK), ctrain, cval)
         else:
-            out[name] = (build_teacher(WIDE.get(name, FULL), train, val, demo_cache)[0], train, val)
+            out[name] = (build_teacher(WIDE.get(name, DEMO), train, val, demo_cache)[0], train, val)
     return out
 
 
@@ -207,7 +207,7 @@ def best_lr(runs: dict[str, dict]) -> tuple[float, float, float]:
 
 
 def cmd_fit(results: dict) -> None:
-    """Least squares of log(vertex lr) on log(2 d_S / d_T): the constants of lrc.lr_rule."""
+    """Least squares of log(vertex lr) on log(2 d_S / d_T): the constants of lrc.optim.lr_rule."""
     import math
 
     pts = []
@@ -292,7 +292,7 @@ def _loss_cell(r: dict | None, t: float) -> str:
 def write_report21(results: dict, md: Path) -> None:
     """Issue 21's tables: the width series against the 1/d_T rule, the rule at the paper's shapes, and pca vs
     refit (held-out KL at step 0 and at the end, fp32/bf16, with and without layer 0)."""
-    from lrc.lr_rule import auto_lr
+    from lrc.optim.lr_rule import auto_lr
 
     lines = [START21, "", "### Final held-out loss by learning rate on the width series (refit init, half width; "
              "columns are multiples of the rule's value; % above the teacher's held-out loss)", "",

@@ -109,28 +109,28 @@ def labelled(obj, name, label, stepwise=False):
 if touch:
     # Read every teacher weight once, as a long run does: a checkpoint in the storage dtype is memory-mapped,
     # and an untied input embedding would otherwise stay resident only for the few tokens of this corpus.
-    import lrc.run
-    load = lrc.run.load_teacher
+    import lrc.train.run
+    load = lrc.train.run.load_teacher
     def load_touched(*a, **k):
         model = load(*a, **k)
         for p in model.parameters():
             float(p.detach().sum())
         return model
-    lrc.run.load_teacher = load_touched
+    lrc.train.run.load_teacher = load_touched
 
 if trace:
     import torch
-    import lrc.checkpoint, lrc.init, lrc.run, lrc.trainer, lrc.losses, lrc.weights
-    from lrc.clone import LowRankClone
-    labelled(lrc.run, "load_teacher", "load teacher")
-    labelled(lrc.init, "init_pca", "init (pca)")
-    labelled(lrc.trainer, "build_method", "build method")
-    labelled(lrc.trainer, "_evaluate", "eval")
-    labelled(lrc.checkpoint, "save_checkpoint", "save")
-    labelled(lrc.weights.StepWeights, "__init__", "step weights", True)
-    labelled(lrc.weights.StepWeights, "finish", "finish", True)
+    import lrc.train.checkpoint, lrc.student.init, lrc.train.run, lrc.train.trainer, lrc.model.losses, lrc.model.weights
+    from lrc.model.clone import LowRankClone
+    labelled(lrc.train.run, "load_teacher", "load teacher")
+    labelled(lrc.student.init, "init_pca", "init (pca)")
+    labelled(lrc.train.trainer, "build_method", "build method")
+    labelled(lrc.train.trainer, "_evaluate", "eval")
+    labelled(lrc.train.checkpoint, "save_checkpoint", "save")
+    labelled(lrc.model.weights.StepWeights, "__init__", "step weights", True)
+    labelled(lrc.model.weights.StepWeights, "finish", "finish", True)
     labelled(LowRankClone, "forward", "forward", True)
-    labelled(lrc.losses._FusedKDLMLoss, "forward", "loss", True)
+    labelled(lrc.model.losses._FusedKDLMLoss, "forward", "loss", True)
     labelled(torch.Tensor, "backward", "backward", True)
     labelled(torch.autograd, "backward", "backward", True)
     step = torch.optim.AdamW.step
@@ -159,7 +159,7 @@ RUNTIME_CHILD = r"""
 import json
 import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import lrc.cli, lrc.trainer, lrc.clone, lrc.students, lrc.data, lrc.init, lrc.export
+import lrc.cli, lrc.train.trainer, lrc.model.clone, lrc.student.baselines, lrc.data, lrc.student.init, lrc.model.export
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
         print("@@RESULT " + json.dumps({"peak": int(line.split()[1]) * 1024}))
@@ -184,7 +184,7 @@ def save_teacher(shape: dict, dtype: str, path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lrc.tokenizer import train_bpe
+    from lrc.data.tokenizer import train_bpe
 
     kw = dict(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
               num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
@@ -222,7 +222,7 @@ def distill_args(shape: dict, teacher: Path, data: Path, out: Path, teacher_dtyp
 def predict(argv: list[str], heap_slack: bool | None = None):
     from lrc.cli import build_parser
     from lrc.config import FIELDS, build_config
-    from lrc.plan import plan_run
+    from lrc.plan.estimate import plan_run
 
     args = build_parser().parse_args(argv)
     cfg = build_config({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})

@@ -1,7 +1,7 @@
-"""Evidence for the refit's constants (`lrc.refit.RIDGE_PER_DIM`, `FIT_TOKENS_PER_DIM`): held-out KL to the teacher at
-step 0 as the calibration tokens per teacher dimension and the ridge vary, with the student's weights in fp32
-and rounded to bf16 (what a bf16 export computes with), on the width series of `lr_sweep.py` (d_T 256, 512,
-1024; trained teachers, nothing downloaded). No training: each cell is pca on the fit batches, the refit
+"""Evidence for the refit's constants (`lrc.student.refit.RIDGE_PER_DIM`, `FIT_TOKENS_PER_DIM`): held-out KL to
+the teacher at step 0 as the calibration tokens per teacher dimension and the ridge vary, with the student's
+weights in fp32 and rounded to bf16 (what a bf16 export computes with), on the width series of `lr_sweep.py`
+(d_T 256, 512, 1024; trained teachers, nothing downloaded). No training: each cell is pca on the fit batches, the refit
 (unguarded, so its own value shows), and the KL on 64 held-out sequences of held-out plays.
 
     python benchmarks/refit_ridge.py [--teachers plays-w256 plays-w512 plays-w1024] [--markdown BENCHMARKS.md]
@@ -19,11 +19,12 @@ import torch
 from _markdown import write_block
 from lr_sweep import SEQ, TEACHER_WIDTH, WORK, teachers
 
-from lrc.clone import LowRankClone
 from lrc.data import build_packed_dataset, collate
-from lrc.init import init_pca
-from lrc.loading import load_teacher, load_tokenizer
-from lrc.refit import calibration_loss, refit_projections
+from lrc.data.tokenizer import load_tokenizer
+from lrc.model.clone import LowRankClone
+from lrc.model.teacher import load_teacher
+from lrc.student.init import init_pca
+from lrc.student.refit import calibration_loss, refit_projections
 
 START, END = "<!-- refit_ridge:start -->", "<!-- refit_ridge:end -->"
 TOKENS_PER_DIM = (4, 8, 16, 32, 64)

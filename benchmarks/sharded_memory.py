@@ -34,7 +34,7 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
     from conftest import make_teacher
     from helpers import corpus, write_data
 
-    from lrc.tokenizer import train_bpe
+    from lrc.data.tokenizer import train_bpe
 
     tok = train_bpe(corpus(), vocab_size=300)
     teacher = make_teacher("llama", False, vocab_size=len(tok), **SHAPE)

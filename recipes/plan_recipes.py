@@ -2,7 +2,7 @@
 recipes/teachers/, so no download): GPUs, peak memory per GPU, tokens/s and the time for the recipe's tokens.
 
     python recipes/plan_recipes.py           # print each recipe's line, and whether its file still says it
-    python recipes/plan_recipes.py --write   # rewrite the lines in the files (after a change to lrc.plan)
+    python recipes/plan_recipes.py --write   # rewrite the lines in the files (after a change to lrc.plan.estimate)
 
 tests/test_recipes.py checks that every recipe's file holds the line this computes, so none goes stale.
 """
@@ -26,8 +26,8 @@ def recipes() -> list[Path]:
 def plan_recipe(path: Path):
     """`lrc plan --config PATH --nproc 8 --device cuda --device-tflops 989` with the shipped teacher config."""
     from lrc.config import build_config, read_yaml
-    from lrc.loading import load_teacher_config
-    from lrc.plan import plan_from_config
+    from lrc.model.teacher import load_teacher_config
+    from lrc.plan.estimate import plan_from_config
 
     values = read_yaml(path)
     cfg = build_config(values)
@@ -36,13 +36,14 @@ def plan_recipe(path: Path):
 
 
 def plan_line(path: Path) -> str:
-    from lrc.plan import GiB, _count_str, _duration
+    from lrc.log import human_count, human_duration
+    from lrc.plan.memory import GiB
 
     p = plan_recipe(path)
     return (f"# plan: {GPUS} x {GPU_NAME} ({TFLOPS:g} TFLOP/s bf16, {MFU:.0%} assumed): peak "
             f"{p.peak_bytes / GiB:.1f} GiB per GPU, {p.tokens_per_s * GPUS:,.0f} tokens/s, "
-            f"{_duration(p.hours)} for {_count_str(p.budget_tokens)} tokens; student {p.student_shape}, "
-            f"{_count_str(p.student_params)} parameters")
+            f"{human_duration(p.hours)} for {human_count(p.budget_tokens)} tokens; student {p.student_shape}, "
+            f"{human_count(p.student_params)} parameters")
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ current folder, for the chat walk-through of README.md."""
 import json
 import re
 
-from lrc.plays import play_files
+from lrc.data.plays import play_files
 
 
 def speeches(path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from conftest import make_teacher
 
-from lrc.tokenizer import train_bpe
+from lrc.data.tokenizer import train_bpe
 
 WORDS = ("the king queen castle night sword river crown ghost storm heart love death honour play "
          "speak dream gold field wind rose").split()

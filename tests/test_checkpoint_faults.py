@@ -7,8 +7,8 @@ import errno
 import pytest
 import torch
 
-from lrc import checkpoint as ckpt
 from lrc.errors import UserError
+from lrc.train import checkpoint as ckpt
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

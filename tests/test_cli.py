@@ -18,8 +18,8 @@ import yaml
 from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
-from lrc import checkpoint as ckpt
 from lrc.cli import main
+from lrc.train import checkpoint as ckpt
 
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
           "--lr", "3e-3", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1"]

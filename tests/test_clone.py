@@ -10,13 +10,14 @@ import torch
 from conftest import assert_gradients_close, make_teacher, packed_batch
 from transformers import AutoModelForCausalLM
 
-from lrc.clone import LowRankClone
 from lrc.errors import UserError
-from lrc.export import export_student
-from lrc.init import init_identity, init_pca, init_random
-from lrc.losses import LossWeights, TokenCounts
-from lrc.methods import LRC, build_method
-from lrc.weights import StepWeights
+from lrc.methods.lrc import LRC
+from lrc.methods.registry import build_method
+from lrc.model.clone import LowRankClone
+from lrc.model.export import export_student
+from lrc.model.losses import LossWeights, TokenCounts
+from lrc.model.weights import StepWeights
+from lrc.student.init import init_identity, init_pca, init_random
 
 # Relative gradient tolerance (per tensor, against its own norm) for fp32 paths that differ only in the order
 # of operations: the worst measured is 7e-7 (P_down); 1e-5 leaves 14x margin and catches an error of 0.001%
@@ -261,14 +262,14 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
     """With gradient checkpointing each layer generates its own weights inside the checkpointed layer (and
     again in backward, per micro-batch); the losses and every trainable's gradient equal today's path, which
     generates every layer up front (and keeps the step's weights over the micro-batches)."""
-    import lrc.clone
+    import lrc.model.clone
     from lrc.config import RunConfig
 
     teacher = make_teacher(family, tied)
     batches = [packed_batch(seed=s) for s in range(accum)]
     per_layer_calls = []
-    layer_weights = lrc.clone.generate_layer_weights
-    monkeypatch.setattr(lrc.clone, "generate_layer_weights",
+    layer_weights = lrc.model.clone.generate_layer_weights
+    monkeypatch.setattr(lrc.model.clone, "generate_layer_weights",
                         lambda clone, i: per_layer_calls.append(i) or layer_weights(clone, i))
     result = {}
     for ckpt in (False, True):

@@ -1,4 +1,4 @@
-from lrc.costs import factored_crossover_tokens, factored_flops, generated_flops, lrc_step_floor
+from lrc.model.costs import factored_crossover_tokens, factored_flops, generated_flops, lrc_step_floor
 
 
 def test_crossover_is_where_the_costs_meet():

@@ -24,9 +24,10 @@ from lrc.data import (
     build_training_data,
     make_batches,
 )
+from lrc.data.labels import IGNORE_INDEX
+from lrc.data.tokenizer import train_bpe
 from lrc.errors import UserError
-from lrc.losses import IGNORE_INDEX, kl_positions
-from lrc.tokenizer import train_bpe
+from lrc.model.losses import kl_positions
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -1,4 +1,4 @@
-"""`--device`: which device each process takes (`lrc.distributed.pick_device`), alone and under torchrun.
+"""`--device`: which device each process takes (`lrc.distributed.processes.pick_device`), alone and under torchrun.
 
 CUDA is faked (`torch.cuda.is_available` / `device_count` monkeypatched), so this runs on CPU-only machines;
 `torch.device("cuda:1")` is only a name and needs no GPU."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrc import distributed
-from lrc.distributed import init_distributed, pick_device
+from lrc.distributed import processes as distributed
+from lrc.distributed.processes import init_distributed, pick_device
 from lrc.errors import UserError
 
 

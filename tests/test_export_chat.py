@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrc.cli import main
 from lrc.data import build_packed_dataset
-from lrc.evaluate import evaluate_models, heldout_loss, model_loss
-from lrc.run import load_run
-from lrc.tokenizer import train_bpe
+from lrc.data.tokenizer import train_bpe
+from lrc.eval.models import evaluate_models
+from lrc.train.heldout import heldout_loss, model_loss
+from lrc.train.run import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
@@ -149,7 +150,7 @@ def test_eval_side_by_side_scores_every_model_on_the_same_tokens(chat_run):
                                        [str(chat_run / "chat.jsonl")], seq_len=64,
                                        chat_template=str(chat_run / "chat.jinja"))
     assert teacher["targets"] == student["targets"] == "assistant" and teacher["tokens"] == student["tokens"]
-    from lrc.eval_table import format_text
+    from lrc.eval.table import format_text
 
     assert format_text([teacher, student]).splitlines()[0].split()[:4] == ["model", "parameters", "loss", "(assistant)"]
 
@@ -158,7 +159,7 @@ def test_a_hub_teachers_card_and_licence_files_are_fetched_and_offline_is_no_err
     # A hub teacher's LICENSE/USE_POLICY are not fetched by loading the model: the export asks for them.
     import huggingface_hub
 
-    from lrc.card import copy_licence_files, teacher_folder, teacher_front_matter
+    from lrc.publish.card import copy_licence_files, teacher_folder, teacher_front_matter
 
     hub = tmp_path / "snapshot"
     hub.mkdir()

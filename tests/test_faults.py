@@ -19,8 +19,8 @@ import torch
 from helpers import env, kill_tree, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
-from lrc import checkpoint as ckpt
 from lrc.cli import main
+from lrc.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
@@ -208,14 +208,14 @@ DISK_FULL = textwrap.dedent("""
     import errno, os, sys
     import safetensors.torch
     from torch.distributed.checkpoint import filesystem
-    import lrc.checkpoint
+    import lrc.train.checkpoint
     calls = []
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     def save_file(*args, **kwargs):
         calls.append(1)
         return (full if len(calls) == 2 else safetensors.torch.save_file)(*args, **kwargs)
-    lrc.checkpoint.save_file = save_file
+    lrc.train.checkpoint.save_file = save_file
     write_data = filesystem._FileSystemWriter.write_data
     def sharded_write(self, *args, **kwargs):
         calls.append(1)

@@ -12,10 +12,10 @@ import pytest
 from helpers import save_teacher, write_data
 from transformers import LlamaConfig
 
-from lrc import fit
 from lrc.cli import main
 from lrc.errors import UserError
-from lrc.lr_rule import auto_lr
+from lrc.optim.lr_rule import auto_lr
+from lrc.plan import verdict as fit
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 GiB = 1 << 30
@@ -143,7 +143,7 @@ def test_distill_warns_before_any_weights_load(tmp_path, monkeypatch, capsys):
         raise RuntimeError("weights loaded")
 
     monkeypatch.setattr(fit, "device_memory", lambda device, local: (1 << 20, "a 1 MiB test device"))
-    monkeypatch.setattr("lrc.run.load_teacher", no_loading)
+    monkeypatch.setattr("lrc.train.run.load_teacher", no_loading)
     with pytest.raises(RuntimeError, match="weights loaded"):
         main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "run"),
               "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--max-steps", "1", "--device", "cpu"])

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
 CHECK = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    from lrc.loading import load_empty_teacher, load_teacher, is_empty
-    from lrc.sharding import gathered, shard_teacher
+    from lrc.model.teacher import load_empty_teacher, load_teacher, is_empty
+    from lrc.distributed.fsdp import gathered
+    from lrc.model.teacher import shard_teacher
     dist.init_process_group("gloo")
     path, dtype = sys.argv[1], sys.argv[2]
     whole = load_teacher(path, dtype=dtype)
@@ -68,7 +69,7 @@ def test_other_checkpoints_fall_back_to_the_whole_load(teachers, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from lrc.errors import UserError
-    from lrc.loading import load_empty_teacher, load_teacher
+    from lrc.model.teacher import load_empty_teacher, load_teacher
 
     src = teachers["llama"]
     broken = tmp_path / "broken"

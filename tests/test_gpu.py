@@ -89,7 +89,7 @@ def relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_resume_matches_a_straight_run_and_export_matches_the_student(tmp_path, teacher, data, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lrc.run import load_run
+    from lrc.train.run import load_run
 
     # A constant schedule, as in tests/test_cli.py: a run planned for 4 steps and extended to 8 follows the
     # schedule of an 8-step run only when the schedule does not depend on --max-steps.

@@ -25,13 +25,13 @@ def _only_json(capsys, argv):
 
 
 def test_bench_json_is_alone_on_stdout(capsys, monkeypatch):
-    import lrc.bench
+    import lrc.cli
 
     def fake(**kwargs):
         print("small accum 1: overhead 1.5")  # what the real one prints per row
         return [{"shape": "small"}]
 
-    monkeypatch.setattr(lrc.bench, "run_bench", fake)
+    monkeypatch.setattr(lrc.cli, "run_bench", fake)  # the name `lrc bench` calls
     assert _only_json(capsys, ["bench", "--shapes", "small", "--json"]) == [{"shape": "small"}]
 
 

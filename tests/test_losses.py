@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lrc.losses import kd_lm_loss, masked_mse, next_token_labels, reference_kd_lm_loss
+from lrc.data.labels import next_token_labels
+from lrc.model.losses import kd_lm_loss, masked_mse, reference_kd_lm_loss
 
 
 def _inputs(n=13, v=11, ds=5, dt=7, seed=0):

@@ -1,4 +1,4 @@
-"""`--lr auto` (lrc.lr_rule): the rule, the value stored in the run's config, resume, an explicit --lr."""
+"""`--lr auto` (lrc.optim.lr_rule): the rule, the value stored in the run's config, resume, an explicit --lr."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 from helpers import records, run, save_teacher, write_data
 
-from lrc import lr_rule
+from lrc.optim import lr_rule
 
 ARGS = ["--hidden-size", "16", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
         "2", "--eval-batches", "1", "--log-every", "1", "--schedule", "constant", "--save-every", "1"]
@@ -63,12 +63,12 @@ def test_auto_is_stored_printed_and_not_rerun_on_resume(tmp_path, inputs, monkey
     assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([expected] * 2)
 
     # resume reads the stored number: the rule is not consulted again, even if it has changed since
-    import lrc.trainer
+    import lrc.train.trainer
 
     def changed_rule(*args):
         raise AssertionError("--resume ran the --lr auto rule again")
 
-    monkeypatch.setattr(lrc.trainer, "auto_lr", changed_rule)
+    monkeypatch.setattr(lrc.train.trainer, "auto_lr", changed_rule)
     run("distill", "--out", out, "--resume", "--max-steps", "4")
     assert _saved_lr(out) == expected
     assert [r["lr"] for r in records(out) if r.get("split") == "train"] == pytest.approx([expected] * 4)

@@ -15,8 +15,8 @@ from helpers import corpus
 
 from lrc.cli import main
 from lrc.data import build_packed_dataset, build_training_data
+from lrc.data.tokenizer import train_bpe
 from lrc.errors import UserError
-from lrc.tokenizer import train_bpe
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import make_teacher, packed_batch
 
-from lrc.clone import LowRankClone
 from lrc.config import RunConfig
-from lrc.methods import Direct, build_method
-from lrc.students import pruned_student
+from lrc.methods.direct import Direct
+from lrc.methods.registry import build_method
+from lrc.model.clone import LowRankClone
+from lrc.student.baselines import pruned_student
 
 
 def _cfg(method, **kw):
@@ -59,7 +60,7 @@ def test_prune_kd_starts_from_the_selected_channels():
         assert torch.equal(s[p + "mlp.down_proj.weight"], t[p + "mlp.down_proj.weight"][keep])
         assert torch.equal(s[p + "input_layernorm.weight"], t[p + "input_layernorm.weight"][keep])
     # the kept channels are the most energetic ones of the residual stream
-    from lrc.init import residual_second_moment
+    from lrc.student.init import residual_second_moment
 
     energy = residual_second_moment(LowRankClone(teacher, 40), [{"input_ids": ids, "position_ids": pos}]).diagonal()
     assert energy[keep].min() >= energy[[i for i in range(64) if i not in kept]].max()
@@ -75,8 +76,8 @@ def test_lrc_ablations_switch_terms_off():
 
 
 def test_held_out_batches_in_lockstep_for_a_sharded_teacher():
-    from lrc.distributed import DistInfo
-    from lrc.evaluate import eval_batches
+    from lrc.distributed.processes import DistInfo
+    from lrc.train.heldout import eval_batches
 
     # 7 sequences, 2 ranks, batches of 2: rank 0 has 4 sequences (2 batches), rank 1 has 3 (2 batches),
     # with 5 sequences rank 1 has 2 (1 batch) and must run one more, uncounted, forward in lockstep.
@@ -102,10 +103,10 @@ def one_rank_group():
 def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
     """FSDP2's unit (one rank here: torchrun tests cover two) gathers the projections where the student is
     generated, keeps the clone-term gradients of the micro-batches and sends all of them to the shards."""
-    from lrc.distributed import DistInfo
-    from lrc.losses import next_token_labels
-    from lrc.sharding import gathered, is_sharded
-    from lrc.trainer import train_step
+    from lrc.data.labels import next_token_labels
+    from lrc.distributed.fsdp import gathered, is_sharded
+    from lrc.distributed.processes import DistInfo
+    from lrc.train.trainer import train_step
 
     teacher = make_teacher("llama", False)
     runs = []
@@ -140,7 +141,7 @@ def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
 def _uneven_batch(rows: int = 8, seq: int = 24, seed: int = 5) -> dict:
     """Packed rows with assistant-only targets of very uneven length (1 to seq-2 tokens) and right padding on
     some rows: micro-batches of these hold very different numbers of KL, CE and clone tokens."""
-    from lrc.losses import IGNORE_INDEX, next_token_labels
+    from lrc.data.labels import IGNORE_INDEX, next_token_labels
 
     g = torch.Generator().manual_seed(seed)
     ids, pos = packed_batch(batch=rows, seq=seq, seed=seed)
@@ -161,8 +162,8 @@ def _uneven_batch(rows: int = 8, seq: int = 24, seed: int = 5) -> dict:
 def test_a_step_is_token_weighted_whatever_the_micro_batch_split(method_name):
     """--grad-accum 4 --batch-size 2 == --batch-size 8: every term (CE, KL, clone) is a mean over the step's
     tokens, not a mean of micro-batch means (which weighs a micro-batch of one target token like a full one)."""
-    from lrc.distributed import DistInfo
-    from lrc.trainer import train_step
+    from lrc.distributed.processes import DistInfo
+    from lrc.train.trainer import train_step
 
     teacher = make_teacher("llama", False)
     batch = _uneven_batch()

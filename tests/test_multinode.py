@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import env, records, save_teacher, write_data
 
-from lrc import checkpoint as ckpt
+from lrc.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # scripts/gpu_check.sh runs this on CUDA (NCCL, one GPU per process) where several GPUs are lent

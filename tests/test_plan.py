@@ -13,21 +13,15 @@ from conftest import make_teacher, packed_batch
 from transformers import LlamaConfig
 
 from lrc.cli import main
-from lrc.clone import LowRankClone
 from lrc.config import RunConfig
-from lrc.export import build_student_model
-from lrc.methods import LRC
-from lrc.plan import (
-    GiB,
-    Shape,
-    activation_bytes,
-    choose_roles,
-    plan_from_config,
-    shape_of,
-    startup_summary,
-    trainable_params,
-)
-from lrc.precision import upcast_frozen_modules
+from lrc.methods.lrc import LRC
+from lrc.model.clone import LowRankClone
+from lrc.model.export import build_student_model
+from lrc.model.precision import upcast_frozen_modules
+from lrc.plan.estimate import plan_from_config
+from lrc.plan.memory import GiB, activation_bytes
+from lrc.plan.report import startup_summary
+from lrc.plan.shape import Shape, choose_roles, shape_of, trainable_params
 
 ALL_TERMS = {"q", "k", "v", "gate", "up", "attn_out", "ffn_out"}
 

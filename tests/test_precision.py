@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import make_teacher, packed_batch
 
-from lrc.clone import LowRankClone
+from lrc.data.labels import next_token_labels
 from lrc.errors import UserError
-from lrc.init import init_identity, init_pca
-from lrc.losses import TokenCounts, next_token_labels
-from lrc.methods import LRC
-from lrc.precision import checkpoint_dtype, upcast_frozen_modules
-from lrc.weights import StepWeights, generate_weights
+from lrc.methods.lrc import LRC
+from lrc.model.clone import LowRankClone
+from lrc.model.losses import TokenCounts
+from lrc.model.precision import checkpoint_dtype, upcast_frozen_modules
+from lrc.model.weights import StepWeights, generate_weights
+from lrc.student.init import init_identity, init_pca
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lrc.cli import main
-from lrc.loading import load_teacher
-from lrc.run import load_run
+from lrc.model.teacher import load_teacher
+from lrc.train.run import load_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3",

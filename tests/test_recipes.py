@@ -25,7 +25,7 @@ def test_the_issue_s_recipes_are_there():
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_plans_as_its_header_says_and_fits(name):
     # Catches a recipe that no longer parses (a renamed option), a teacher config missing from
-    # recipes/teachers, and figures gone stale after a change to lrc.plan (rerun plan_recipes.py --write).
+    # recipes/teachers, and figures gone stale after a change to lrc.plan.estimate (rerun plan_recipes.py --write).
     path = RECIPES / name
     values = read_yaml(path)
     assert set(values) <= set(FIELDS) and "data" not in values and "out" not in values  # the user's to give

@@ -1,4 +1,4 @@
-"""`--init refit`: least-squares refit of each layer's projections after pca (lrc.refit)."""
+"""`--init refit`: least-squares refit of each layer's projections after pca (lrc.student.refit)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import make_teacher, packed_batch
 
-from lrc import refit as refit_mod
-from lrc.clone import LowRankClone
-from lrc.init import init_pca
-from lrc.losses import LossWeights
-from lrc.methods import LRC
-from lrc.refit import refit_projections
+from lrc.methods.lrc import LRC
+from lrc.model.clone import LowRankClone
+from lrc.model.losses import LossWeights
+from lrc.student import refit as refit_mod
+from lrc.student.init import init_pca
+from lrc.student.refit import refit_projections
 
 
 def _batches(n=2, batch=4, seq=32, seed=1):
@@ -91,7 +91,7 @@ def test_refit_is_deterministic():
 
 @pytest.mark.parametrize("upcast", [True, False])
 def test_refit_runs_on_a_bf16_teacher(upcast):
-    from lrc.precision import upcast_frozen_modules
+    from lrc.model.precision import upcast_frozen_modules
 
     teacher = make_teacher("qwen3", False).to(torch.bfloat16)
     if upcast:  # as loading does under --precision fp32: the bf16-stored teacher computes in fp32

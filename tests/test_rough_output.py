@@ -13,8 +13,10 @@ from helpers import save_teacher, write_data
 from lrc import log
 from lrc.cli import main
 from lrc.config import RunConfig, build_config
-from lrc.plan import NOT_PLANNED, _count_str, plan_from_config, plan_json
-from lrc.summary import describe_init, plural
+from lrc.log import human_count
+from lrc.plan.estimate import NOT_PLANNED, plan_from_config
+from lrc.plan.report import plan_json
+from lrc.train.summary import describe_init, plural
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
@@ -45,7 +47,7 @@ def test_init_and_counts_in_words():
                    "calibration tokens 0.001 after pca, 0.0006 after refit (refit kept); something new 3")
     assert describe_init("kd", "refit", {}) == ""
     assert [plural(n, "step") for n in (0, 1, 2, 12000)] == ["0 steps", "1 step", "2 steps", "12,000 steps"]
-    assert [_count_str(n) for n in (18_860_000_000, 350e6, 50_208, 7)] == ["18.9B", "350M", "50.2K", "7"]
+    assert [human_count(n) for n in (18_860_000_000, 350e6, 50_208, 7)] == ["18.9B", "350M", "50.2K", "7"]
 
 
 def _plan_teacher(tmp_path):
@@ -103,7 +105,7 @@ def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(tmp_path, monkeypatch, c
     import lm_eval
     import lm_eval.evaluator
 
-    from lrc.tasks import TaskSpec, run_tasks
+    from lrc.eval.tasks import TaskSpec, run_tasks
 
     monkeypatch.chdir(tmp_path)
     seen = {}

@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import env, records, run, save_teacher, write_data
 
-from lrc import checkpoint as ckpt
 from lrc.cli import main
 from lrc.errors import UserError
+from lrc.train import checkpoint as ckpt
 
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp", "--grad-accum", "2",

@@ -11,17 +11,19 @@ import torch
 from conftest import make_teacher, packed_batch
 from transformers import AutoModelForCausalLM
 
-from lrc.clone import LowRankClone
 from lrc.config import RunConfig
 from lrc.errors import UserError
-from lrc.export import build_student_model, export_student
-from lrc.init import init_identity, init_pca
-from lrc.losses import LossWeights
-from lrc.methods import LRC, build_method
-from lrc.plan import _count, _meta_model, plan_from_config
-from lrc.sizing import check_shape, param_counter, parse_target, resolve_target, solve
-from lrc.structure import choose_layers, ffn_channel_energy, layer_importance, select_ffn_channels
-from lrc.students import pruned_student
+from lrc.methods.lrc import LRC
+from lrc.methods.registry import build_method
+from lrc.model.clone import LowRankClone
+from lrc.model.export import build_student_model, export_student
+from lrc.model.losses import LossWeights
+from lrc.plan.estimate import plan_from_config
+from lrc.plan.shape import _count, _meta_model
+from lrc.student.baselines import pruned_student
+from lrc.student.init import init_identity, init_pca
+from lrc.student.select import choose_layers, ffn_channel_energy, layer_importance, select_ffn_channels
+from lrc.student.shape import check_shape, param_counter, parse_target, resolve_target, solve
 
 FAMILIES = [("llama", False), ("llama", True), ("mistral", False), ("mistral", True), ("qwen2", False),
             ("qwen2", True), ("qwen3", False), ("qwen3", True)]
@@ -248,7 +250,7 @@ def test_parameter_counter_is_exact(family, tied):
     extra = dict(attention_bias=True, mlp_bias=True) if family == "llama" else {}
     teacher = make_teacher(family, tied, **extra)
     count = param_counter(teacher.config)
-    from lrc.clone import student_config
+    from lrc.model.clone import student_config
 
     for hidden, ffn, kept in [(64, 96, None), (40, 24, (1,)), (8, 8, (0, 1))]:
         real = _count(_meta_model(student_config(teacher, hidden, None, ffn, kept)))

@@ -11,9 +11,9 @@ from helpers import save_teacher, write_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrc.cli import main
-from lrc.eval_table import format_markdown, format_text
-from lrc.next_line_task import TASK, build_items, task_yaml
-from lrc.plays import HELD_OUT, play_files
+from lrc.data.plays import HELD_OUT, play_files
+from lrc.eval.next_line import TASK, build_items, task_yaml
+from lrc.eval.table import format_markdown, format_text
 
 
 def test_next_line_items_are_deterministic_and_the_answer_really_comes_next():

@@ -10,7 +10,7 @@ import pytest
 from helpers import save_teacher, write_data
 
 from lrc.cli import main
-from lrc.tracking import scalars
+from lrc.train.tracking import scalars
 
 ARGS = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--log-every", "1",
         "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--precision", "fp32"]

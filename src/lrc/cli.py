@@ -11,10 +11,30 @@ import json
 import os
 import shlex
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from lrc import log
+from lrc.config import FIELDS, add_config_arguments, build_config, check_option, read_yaml
+from lrc.data import prepare_tokens
+from lrc.data.tokenizer import load_tokenizer
+from lrc.demo.pipeline import run_demo
+from lrc.distributed.processes import pick_device
 from lrc.errors import UserError
+from lrc.eval.models import evaluate_models
+from lrc.eval.table import format_markdown, format_text
+from lrc.model.precision import DTYPES
+from lrc.model.teacher import load_teacher_config
+from lrc.plan.estimate import NOT_PLANNED, plan_from_config, require_teacher
+from lrc.plan.report import format_plan
+from lrc.plan.verdict import budget, format_budget, format_verdict, gpu_memory_for, judge, nproc_for
+from lrc.publish.folder import export_run
+from lrc.train.bench import SHAPES, run_bench
+from lrc.train.runs import format_runs, list_checkpoints
+from lrc.train.trainer import RunInterrupted, TrainingDiverged, distill
 
 
 def emit_json(args, payload) -> None:
@@ -23,8 +43,6 @@ def emit_json(args, payload) -> None:
 
 
 def cmd_distill(args) -> int:
-    from lrc.config import FIELDS, build_config, read_yaml
-    from lrc.trainer import RunInterrupted, TrainingDiverged, distill
 
     values = read_yaml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
@@ -40,11 +58,6 @@ def cmd_distill(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    import time
-
-    from lrc.config import check_option
-    from lrc.data import prepare_tokens
-    from lrc.loading import load_tokenizer
 
     check_option("seq_len", args.seq_len)
     check_option("num_proc", args.num_proc)
@@ -60,10 +73,6 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lrc.config import FIELDS, build_config, read_yaml
-    from lrc.fit import budget, format_budget, format_verdict, gpu_memory_for, judge, nproc_for
-    from lrc.loading import load_teacher_config
-    from lrc.plan import format_plan, plan_from_config, require_teacher
 
     values = read_yaml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
@@ -92,8 +101,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lrc.export_run import export_run
-    from lrc.precision import DTYPES
 
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file():
@@ -111,8 +118,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from lrc.runs import format_runs, list_checkpoints
-
     listing = [list_checkpoints(Path(r)) for r in args.run_dir]
     if args.json:
         emit_json(args, listing if len(listing) > 1 else listing[0])
@@ -122,10 +127,6 @@ def cmd_runs(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lrc.config import check_option
-    from lrc.distributed import pick_device
-    from lrc.eval_table import format_markdown, format_text
-    from lrc.evaluate import evaluate_models
 
     check_option("batch_size", args.batch_size)
     if args.seq_len is not None:
@@ -154,15 +155,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from lrc.demo import run_demo
-
     run_demo(Path(args.out), quick=args.quick, tiny=args.tiny)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from lrc.bench import SHAPES, run_bench
-
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
         raise UserError(f"unknown bench shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
@@ -183,8 +180,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lrc.config import add_config_arguments
-    from lrc.precision import DTYPES
 
     p = _Parser(prog="lrc", description="Low-Rank Clone: distil a Hugging Face causal LM "
                                 "into a smaller one whose weights are generated from the teacher's.",
@@ -234,8 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: --gpu's)")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed share of that peak reached (default: 0.4)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (default: False)")
-    from lrc.plan import NOT_PLANNED
-
     add_config_arguments(pl, hidden=NOT_PLANNED)
     pl.set_defaults(fn=cmd_plan)
 
@@ -293,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="overhead of an LRC step against teacher forward + plain training",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--shapes", nargs="+", default=["small", "large"],
-                   help="shapes to measure: small, large, large-b8 (see lrc.bench.SHAPES)")
+                   help="shapes to measure: small, large, large-b8 (see lrc.train.bench.SHAPES)")
     b.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (median)")
     b.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="gradient-accumulation settings")
     b.add_argument("--json", action="store_true", help="also print all rows as JSON")
@@ -306,14 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # for the model card and `lrc plan`'s suggestions
-        from transformers.utils import logging as hf_logging
-
-        from lrc import log
 
         log.configure(int(os.environ.get("RANK", "0")))  # progress of the data pipeline, start-up lines
 
         hf_logging.disable_progress_bar()  # our own progress lines are enough
-        import datasets
+        import datasets  # heavy (pandas, pyarrow): only when data is read
 
         datasets.disable_progress_bars()  # lrc.data shows one bar of its own
         if getattr(args, "json", False):  # stdout holds the JSON alone: every other line goes to stderr

@@ -16,9 +16,9 @@ from typing import Any, cast, get_args, get_origin
 import yaml
 
 from lrc.errors import UserError
-from lrc.losses import LossWeights
-from lrc.lr_rule import AUTO, parse_lr
-from lrc.precision import DTYPES
+from lrc.model.losses import LossWeights
+from lrc.model.precision import DTYPES
+from lrc.optim.lr_rule import AUTO, parse_lr
 
 _W = LossWeights()
 
@@ -79,7 +79,7 @@ class RunConfig:
     seq_len: int = opt(512, "tokens per training sequence")
     # optimiser
     lr: float | str = opt("auto", "peak learning rate, or auto: chosen from the student's hidden size and the "
-                          "tokens per step by a rule fitted on measurements (lrc.lr_rule; the value is printed "
+                          "tokens per step by a rule fitted on measurements (lrc.optim.lr_rule; the value is printed "
                           "and stored in the run's config.yaml)")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.05, "share of the steps spent warming up linearly")

@@ -39,3 +39,17 @@ def info(message: str) -> None:
 
 def warning(message: str) -> None:
     logger.warning(f"warning: {message}")
+
+
+def human_count(n: float) -> str:
+    """A count for people: 1.24B, 18.9B, 350M, 50.2K (never an exponent)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}" if n < 1000 * scale or unit == "B" else f"{n / scale:,.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_duration(hours: float) -> str:
+    """Hours for people: 42 minutes, 3.5 hours, 2.1 days."""
+    return f"{hours * 60:.0f} minutes" if hours < 1 else f"{hours:.1f} hours" if hours < 48 else \
+        f"{hours / 24:.1f} days"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lrc.data import sources as src
 from lrc.data import tokenise as tk
@@ -58,8 +59,7 @@ def vocab_size(tokenizer: Any) -> int:
 def once_per_machine(build):
     """`build(True)` on LOCAL_RANK 0 first while the others wait, then `build(False)` on the others (which find
     its result on disk, already checked). A failure there stops every process instead of leaving them waiting."""
-    import torch
-    import torch.distributed as dist
+    import torch.distributed as dist  # only under torchrun (fsdp, checkpoints)
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return build(True)
@@ -121,7 +121,7 @@ class Recipe:
 
     def fill(self, batch_size: int = 256, num_proc: int = 1, progress: bool = False):
         """``fill(write_tokens, write_mask) -> doc_starts``: tokenise and pack, chunk by chunk."""
-        import datasets
+        import datasets  # heavy (pandas, pyarrow): only when data is read
 
         def fill(write_tokens, write_mask) -> np.ndarray:
             loaded = src.load_parts(self.files, self.text_field)
@@ -151,7 +151,7 @@ class Recipe:
 def _report_missing_text(part: Any, origin: src.Origin, field: str) -> None:
     """Rows without text (null, or no such field: `datasets` reads both as null) are skipped like blank ones;
     one warning says how many and names the first."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # heavy: only when data is read
 
     if src.TEXT not in part.column_names or getattr(part, "_indices", None) is not None:
         return

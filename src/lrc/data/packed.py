@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrc.data.labels import IGNORE_INDEX, next_token_labels
 from lrc.errors import UserError
-from lrc.losses import IGNORE_INDEX, next_token_labels
 
 
 @dataclass

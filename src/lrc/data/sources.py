@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lrc.data.chat import _a, conversation_problem
 from lrc.errors import UserError
 
 KINDS = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -76,7 +77,7 @@ def first_line(err: BaseException) -> str:
 
 
 def _load_hub(source: HubDataset, raw: str | None = None, streaming: bool = False) -> HubDataset:
-    import datasets
+    import datasets  # heavy (pandas, pyarrow): only when data is read
 
     try:
         return replace(source, dataset=datasets.load_dataset(source.repo, source.config, split=source.split,
@@ -137,8 +138,6 @@ def resolve_data_files(paths: Sequence[str | DataSource], streaming: bool = Fals
 def _bad_json(path: Path, text_field: str = TEXT) -> str | None:
     """After a failed load only: the line (or item) of a JSON file at fault, for the message: not UTF-8, not
     JSON, not an object, or a text or conversation of the wrong type (which `datasets` cannot mix in a column)."""
-    from lrc.data.chat import _a, conversation_problem
-
     hint = "each line must be one JSON object (a .json file may also hold a list of objects)"
     raw = path.read_bytes()
     try:
@@ -174,7 +173,7 @@ def _kind(source: DataSource) -> str | None:  # a data file's builder; None for 
 
 
 def _load_files(kind: str, files: list, streaming: bool, text_field: str = TEXT) -> Any:
-    import datasets
+    import datasets  # heavy (pandas, pyarrow): only when data is read
 
     text = {"sample_by": "document", "encoding": "utf-8-sig"} if kind == "text" else {}
     try:
@@ -192,7 +191,7 @@ def _load_files(kind: str, files: list, streaming: bool, text_field: str = TEXT)
 
 
 def _load_saved(path: Path) -> tuple[Any, str]:
-    import datasets
+    import datasets  # heavy (pandas, pyarrow): only when data is read
 
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -229,7 +228,7 @@ def _rows_of(path: Path, kind: str) -> list[str]:
     if kind == "text":
         return [str(path)]  # one document per file
     if kind == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: only when data is read
 
         return [f"{path} row {i}" for i in range(pq.ParquetFile(path).metadata.num_rows)]
     raw = path.read_bytes()

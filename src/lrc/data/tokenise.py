@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
+from tqdm.auto import tqdm
+
 from lrc.data.chat import ChatRenderer, _a, conversation_problem
 from lrc.data.sources import CHAT, TEXT
 from lrc.errors import UserError
@@ -123,8 +126,6 @@ class Tokenise:
         return {IDS: framed, MASK: [[1] * len(f) for f in framed]} if self.masked else {IDS: framed}
 
     def _render(self, messages: list, index: int) -> tuple[list[int], list[int]]:
-        import jinja2
-
         assert self.chat is not None
         try:
             return self.chat.render(messages)
@@ -142,8 +143,6 @@ class DataProgress:
         self.start = self.last = time.time()
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, unit=" docs", desc="tokenising")
 
     def _rate(self) -> float:
@@ -176,7 +175,7 @@ def tokenise(parts: list[Any], fn: Tokenise, key: str, *, batch_size: int, num_p
     cached under a fingerprint of `key`, part and shard. Shards exist for the progress bar (documents, tokens,
     tokens/s, ETA), updated between them; each costs a worker pool, so there are at most 32. A malformed row
     ends in a UserError naming its file and line (`origins`: each part's `sources.Origin`)."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # heavy: only when data is read
 
     bar = DataProgress(sum(len(p) for p in parts), progress)
     try:  # the bar ends its line before any error is printed

@@ -1,0 +1,1 @@
+"""`lrc demo`: an application of the library (nothing in the package imports it)."""

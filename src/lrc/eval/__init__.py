@@ -1,0 +1,1 @@
+"""Evaluating models: held-out perplexity of many models, lm-eval tasks (and the shipped offline task), tables."""

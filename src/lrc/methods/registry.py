@@ -1,0 +1,42 @@
+"""`--method` names and how each is built: `METHODS` says what each needs (calibration batches) and whether it
+runs on a sharded teacher, so no code outside this module asks which method it has."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lrc.config import RunConfig
+from lrc.methods.base import Batches, Calibration, Method, as_calibration
+from lrc.methods.direct import build_direct
+from lrc.methods.lrc import build_lrc
+from lrc.student.shape import needs_layer_choice
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    build: Callable[[RunConfig, Any, Calibration | None], tuple[Method, dict]]
+    """(config, teacher, calibration batches or None when restoring a checkpoint) -> (method, init info)."""
+    needs_calibration: Callable[[RunConfig], bool]
+    """Whether a new run of this method reads calibration batches (pca init, pruning)."""
+    shards_teacher: bool = False
+    """Runs with the teacher sharded over processes (`--parallel fsdp`)."""
+
+
+def _choose_layers(cfg: RunConfig) -> bool:
+    return needs_layer_choice(cfg)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "lrc": MethodSpec(build_lrc, needs_calibration=lambda cfg: cfg.init in ("pca", "refit") or _choose_layers(cfg),
+                      shards_teacher=True),
+    "kd": MethodSpec(build_direct, needs_calibration=_choose_layers),
+    "scratch": MethodSpec(build_direct, needs_calibration=_choose_layers),
+    "prune-kd": MethodSpec(build_direct, needs_calibration=lambda cfg: True),
+}
+
+
+def build_method(cfg: RunConfig, teacher, calibration: Calibration | Batches | None = None) -> tuple[Method, dict]:
+    """The trainable object for cfg.method, initialised from `calibration` batches where it needs them."""
+    return METHODS[cfg.method].build(cfg, teacher, as_calibration(calibration))

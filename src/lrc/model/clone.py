@@ -1,0 +1,496 @@
+"""The Low-Rank Clone model: trainable projections, and the student they generate run beside its teacher.
+
+`LowRankClone` owns only what is trained: one (d_T x d_S) projection per weight role and layer, the
+embedding projection (and, for an untied teacher, the head projection) and the student's RMSNorm gains.
+The teacher is held by reference and never copied or changed. The student itself is a Hugging Face model
+of the teacher's family built on the meta device (no memory); it runs through `torch.func.functional_call`
+with weights from `lrc.model.weights.generate_weights`, the one generator that training and export share. So the
+in-training student *is* the exported architecture, and attention masks, packed sequences, RoPE scaling,
+sliding windows and the attention backend are transformers' own.
+
+`forward` runs teacher and student on one batch and returns what the objective needs (`CloneForward`): the
+student's final hidden states with the head they meet, the teacher's, and the activation-clone errors per
+layer and term. It does not weigh or normalise losses (`lrc.model.losses.lrc_objective`), count steps, log,
+choose devices or know about ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lrc.distributed.fsdp import gathered, is_sharded
+from lrc.errors import UserError
+from lrc.model.costs import choose_projections
+from lrc.model.families import INPUT_SIDE, ROLES, Family, family_for
+from lrc.model.losses import CLONE_TERMS, masked_mse
+from lrc.model.precision import for_product
+from lrc.model.weights import FactoredLinear, StepWeights, generate_layer_weights, generate_weights, student_head
+
+
+@dataclass
+class CloneForward:
+    """What one forward of teacher and student gives the objective (N = tokens of the batch)."""
+
+    hidden: torch.Tensor
+    """(N, d) student final hidden states; d = d_S, or d_T when the head is applied factored ((h P^T) H_T^T)."""
+    head: torch.Tensor
+    """(V, d) the head `hidden` meets: the generated student head, or the teacher's when factored."""
+    teacher_hidden: torch.Tensor | None
+    """(N, d_T) teacher final hidden states, when teacher logits are wanted (KL)."""
+    teacher_head: torch.Tensor | None
+    """(V, d_T) teacher head (the embedding when tied), when teacher logits are wanted."""
+    clone_errors: dict[tuple[int, str], torch.Tensor]
+    """Masked MSE of each requested clone term per layer: {(layer, term): scalar}."""
+
+
+def teacher_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
+    head = cast(nn.Linear, teacher.get_submodule(family.head)).weight
+    embed = cast(nn.Embedding, teacher.get_submodule(f"{family.base}.{family.embed}")).weight
+    if head is embed:
+        return True
+    # meta tensors (a model built for planning) all report data_ptr 0: only `is` tells there
+    return not is_sharded(head) and head.device.type != "meta" and head.data_ptr() == embed.data_ptr()
+
+
+def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None,
+                   ffn_size: int | None = None, kept_layers: Sequence[int] | None = None):
+    """The student's config: the teacher's, with hidden_size = d_S, an explicit head_dim, tied only when the
+    teacher's head is its embedding, and the student RMSNorm epsilon (default: the teacher's); with
+    intermediate_size = ffn_size and only the teacher layers `kept_layers` (their per-layer attention types
+    with them) when given.
+
+    The one architecture every method trains (lrc exports it; kd/scratch/prune-kd train it directly)."""
+    cfg = copy.deepcopy(teacher.config)
+    cfg.head_dim = teacher_head_dim(teacher.config)
+    cfg.hidden_size = hidden_size
+    if ffn_size is not None:
+        cfg.intermediate_size = ffn_size
+    if kept_layers is not None:
+        cfg.num_hidden_layers = len(kept_layers)
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types is not None:  # sliding or full attention per layer (Qwen2/3): each kept layer keeps its own
+            cfg.layer_types = [layer_types[i] for i in kept_layers]
+        if hasattr(cfg, "max_window_layers"):  # unused once layer_types is explicit; kept consistent anyway
+            cfg.max_window_layers = sum(1 for i in kept_layers if i < cfg.max_window_layers)
+    cfg.tie_word_embeddings = _is_tied(teacher, family_for(teacher.config))
+    cfg.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else teacher.config.rms_norm_eps)
+    return cfg
+
+
+class LayerProjections(nn.Module):
+    """Trainable parts of one student layer: seven projections and two RMSNorm gains, and with a narrower FFN
+    (`ffn` = (d_ff_T, M)) the intermediate projection Q: gate/up = Q^T W_T P, down = P^T W_T Q."""
+
+    ffn: nn.Parameter | None
+
+    def __init__(self, d_t: int, d_s: int, ffn: tuple[int, int] | None = None):
+        super().__init__()
+        for role in ROLES:
+            setattr(self, role, nn.Parameter(torch.empty(d_t, d_s)))
+        self.ffn = nn.Parameter(torch.empty(*ffn)) if ffn is not None else None
+        self.input_norm = nn.Parameter(torch.ones(d_s))
+        self.post_attention_norm = nn.Parameter(torch.ones(d_s))
+
+
+# roles whose student matrix also goes through the FFN projection Q (intermediate side)
+FFN_ROLES = ("gate", "up", "down")
+
+
+class LowRankClone(nn.Module):
+    """A student of width `hidden_size` cloned from `teacher` (any supported `*ForCausalLM`).
+
+    `ffn_size` M (default: none, the teacher's FFN width without a projection): the student's FFN is M wide,
+    through one trainable (d_ff_T x M) projection Q per layer. `kept_layers` (default: all): the teacher
+    layers the student keeps, in order; student layer i is generated from, and cloned against, teacher
+    layer kept_layers[i]."""
+
+    _shell: PreTrainedModel  # set by _build_shell, in __dict__ (outside the module tree)
+
+    def __init__(
+        self,
+        teacher: PreTrainedModel,
+        hidden_size: int,
+        *,
+        rms_norm_eps: float | None = None,
+        ffn_size: int | None = None,
+        kept_layers: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        cfg = teacher.config
+        self.family = family_for(cfg)
+        d_t = cfg.hidden_size
+        if not 0 < hidden_size <= d_t:
+            raise UserError(
+                f"--hidden-size {hidden_size} is out of range: it must be between 1 and the teacher's "
+                f"hidden size {d_t}"
+            )
+        if ffn_size is not None and not 0 < ffn_size <= cfg.intermediate_size:
+            raise UserError(f"--ffn-size {ffn_size} is out of range: it must be between 1 and the teacher's "
+                            f"intermediate size {cfg.intermediate_size}")
+        kept = tuple(range(cfg.num_hidden_layers)) if kept_layers is None else tuple(kept_layers)
+        if not kept or list(kept) != sorted(set(kept)) or not all(0 <= i < cfg.num_hidden_layers for i in kept):
+            raise UserError(f"kept layers {list(kept)} must be distinct teacher layers in order, between 0 and "
+                            f"{cfg.num_hidden_layers - 1}")
+        self.d_t, self.d_s = d_t, hidden_size
+        self.d_ff_t, self.ffn_size = cfg.intermediate_size, ffn_size
+        self.kept_layers = kept
+        self.num_layers = len(kept)
+        self.tied = _is_tied(teacher, self.family)
+        self.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else cfg.rms_norm_eps)
+        if self.family.qk_norms and self.rms_norm_eps != cfg.rms_norm_eps:
+            # The exported config has one rms_norm_eps for every norm, the teacher's frozen q/k norms included:
+            # a student epsilon would change those too (and the student would no longer equal its export).
+            raise UserError(
+                f"--rms-norm-eps cannot differ from the teacher's ({cfg.rms_norm_eps}) for a {cfg.model_type} "
+                "teacher: its frozen q/k norms share the one rms_norm_eps of the exported config; drop the option"
+            )
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        # Registered so that .to(device) moves it, but never saved: see trainable_state_dict().
+        self.teacher = teacher
+
+        ffn = (cfg.intermediate_size, ffn_size) if ffn_size is not None else None
+        self.layers = nn.ModuleList(LayerProjections(d_t, hidden_size, ffn) for _ in range(self.num_layers))
+        self.embed = nn.Parameter(torch.empty(d_t, hidden_size))
+        self.head = None if self.tied else nn.Parameter(torch.empty(d_t, hidden_size))
+        self.final_norm = nn.Parameter(torch.ones(hidden_size))
+        with torch.no_grad():
+            for _, p in self.named_projections():
+                p.normal_(0.0, 0.02)
+
+        self.config = self.student_config()
+        self.factored: frozenset[str] = frozenset()
+        self.grad_checkpointing = False
+        self._build_shell()
+
+    def _build_shell(self) -> None:
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(self.config)
+        base = shell.get_submodule(self.family.base)
+        for i in range(self.num_layers):
+            layer = base.get_submodule(f"{self.family.layers}.{i}")
+            for role in self.factored - {"head"}:
+                block, name = self.family.linear_path(role).split(".")
+                has_bias = self.teacher_weight(i, role).bias is not None
+                setattr(layer.get_submodule(block), name,
+                        FactoredLinear("input" if role in INPUT_SIDE else "output", has_bias))
+        if self.grad_checkpointing:
+            for i in range(self.num_layers):
+                _checkpoint_layer(base.get_submodule(f"{self.family.layers}.{i}"), self._layer_generator(i))
+        shell.train(self.training)
+        # Kept out of the module tree: it lives on the meta device and only lends its forward().
+        self.__dict__["_shell"] = shell
+
+    def train(self, mode: bool = True):
+        """The student shell follows `mode` (dropout, where the config has any); the frozen teacher stays in
+        eval mode always, so its logits and activations (the targets) carry no dropout noise."""
+        super().train(mode)
+        self.teacher.eval()
+        if "_shell" in self.__dict__:
+            self._shell.train(mode)
+        return self
+
+    def _layer_generator(self, i: int):
+        """For layer i's checkpointed forward: its weight generator when this forward generates per layer
+        (`generate_per_layer`), else None (asked at forward time; the recompute uses the same answer)."""
+        return lambda: (lambda: generate_layer_weights(self, i)) if self.__dict__.get("_per_layer") else None
+
+    def generate_per_layer(self, step: StepWeights | None) -> bool:
+        """Whether this training forward generates each layer's weights inside its checkpointed layer (so in
+        backward the layer is generated again with its activations, and one layer's generated weights are
+        alive at a time) instead of all layers up front: with gradient checkpointing, when nothing gives
+        the weights for the step (`StepWeights`, or the sharded projections' generation)."""
+        return self.grad_checkpointing and step is None and torch.is_grad_enabled()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each student layer in backward instead of keeping its activations."""
+        if not self.grad_checkpointing:
+            self.grad_checkpointing = True
+            self._build_shell()
+
+    def set_factored(self, roles) -> None:
+        """Apply these roles' student matrices in factored form during training (export always generates).
+
+        Roles: those of `ROLES` and "head" (logits as (h P_head^T) H_T^T, never forming the student head)."""
+        roles = frozenset(roles)
+        if roles - {*ROLES, "head"}:
+            raise ValueError(f"unknown roles {sorted(roles - {*ROLES, 'head'})}")
+        if self.ffn_size is not None and roles & set(FFN_ROLES):
+            raise ValueError("gate, up and down are always generated when the FFN has its own projection")
+        rebuild = (roles - {"head"}) != (self.factored - {"head"})
+        self.factored = roles
+        if rebuild:
+            self._build_shell()
+
+    def plan_projections(self, tokens_per_micro_batch: int, reuse: int = 1) -> dict[str, str]:
+        """Choose generated or factored per role from the cost model (`lrc.model.costs`) and apply it."""
+        cfg = self.teacher.config
+        head_dim = teacher_head_dim(cfg)
+        outs = {"q": cfg.num_attention_heads * head_dim, "k": cfg.num_key_value_heads * head_dim,
+                "v": cfg.num_key_value_heads * head_dim, "o": cfg.num_attention_heads * head_dim,
+                "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size,
+                "head": cfg.vocab_size}
+        plan = choose_projections(outs, tokens_per_micro_batch, self.d_t, self.d_s, reuse)
+        if self.ffn_size is not None:  # Q^T W P has no factored form here: always generated (and small)
+            plan.update({r: "generated" for r in FFN_ROLES})
+        self.set_factored(r for r, how in plan.items() if how == "factored")
+        return plan
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def t_base(self) -> nn.Module:
+        return self.teacher.get_submodule(self.family.base)
+
+    @property
+    def shell_base(self) -> nn.Module:
+        return self._shell.get_submodule(self.family.base)
+
+    def t_layer(self, i: int) -> nn.Module:
+        """The teacher layer student layer i is generated from (and compared with)."""
+        return self.t_base.get_submodule(f"{self.family.layers}.{self.kept_layers[i]}")
+
+    def named_projections(self):
+        """(name, parameter) of every projection matrix (not the norm gains), the FFN projections included."""
+        for i, layer in enumerate(self.layers):
+            for role in ROLES:
+                yield f"layers.{i}.{role}", getattr(layer, role)
+            if layer.ffn is not None:
+                yield f"layers.{i}.ffn", layer.ffn
+        yield "embed", self.embed
+        if self.head is not None:
+            yield "head", self.head
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Projections and norms only: what a checkpoint holds."""
+        # Not self.state_dict(): that would also walk the (possibly sharded) teacher.
+        state = {}
+        for name, child in self.named_children():
+            if name != "teacher":
+                state.update(child.state_dict(prefix=f"{name}."))
+        state.update({name: p.detach() for name, p in self.named_parameters(recurse=False)})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or wrong:
+            raise UserError(
+                f"checkpoint does not match this student (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shape {sorted(wrong)[:3]}); it was written for another teacher or student shape"
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+
+    def student_config(self):
+        """The exported model's config (see `student_config`)."""
+        kept = None if self.num_layers == self.teacher.config.num_hidden_layers else self.kept_layers
+        return student_config(self.teacher, self.d_s, self.rms_norm_eps, self.ffn_size, kept)
+
+    # ------------------------------------------------------------------ weights
+    def teacher_weight(self, i: int, role: str) -> nn.Linear:
+        return cast(nn.Linear, self.t_layer(i).get_submodule(self.family.linear_path(role)))
+
+    # ------------------------------------------------------------------ forward
+    def _run_student(self, input_ids, position_ids, attention_mask, weights, hooks=None):
+        rows = F.embedding(input_ids, gathered(self.t_base.get_submodule(self.family.embed).weight))
+        embeds = for_product(rows, self.embed) @ self.embed
+        params = dict(weights)
+        params.update(dict(self.t_base.named_buffers()))  # RoPE inv_freq: the student keeps the teacher's
+        # Hooks of the previous call stay registered through its backward when layers are recomputed there
+        # (the recompute must see the same clone-loss ops); they go now.
+        for h in self.__dict__.pop("_live_hooks", []):
+            h.remove()
+        handles = hooks(self.shell_base) if hooks else []
+        try:
+            out = functional_call(
+                self.shell_base,
+                params,
+                args=(),
+                kwargs=dict(
+                    inputs_embeds=embeds,
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    use_cache=False,
+                ),
+                strict=False,
+                tie_weights=False,
+            )
+        finally:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                self.__dict__["_live_hooks"] = handles
+            else:
+                for h in handles:
+                    h.remove()
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def _run_teacher(self, input_ids, position_ids, attention_mask, roles: set[str]):
+        acts: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+        for i in range(self.num_layers):
+            for term, module in self._term_modules(self.t_layer(i), roles):
+                handles.append(module.register_forward_hook(_store(acts, (i, term))))
+        try:
+            out = self.t_base(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        return out.last_hidden_state, acts
+
+    def _term_modules(self, layer: nn.Module, terms):
+        fam = self.family
+        for term in terms:
+            if term == "attn_out":
+                yield term, layer.get_submodule(fam.attn)
+            elif term == "ffn_out":
+                yield term, layer.get_submodule(fam.mlp)
+            else:
+                yield term, layer.get_submodule(fam.linear_path(term))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        terms: Iterable[str] = CLONE_TERMS,
+        teacher_logits: bool = True,
+        step: StepWeights | None = None,
+    ) -> CloneForward:
+        """Teacher and student on the same batch (input_ids, position_ids, attention_mask: (B, T)).
+
+        position_ids restarting at 0 mark packed documents (attention stays inside each). `terms`: the clone
+        terms to compare (no hook for the others); `teacher_logits`: return the teacher's final hidden states
+        and head (for KL). `step`: weights generated once for the optimizer step and reused (`StepWeights`).
+        """
+        terms = tuple(terms)
+        valid = attention_mask.bool() if attention_mask is not None else None
+        t_hidden, t_acts = self._run_teacher(input_ids, position_ids, attention_mask, set(terms))
+        per_layer = self.generate_per_layer(step)
+        if step is not None:
+            weights = step.weights
+        elif per_layer:  # each checkpointed layer generates its own (`_checkpoint_layer`)
+            weights = {f"{self.family.final_norm}.weight": self.final_norm}
+        else:
+            weights = generate_weights(self)
+        errors: dict[tuple[int, str], torch.Tensor] = {}
+
+        def hooks(shell_base):
+            handles = []
+            for i in range(self.num_layers):
+                layer = shell_base.get_submodule(f"{self.family.layers}.{i}")
+                for term, module in self._term_modules(layer, terms):
+                    handles.append(module.register_forward_hook(self._clone_hook(errors, t_acts, i, term, valid)))
+            return handles
+
+        self.__dict__["_per_layer"] = per_layer  # read by the checkpointed layers, in forward and recompute
+        hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
+        factored_head = "head" in self.factored and (step is None or step.head is None)
+        # (V, d_T) teacher head (the embedding when tied), gathered (and cast) once per forward
+        t_head = (for_product(gathered(cast(nn.Linear, self.teacher.get_submodule(self.family.head)).weight),
+                              self.embed)
+                  if factored_head or teacher_logits else None)
+        if factored_head:
+            assert t_head is not None  # computed above whenever factored_head
+            # logits = (h P^T) H_T^T: the loss sees a d_T-wide hidden state and the frozen teacher head
+            # (an untied clone has its own head projection)
+            hidden = hidden @ (self.embed if self.tied else cast(nn.Parameter, self.head)).t()
+            head = t_head
+        else:
+            head = step.head if step is not None and step.head is not None else student_head(self)
+        return CloneForward(
+            hidden=hidden, head=head,
+            teacher_hidden=t_hidden.reshape(-1, self.d_t) if teacher_logits else None,
+            teacher_head=t_head if teacher_logits else None,
+            clone_errors=errors,
+        )
+
+    def _clone_hook(self, errors, t_acts, i, term, valid):
+        proj = self.layers[i]
+
+        def hook(module, args, output):
+            student = output[0] if isinstance(output, tuple) else output
+            teacher = t_acts[(i, term)]
+            if term == "attn_out":
+                teacher = for_product(teacher, proj.o) @ proj.o  # compare in student space through P_o
+            elif term == "ffn_out":
+                teacher = for_product(teacher, proj.down) @ proj.down
+            elif term in ("gate", "up") and proj.ffn is not None:
+                teacher = for_product(teacher, proj.ffn) @ proj.ffn  # into the student's intermediate space
+            # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
+            errors[(i, term)] = masked_mse(student, teacher, valid)
+
+        return hook
+
+    # ------------------------------------------------------------------ inference helpers
+    @torch.no_grad()
+    def student_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        """(B, T, V) logits of the in-training student (for tests and evaluation of small batches)."""
+        h = self._run_student(input_ids, position_ids, attention_mask, generate_weights(self))
+        return (h @ student_head(self).t()).float()
+
+    @torch.no_grad()
+    def student_final_hidden(self, input_ids, position_ids=None, attention_mask=None,
+                             weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T, d_S) final hidden states of the student, with its generated weights (or `weights`, e.g. the
+        generated ones rounded to an export dtype)."""
+        return self._run_student(input_ids, position_ids, attention_mask,
+                                 weights if weights is not None else generate_weights(self))
+
+
+def _checkpoint_layer(layer: nn.Module, generate: Callable[[], Callable[[], dict] | None]) -> None:
+    """Make a shell decoder layer recompute itself in backward (non-reentrant activation checkpointing).
+
+    transformers' own checkpointing would re-run the layer after functional_call has put the meta
+    tensors back; here the layer's tensors of this call are captured and handed to the recompute.
+    `generate()` returns the layer's weight generator when the clone generates per layer (else None): the
+    weights are then generated inside the checkpointed function, and so again in backward, instead of being
+    captured, so only the running layer's generated weights are alive."""
+    inner_forward = layer.forward
+    state = {"inside": False}
+
+    def forward(*args, **kwargs):
+        if state["inside"] or not torch.is_grad_enabled():
+            return inner_forward(*args, **kwargs)
+        own_weights = generate()
+        # this call's weights, swapped in by functional_call (meta placeholders when the layer generates its own)
+        tensors = dict(layer.named_parameters()) if own_weights is None else {}
+
+        def run(params, *a):
+            state["inside"] = True
+            try:
+                if own_weights is not None:
+                    params = own_weights()
+                return functional_call(layer, params, a, kwargs, strict=False, tie_weights=False)
+            finally:
+                state["inside"] = False
+
+        return checkpoint(run, tensors, *args, use_reentrant=False)
+
+    layer.forward = forward
+
+
+def _store(acts, key):
+    def hook(module, args, output):
+        acts[key] = output[0] if isinstance(output, tuple) else output
+
+    return hook

@@ -1,0 +1,1 @@
+"""Training: the loop, the run folder, checkpoints, held-out loss, metrics, and small teachers trained here."""
