@@ -18,8 +18,8 @@ from lrc.methods.registry import build_method
 from lrc.model.clone import LowRankClone
 from lrc.model.export import build_student_model, export_student
 from lrc.model.losses import LossWeights
+from lrc.model.meta import meta_model, parameter_count
 from lrc.plan.estimate import plan_from_config
-from lrc.plan.shape import _count, _meta_model
 from lrc.student.baselines import pruned_student
 from lrc.student.init import init_identity, init_pca
 from lrc.student.select import choose_layers, ffn_channel_energy, layer_importance, select_ffn_channels
@@ -253,7 +253,7 @@ def test_parameter_counter_is_exact(family, tied):
     from lrc.model.clone import student_config
 
     for hidden, ffn, kept in [(64, 96, None), (40, 24, (1,)), (8, 8, (0, 1))]:
-        real = _count(_meta_model(student_config(teacher, hidden, None, ffn, kept)))
+        real = parameter_count(meta_model(student_config(teacher, hidden, None, ffn, kept)))
         assert count(hidden, ffn, len(kept or (0, 1))) == real
     assert count(64, 96, 2) == sum(p.numel() for p in teacher.parameters())
 
@@ -275,7 +275,7 @@ def test_solve_reaches_targets_in_round_shapes():
 
 def test_target_params_options():
     config = make_teacher("llama", False).config
-    total = _count(_meta_model(config))
+    total = parameter_count(meta_model(config))
     assert parse_target("1.5K", total) == 1500 and parse_target("50%", total) == total // 2
     assert parse_target("2e4", total) == 20000
     for bad in ("big", "-5%", "0", "200%"):

@@ -43,6 +43,18 @@ class DistInfo:
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
+def device_kind(spec: str) -> str:
+    """"cpu" or "cuda" for `--device spec` (auto: cuda where CUDA is available), without initialising CUDA;
+    a UserError for anything that is not a device."""
+    s = str(spec).strip().lower()
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if s in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", s, flags=re.ASCII):
+        return "cpu" if s == "cpu" else "cuda"
+    raise UserError(f"--device {spec!r} is not a device; use {DEVICE_FORMS} (auto: cuda:LOCAL_RANK where "
+                    f"CUDA is available, else cpu)")
+
+
 def pick_device(spec: str, local_rank: int = 0, local_processes: int = 1) -> torch.device:
     """This process's device for `--device spec`; `local_rank` and `local_processes` (torchrun's LOCAL_RANK
     and LOCAL_WORLD_SIZE: the processes sharing this machine's GPUs) are 0 and 1 without torchrun.
@@ -52,26 +64,19 @@ def pick_device(spec: str, local_rank: int = 0, local_processes: int = 1) -> tor
     processes must not share a GPU. cpu: cpu. Anything else, cuda without CUDA, or a GPU the machine does
     not have: a one-line UserError.
     """
-    s = str(spec).strip().lower()
-    if s == "cpu":
+    if device_kind(spec) == "cpu":
         return torch.device("cpu")
-    if s == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        s = "cuda"
+    s = str(spec).strip().lower()
     named = re.fullmatch(r"cuda:(\d+)", s, flags=re.ASCII)
-    if s == "cuda":
+    if not named:  # cuda, or auto where CUDA is available
         index = local_rank
-    elif named:
+    else:
         index = int(named.group(1))
         if local_processes > 1 and index != local_rank:
             raise UserError(
                 f"--device {spec}: {local_processes} processes share this machine and each needs a GPU of its own, "
                 f"but this one (LOCAL_RANK {local_rank}) would use cuda:{index}; pass --device cuda (process i "
                 f"takes cuda:i) and choose the GPUs with CUDA_VISIBLE_DEVICES")
-    else:
-        raise UserError(f"--device {spec!r} is not a device; use {DEVICE_FORMS} (auto: cuda:LOCAL_RANK where "
-                        f"CUDA is available, else cpu)")
     if not torch.cuda.is_available():
         why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
         raise UserError(f"--device {spec}: CUDA is not available ({why}); use --device cpu or auto")

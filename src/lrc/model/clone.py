@@ -28,11 +28,12 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrc.distributed.fsdp import gathered, is_sharded
+from lrc.distributed.fsdp import gathered
 from lrc.errors import UserError
-from lrc.model.costs import choose_projections
-from lrc.model.families import INPUT_SIDE, ROLES, Family, family_for
+from lrc.model.costs import choose_projections, role_outs
+from lrc.model.families import INPUT_SIDE, ROLES, family_for
 from lrc.model.losses import CLONE_TERMS, masked_mse
+from lrc.model.meta import tied_head
 from lrc.model.precision import for_product
 from lrc.model.weights import FactoredLinear, StepWeights, generate_layer_weights, generate_weights, student_head
 
@@ -57,25 +58,22 @@ def teacher_head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _is_tied(teacher: PreTrainedModel, family: Family) -> bool:
-    head = cast(nn.Linear, teacher.get_submodule(family.head)).weight
-    embed = cast(nn.Embedding, teacher.get_submodule(f"{family.base}.{family.embed}")).weight
-    if head is embed:
-        return True
-    # meta tensors (a model built for planning) all report data_ptr 0: only `is` tells there
-    return not is_sharded(head) and head.device.type != "meta" and head.data_ptr() == embed.data_ptr()
-
-
 def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: float | None = None,
                    ffn_size: int | None = None, kept_layers: Sequence[int] | None = None):
+    """`student_config_for` the teacher's config, tied as the teacher is."""
+    return student_config_for(teacher.config, tied_head(teacher), hidden_size, rms_norm_eps, ffn_size, kept_layers)
+
+
+def student_config_for(teacher_config, tied: bool, hidden_size: int, rms_norm_eps: float | None = None,
+                       ffn_size: int | None = None, kept_layers: Sequence[int] | None = None):
     """The student's config: the teacher's, with hidden_size = d_S, an explicit head_dim, tied only when the
     teacher's head is its embedding, and the student RMSNorm epsilon (default: the teacher's); with
     intermediate_size = ffn_size and only the teacher layers `kept_layers` (their per-layer attention types
     with them) when given.
 
     The one architecture every method trains (lrc exports it; kd/scratch/prune-kd train it directly)."""
-    cfg = copy.deepcopy(teacher.config)
-    cfg.head_dim = teacher_head_dim(teacher.config)
+    cfg = copy.deepcopy(teacher_config)
+    cfg.head_dim = teacher_head_dim(teacher_config)
     cfg.hidden_size = hidden_size
     if ffn_size is not None:
         cfg.intermediate_size = ffn_size
@@ -86,8 +84,8 @@ def student_config(teacher: PreTrainedModel, hidden_size: int, rms_norm_eps: flo
             cfg.layer_types = [layer_types[i] for i in kept_layers]
         if hasattr(cfg, "max_window_layers"):  # unused once layer_types is explicit; kept consistent anyway
             cfg.max_window_layers = sum(1 for i in kept_layers if i < cfg.max_window_layers)
-    cfg.tie_word_embeddings = _is_tied(teacher, family_for(teacher.config))
-    cfg.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else teacher.config.rms_norm_eps)
+    cfg.tie_word_embeddings = tied
+    cfg.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else teacher_config.rms_norm_eps)
     return cfg
 
 
@@ -149,7 +147,7 @@ class LowRankClone(nn.Module):
         self.d_ff_t, self.ffn_size = cfg.intermediate_size, ffn_size
         self.kept_layers = kept
         self.num_layers = len(kept)
-        self.tied = _is_tied(teacher, self.family)
+        self.tied = tied_head(teacher)
         self.rms_norm_eps = float(rms_norm_eps if rms_norm_eps is not None else cfg.rms_norm_eps)
         if self.family.qk_norms and self.rms_norm_eps != cfg.rms_norm_eps:
             # The exported config has one rms_norm_eps for every norm, the teacher's frozen q/k norms included:
@@ -240,11 +238,8 @@ class LowRankClone(nn.Module):
     def plan_projections(self, tokens_per_micro_batch: int, reuse: int = 1) -> dict[str, str]:
         """Choose generated or factored per role from the cost model (`lrc.model.costs`) and apply it."""
         cfg = self.teacher.config
-        head_dim = teacher_head_dim(cfg)
-        outs = {"q": cfg.num_attention_heads * head_dim, "k": cfg.num_key_value_heads * head_dim,
-                "v": cfg.num_key_value_heads * head_dim, "o": cfg.num_attention_heads * head_dim,
-                "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.intermediate_size,
-                "head": cfg.vocab_size}
+        outs = role_outs(cfg.num_attention_heads, cfg.num_key_value_heads, teacher_head_dim(cfg),
+                         cfg.intermediate_size, cfg.vocab_size)
         plan = choose_projections(outs, tokens_per_micro_batch, self.d_t, self.d_s, reuse)
         if self.ffn_size is not None:  # Q^T W P has no factored form here: always generated (and small)
             plan.update({r: "generated" for r in FFN_ROLES})

@@ -18,6 +18,12 @@ needs the (V x d_S) weight gradient over all tokens, the factored form only the 
 from __future__ import annotations
 
 
+def role_outs(heads: int, kv_heads: int, head_dim: int, ffn: int, vocab: int) -> dict[str, int]:
+    """The `out` of each role's teacher matrix in this cost model (the head's is the vocabulary)."""
+    hq, hk = heads * head_dim, kv_heads * head_dim
+    return {"q": hq, "k": hk, "v": hk, "o": hq, "gate": ffn, "up": ffn, "down": ffn, "head": vocab}
+
+
 def generated_flops(n_tokens: int, out: int, d_t: int, d_s: int, reuse: int = 1) -> float:
     return 4.0 * out * d_t * d_s / reuse + 6.0 * n_tokens * out * d_s
 

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from lrc.distributed.fsdp import local_bytes, world_mesh
 from lrc.errors import REDOWNLOAD, UserError, first_line, read_json_object
 from lrc.model.families import family_for
+from lrc.model.meta import tied_head
 from lrc.model.precision import DTYPES, checkpoint_dtype, upcast_frozen_modules
 
 if TYPE_CHECKING:
@@ -251,7 +252,7 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
     fam = family_for(teacher.config)
     base = teacher.get_submodule(fam.base)
     head_layer, embed_module = teacher.get_submodule(fam.head), base.get_submodule(fam.embed)
-    tied = head_layer.weight is embed_module.weight
+    tied = tied_head(teacher)
     mesh = world_mesh(device)
     stored = next(teacher.parameters()).dtype
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != stored else None)

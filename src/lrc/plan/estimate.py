@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lrc.config import RunConfig, validate
+from lrc.distributed.processes import device_kind
 from lrc.errors import UserError
 from lrc.model.families import family_for
 from lrc.model.losses import auto_chunk_size
@@ -27,7 +28,6 @@ from lrc.plan.shape import (
     Shape,
     choose_roles,
     param_counts,
-    resolve_device,
     shape_of,
     teacher_dtype_name,
     trainable_params,
@@ -124,7 +124,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         raise UserError(f"--mfu must be in (0, 1] (got {mfu})")
     if device_tflops is not None and not device_tflops > 0:
         raise UserError(f"--device-tflops must be positive (got {device_tflops})")
-    device = "cuda" if (device or resolve_device(cfg.device)).startswith("cuda") else "cpu"
+    device = "cuda" if (device or device_kind(cfg.device)).startswith("cuda") else "cpu"
     precision = resolve_precision(cfg.precision, torch.device(device))
     dtype = teacher_dtype or teacher_dtype_name(teacher_config, cfg.teacher_dtype)
 

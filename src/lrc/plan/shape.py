@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from lrc.errors import UserError
 from lrc.model.clone import student_config, teacher_head_dim
-from lrc.model.costs import choose_projections
-from lrc.model.families import ROLES, family_for
+from lrc.model.costs import choose_projections, role_outs
+from lrc.model.families import ROLES
+from lrc.model.meta import meta_model, parameter_count, tied_head
 from lrc.model.precision import checkpoint_dtype, dtype_name
 
 
@@ -44,29 +41,13 @@ class Shape:
     @property
     def role_outs(self) -> dict[str, int]:
         """The `out` of each role in the cost model (as `LowRankClone.plan_projections`), head included."""
-        hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q": hq, "k": hk, "v": hk, "o": hq, "gate": self.ffn, "up": self.ffn, "down": self.ffn,
-                "head": self.vocab}
-
-
-def _meta_model(config):
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
-
-
-def _is_tied_meta(model) -> bool:
-    fam = family_for(model.config)
-    return model.get_submodule(fam.head).weight is model.get_submodule(f"{fam.base}.{fam.embed}").weight
+        return role_outs(self.heads, self.kv_heads, self.head_dim, self.ffn, self.vocab)
 
 
 def student_meta(teacher_meta, hidden_size: int, rms_norm_eps: float | None = None, ffn_size: int | None = None,
                  kept_layers=None):
     """The exported student (the config `export` writes, `lrc.model.clone.student_config`) on the meta device."""
-    return _meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps, ffn_size, kept_layers))
+    return meta_model(student_config(teacher_meta, hidden_size, rms_norm_eps, ffn_size, kept_layers))
 
 
 _COUNTS: dict[tuple, tuple[int, int, bool]] = {}
@@ -77,9 +58,9 @@ def param_counts(teacher_config, hidden_size: int, rms_norm_eps, ffn_size, kept)
     shape (`lrc plan --gpus` plans many option changes of one run)."""
     key = (teacher_config.to_json_string(use_diff=False), hidden_size, rms_norm_eps, ffn_size, kept)
     if key not in _COUNTS:
-        t_meta = _meta_model(teacher_config)
+        t_meta = meta_model(teacher_config)
         s_meta = student_meta(t_meta, hidden_size, rms_norm_eps, ffn_size, kept)
-        _COUNTS[key] = (_count(t_meta), _count(s_meta), _is_tied_meta(t_meta))
+        _COUNTS[key] = (parameter_count(t_meta), parameter_count(s_meta), tied_head(t_meta))
     return _COUNTS[key]
 
 
@@ -87,16 +68,6 @@ def teacher_dtype_name(config, teacher_dtype: str) -> str:
     if teacher_dtype != "auto":
         return teacher_dtype
     return dtype_name(checkpoint_dtype(config))
-
-
-def resolve_device(spec: str) -> str:
-    """"cpu" or "cuda" for --device, as `lrc distill` picks it, without initialising CUDA."""
-    s = str(spec).strip().lower()
-    if s == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if s == "cpu" or s == "cuda" or s.startswith("cuda:"):
-        return "cpu" if s == "cpu" else "cuda"
-    raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
 def shape_of(config, hidden_size: int, tied: bool, ffn_size: int | None = None,

@@ -13,19 +13,15 @@ embedding and an untied head in e).
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM
-
 from lrc.config import RunConfig
 from lrc.errors import UserError
-from lrc.model.clone import teacher_head_dim
-from lrc.model.families import family_for
+from lrc.model.clone import student_config_for
+from lrc.model.meta import config_is_tied, meta_model, parameter_count
 
 TARGET_DIMS = ("hidden", "ffn", "layers")
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -103,29 +99,6 @@ def parse_target(text: str, teacher_params: int) -> int:
     return int(count)
 
 
-def _meta_count(config) -> int:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
-
-
-def _is_tied(teacher_config) -> bool:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(teacher_config)
-    fam = family_for(teacher_config)
-    return model.get_submodule(fam.head).weight is model.get_submodule(f"{fam.base}.{fam.embed}").weight
-
-
-def _probe_config(teacher_config, tied: bool, hidden: int, ffn: int, layers: int):
-    cfg = copy.deepcopy(teacher_config)
-    cfg.head_dim = teacher_head_dim(teacher_config)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = hidden, ffn, layers
-    cfg.tie_word_embeddings = tied
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = list(cfg.layer_types)[:layers]
-    return cfg
-
-
 @dataclass(frozen=True)
 class Counter:
     """count(h, m, K) = K (a h + b m + c h m + d) + e h + f: the exported student's parameters."""
@@ -148,10 +121,10 @@ class Counter:
 
 def param_counter(teacher_config) -> Counter:
     """The exact parameter count of a student of this teacher as a function of its shape (see module doc)."""
-    tied = _is_tied(teacher_config)
+    tied = config_is_tied(teacher_config)
 
     def count(h, m, k):
-        return _meta_count(_probe_config(teacher_config, tied, h, m, k))
+        return parameter_count(meta_model(student_config_for(teacher_config, tied, h, None, m, range(k))))
 
     layer = {(h, m): count(h, m, 2) - count(h, m, 1) for h in (1, 2) for m in (1, 2)}
     c = layer[2, 2] - layer[2, 1] - layer[1, 2] + layer[1, 1]
@@ -221,7 +194,7 @@ def resolve_target(cfg: RunConfig, teacher_config) -> tuple[RunConfig, Solution 
     check_shape(cfg, teacher_config)
     n = teacher_config.num_hidden_layers
     counter = param_counter(teacher_config)
-    teacher_params = _meta_count(teacher_config)
+    teacher_params = parameter_count(meta_model(teacher_config))
     target = parse_target(cfg.target_params, teacher_params)
     k_given = None if cfg.layers is None and cfg.drop_layers is None else student_layers(cfg, n)
     sol = solve(teacher_config, target, dims, hidden=cfg.hidden_size, ffn=cfg.ffn_size, layers=k_given,
