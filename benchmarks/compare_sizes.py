@@ -98,7 +98,8 @@ def main(argv=None) -> int:
             results["teacher_loss"] = val_losses(run, "val_teacher")[0][1]
             results["runs"].append({
                 "budget": budget, "variant": name, "hidden": sol.hidden, "ffn": sol.ffn, "layers": sol.layers,
-                "drop_layers": cfg.drop_layers, "non_embedding": sol.params, "total": counter(sol.hidden, sol.ffn,
+                "drop_layers": cfg.student.drop_layers, "non_embedding": sol.params, "total": counter(sol.hidden,
+                                                                                                      sol.ffn,
                                                                                              sol.layers),
                 "step0": losses[0][1], "final": losses[-1][1], "tokens": losses[-1][0],
                 "seconds": time.time() - t0})

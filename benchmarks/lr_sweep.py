@@ -136,12 +136,12 @@ def run_one(name: str, paths, width: int, init: str, lr: str, extra: dict) -> di
     options["eval_batches"] = 128 // int(extra.get("batch_size", BATCH))
     cfg = RunConfig(**(options | extra))
     if lr != "auto":
-        cfg.lr = float(lr)
+        cfg.optim.lr = float(lr)
     try:
         distill(cfg)
     except TrainingDiverged as e:  # --stop-on-rise: a learning rate far too high is a result too
         shutil.rmtree(out, ignore_errors=True)
-        return {"final": float("nan"), "stopped": str(e).split(";")[0], "lr": cfg.lr, "seconds": time.time() - t0}
+        return {"final": float("nan"), "stopped": str(e).split(";")[0], "lr": cfg.optim.lr, "seconds": time.time() - t0}
     saved = (out / "config.yaml").read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     vals = [r for r in rows if r.get("split") == "val"]

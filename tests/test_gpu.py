@@ -114,7 +114,7 @@ def test_bf16_resume_matches_a_straight_run_and_export_matches_the_student(tmp_p
 
     # Export, then compare with the run's student as training computes it (bf16 autocast on the GPU).
     cfg, method, _, t = load_run(split, DEVICE)
-    assert next(t.parameters()).dtype == torch.bfloat16 and cfg.precision == "bf16"
+    assert next(t.parameters()).dtype == torch.bfloat16 and cfg.compute.precision == "bf16"
     method.eval()
     ids, pos = packed_batch(batch=2, seq=32)
     ids, pos = ids.to(DEVICE), pos.to(DEVICE)

@@ -75,7 +75,7 @@ def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def student_and_export_logits(run_dir: Path, model_dir: Path, ids: torch.Tensor):
     cfg, method, _, _ = load_run(run_dir)
     method.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.compute.precision == "bf16"):
         student = method.clone.student_logits(ids).float()
     exported = load_teacher(str(model_dir))  # stored in the export dtype, computing in fp32
     with torch.no_grad():

@@ -236,7 +236,7 @@ def test_layers_option_records_its_choice_so_the_run_can_be_rebuilt():
     ids, pos = packed_batch()
     cfg = RunConfig(teacher="t", hidden_size=32, ffn_size=48, layers=2, init="pca")
     method, info = build_method(cfg, teacher, calibration=lambda: [{"input_ids": ids, "position_ids": pos}])
-    assert cfg.drop_layers == "2" and 0 < info["ffn_energy_kept"] <= 1
+    assert cfg.student.drop_layers == "2" and 0 < info["ffn_energy_kept"] <= 1
     rebuilt, _ = build_method(cfg, teacher, calibration=None)  # as `lrc export` / --resume do
     rebuilt.load_trainable_state_dict(method.trainable_state_dict())
     assert torch.equal(rebuilt.clone.student_logits(ids, pos), method.clone.student_logits(ids, pos))
@@ -282,7 +282,7 @@ def test_target_params_options():
         with pytest.raises(UserError, match="--target-params"):
             parse_target(bad, total)
     cfg, sol = resolve_target(RunConfig(target_params="50%", target_dims="hidden,ffn"), config)
-    assert sol is not None and cfg.hidden_size == sol.hidden and cfg.ffn_size == sol.ffn
+    assert sol is not None and cfg.student.hidden_size == sol.hidden and cfg.student.ffn_size == sol.ffn
     # a resumed run holds the solved values too: accepted; a contradicting explicit value is not
     assert resolve_target(cfg, config)[0] == cfg
     with pytest.raises(UserError, match="--hidden-size 8 and --target-params"):

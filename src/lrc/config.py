@@ -1,15 +1,24 @@
-"""One typed configuration for a run; YAML files and the command line are two views of it.
+"""One typed configuration for a run, in sections that mirror the package; YAML files and the command line are
+two flat views of it.
 
-Every field's docstring-like `help` becomes its `--help` text. A run directory stores the resolved config
-(`RUN_DIR/config.yaml`), so `lrc export`, `lrc eval` and `--resume` need no repeated flags.
+`RunConfig` holds what names the run (teacher, out, method, seed, trust_remote_code) and one section per
+part of the package that reads it: `data` (`lrc.data`), `student` (`lrc.student`: shape and initialisation),
+`optim` (`lrc.optim`: the learning rate and AdamW), `train` (`lrc.train`: budget, batches, logging,
+checkpoints), `loss` (`lrc.model.losses.LossWeights` itself) and `compute` (precision, device, parallelism).
+
+Every option has one flat name, its command-line flag and its YAML key (`--hidden-size`, `hidden_size:`),
+listed in `FIELDS` with the section attribute it sets; a run directory stores the resolved config in that
+flat form (`RUN_DIR/config.yaml`, the same keys as ever), so `lrc export`, `lrc eval` and `--resume` need no
+repeated flags. `RunConfig(**flat_options)` builds one; `cfg.replace(**flat_options)` a changed copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast, get_args, get_origin
 
@@ -19,8 +28,6 @@ from lrc.errors import UserError
 from lrc.model.losses import LossWeights
 from lrc.model.precision import DTYPES
 from lrc.optim.lr_rule import AUTO, parse_lr
-
-_W = LossWeights()
 
 
 def opt(default, help: str, choices=None, **kw):
@@ -33,14 +40,14 @@ def opt(default, help: str, choices=None, **kw):
 
 
 @dataclass
-class RunConfig:
-    # what to distil
-    teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
-    data: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet (text or chat messages), "
+class DataConfig:
+    """What is read and how it is tokenised and packed (`lrc.data`)."""
+
+    files: list[str] = opt([], "training data: text/.md files, .jsonl/.json/.parquet (text or chat messages), "
                                   "save_to_disk folders, folders of them, an `lrc prepare` folder, or, when online, a "
                                   "hub dataset [owner/]name[:config][@split]; PATH:WEIGHT items make a mixture "
                                   "sampled in proportion to the weights, e.g. web/:0.6 code.jsonl:0.4")
-    val_data: list[str] = opt([], "held-out data (default: hold out --val-fraction of --data)")
+    val_files: list[str] = opt([], "held-out data (default: hold out --val-fraction of --data)")
     val_fraction: float = opt(0.02, "share of the training sequences held out when --val-data is not given")
     text_field: str = opt("text", "field holding the text in .jsonl/.json/.parquet/datasets data")
     num_proc: int = opt(1, "processes tokenising the data (datasets' map num_proc)")
@@ -49,8 +56,16 @@ class RunConfig:
     chat_template: str | None = opt(None, "Jinja chat template file for chat rows (default: the tokenizer's own)")
     train_on: str = opt("all", "which tokens of chat rows the losses count: all, or only the assistant's",
                         choices=("all", "assistant"))
+    seq_len: int = opt(512, "tokens per training sequence")
+    cache_dir: str | None = opt(None, "token cache folder "
+                                "(default: $LRC_CACHE/tokens, else ~/.cache/lrc/tokens)")
+
+
+@dataclass
+class StudentConfig:
+    """The student's shape and starting point (`lrc.student`; docs/student-shape.md)."""
+
     hidden_size: int | None = opt(None, "student hidden size d_S (at most the teacher's)")
-    # student shape beyond the hidden size (docs/student-shape.md)
     ffn_size: int | None = opt(None, "student FFN width M (at most the teacher's intermediate size), through a "
                                "trainable projection of the intermediate side (default: the teacher's, no "
                                "projection)")
@@ -63,24 +78,21 @@ class RunConfig:
     target_dims: str = opt("hidden", "what --target-params solves, comma-separated: hidden, ffn, layers (shrunk "
                            "by one common factor, multiples of 64/128 where the teacher is that wide); the rest "
                            "stays as given")
-    out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, config.yaml)")
-    method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
-                      choices=("lrc", "kd", "scratch", "prune-kd"))
     init: str = opt("refit", "projection init: refit (pca, then each layer's projections fitted by least squares "
                     "to the teacher's layer outputs on the calibration batches), pca (teacher-aware) or random "
                     "(official N(0, 0.02))", choices=("refit", "pca", "random"))
     calib_batches: int = opt(8, "calibration batches (of --batch-size x processes sequences) for --init "
                              "refit/pca and prune-kd")
-    # budget and batch
-    max_steps: int | None = opt(None, "optimizer steps to run (0: initialise and save only)")
-    max_tokens: int | None = opt(None, "stop after this many training tokens (whichever of the two comes first)")
-    batch_size: int = opt(4, "sequences per micro-batch per process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    seq_len: int = opt(512, "tokens per training sequence")
-    # optimiser
+    rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")
+
+
+@dataclass
+class OptimConfig:
+    """The learning rate and its schedule, and AdamW (`lrc.optim`)."""
+
     lr: float | str = opt("auto", "peak learning rate, or auto: chosen from the student's hidden size and the "
-                          "tokens per step by a rule fitted on measurements (lrc.optim.lr_rule; the value is printed "
-                          "and stored in the run's config.yaml)")
+                          "tokens per step by a rule fitted on measurements (lrc.optim.lr_rule; the value is "
+                          "printed and stored in the run's config.yaml)")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.05, "share of the steps spent warming up linearly")
     min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr (cosine/linear)")
@@ -88,24 +100,31 @@ class RunConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+
+
+@dataclass
+class TrainConfig:
+    """The budget, the batches, and what a run records on the way (`lrc.train`)."""
+
+    max_steps: int | None = opt(None, "optimizer steps to run (0: initialise and save only)")
+    max_tokens: int | None = opt(None, "stop after this many training tokens (whichever of the two comes first)")
+    batch_size: int = opt(4, "sequences per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
     stop_on_rise: float = opt(0.5, "stop the run when the mean loss of the last 5 steps is more than this share "
                               "above the first step's (a learning rate far too high); 0: never")
-    seed: int = opt(0, "seed for init and data order")
-    # losses
-    # losses: defaults are LossWeights' own (one place)
-    ce_weight: float = opt(_W.ce, "weight of the next-token cross-entropy")
-    kl_weight: float = opt(_W.kl, "weight of KL(teacher || student), averaged per token")
-    kl_temperature: float = opt(_W.kl_temperature, "KL temperature tau")
-    clone_weight: float = opt(_W.clone, "alpha: weight of the activation-clone sum (0: no clone loss)")
-    clone_q: float = opt(_W.q, "clone term weight: q projection")
-    clone_k: float = opt(_W.k, "clone term weight: k projection")
-    clone_v: float = opt(_W.v, "clone term weight: v projection")
-    clone_attn_out: float = opt(_W.attn_out, "clone term weight: attention output")
-    clone_gate: float = opt(_W.gate, "clone term weight: gate projection")
-    clone_up: float = opt(_W.up, "clone term weight: up projection")
-    clone_ffn_out: float = opt(_W.ffn_out, "clone term weight: FFN output")
-    rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")
-    # numerics and memory
+    log_every: int = opt(10, "steps between progress lines and metrics.jsonl records")
+    eval_every: int = opt(200, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = opt(16, "held-out micro-batches per evaluation")
+    save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
+    wandb: str | None = opt(None, "also log metrics.jsonl's records to this Weights & Biases project (needs "
+                            "wandb: pip install 'lowrankclone[wandb]'; WANDB_MODE=offline logs without network)")
+
+
+@dataclass
+class ComputeConfig:
+    """Where and in what precision the run computes (`lrc.model.precision`, `lrc.distributed`)."""
+
     precision: str = opt("auto", "bf16 autocast (fp32 master weights), fp32, or auto: bf16 on CUDA and on "
                          "CPUs with bf16 matrix instructions (AMX / AVX512-BF16), else fp32",
                          choices=("auto", "bf16", "fp32"))
@@ -119,34 +138,149 @@ class RunConfig:
     parallel: str = opt("ddp", "under torchrun: ddp (every process holds the whole teacher) or fsdp (the teacher "
                         "is sharded over the processes with FSDP2, for teachers too big for one device; lrc only)",
                         choices=("ddp", "fsdp"))
+
+
+@dataclass
+class RunScope:
+    """What names the run: the teacher, the run directory, the method and its seed."""
+
+    teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
+    out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, config.yaml)")
+    method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
+                      choices=("lrc", "kd", "scratch", "prune-kd"))
+    seed: int = opt(0, "seed for init and data order")
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
-    # logging and checkpoints
-    log_every: int = opt(10, "steps between progress lines and metrics.jsonl records")
-    eval_every: int = opt(200, "steps between held-out evaluations (0: only at the end)")
-    eval_batches: int = opt(16, "held-out micro-batches per evaluation")
-    save_every: int = opt(500, "steps between checkpoints (one is always written at the end)")
-    keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
-    wandb: str | None = opt(None, "also log metrics.jsonl's records to this Weights & Biases project (needs "
-                            "wandb: pip install 'lowrankclone[wandb]'; WANDB_MODE=offline logs without network)")
-    cache_dir: str | None = opt(None, "token cache folder "
-                                "(default: $LRC_CACHE/tokens, else ~/.cache/lrc/tokens)")
+
+
+# The loss section is LossWeights itself; its fields' flags and help (defaults are LossWeights' own).
+_LOSS_OPTIONS = {
+    "ce_weight": ("ce", "weight of the next-token cross-entropy"),
+    "kl_weight": ("kl", "weight of KL(teacher || student), averaged per token"),
+    "kl_temperature": ("kl_temperature", "KL temperature tau"),
+    "clone_weight": ("clone", "alpha: weight of the activation-clone sum (0: no clone loss)"),
+    "clone_q": ("q", "clone term weight: q projection"),
+    "clone_k": ("k", "clone term weight: k projection"),
+    "clone_v": ("v", "clone term weight: v projection"),
+    "clone_attn_out": ("attn_out", "clone term weight: attention output"),
+    "clone_gate": ("gate", "clone term weight: gate projection"),
+    "clone_up": ("up", "clone term weight: up projection"),
+    "clone_ffn_out": ("ffn_out", "clone term weight: FFN output"),
+}
+SECTIONS: dict[str, type] = {"data": DataConfig, "student": StudentConfig, "optim": OptimConfig,
+                             "train": TrainConfig, "loss": LossWeights, "compute": ComputeConfig}
+# Flat names that are not the section attribute's own
+_RENAMED = {"data": ("data", "files"), "val_data": ("data", "val_files"),
+            **{flat: ("loss", attr) for flat, (attr, _) in _LOSS_OPTIONS.items()}}
+# The flat order: --help's, and config.yaml's keys (as written by every earlier version)
+_ORDER = ("teacher", "data", "val_data", "val_fraction", "text_field", "num_proc", "streaming", "chat_template",
+          "train_on", "hidden_size", "ffn_size", "layers", "drop_layers", "target_params", "target_dims", "out",
+          "method", "init", "calib_batches", "max_steps", "max_tokens", "batch_size", "grad_accum", "seq_len", "lr",
+          "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
+          "stop_on_rise", "seed", *_LOSS_OPTIONS, "rms_norm_eps", "precision", "teacher_dtype",
+          "grad_checkpointing", "chunk_size", "device", "parallel", "trust_remote_code", "log_every", "eval_every",
+          "eval_batches", "save_every", "keep_checkpoints", "wandb", "cache_dir")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flat option: the section it lives in (None: the run's own scope) and the attribute there."""
+
+    name: str
+    section: str | None
+    attr: str
+    type: Any
+    """The annotation (a string: the dataclasses are `from __future__ import annotations`)."""
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+
+
+def _options() -> dict[str, Option]:
+    found: dict[str, Option] = {}
+    where: dict[str, tuple[str | None, str]] = {
+        attr: (section, attr) for section, cls in SECTIONS.items() for attr in (f.name for f in fields(cls))}
+    where.update({f.name: (None, f.name) for f in fields(RunScope)})
+    by_attr: dict[tuple[str | None, str], str] = {v: k for k, v in _RENAMED.items()}
+    for flat in _ORDER:
+        section, attr = _RENAMED.get(flat) or where[flat]
+        assert (section, attr) not in by_attr or by_attr[(section, attr)] == flat, flat
+        cls = SECTIONS[section] if section else RunScope
+        f = next(f for f in fields(cls) if f.name == attr)
+        default = f.default if f.default is not MISSING else cast(Callable[[], Any], f.default_factory)()
+        help_text = _LOSS_OPTIONS[flat][1] if section == "loss" else f.metadata["help"]
+        found[flat] = Option(flat, section, attr, f.type, default, help_text, f.metadata.get("choices"))
+    every = {(s, f.name) for s, cls in SECTIONS.items() for f in fields(cls)} | \
+        {(None, f.name) for f in fields(RunScope)}
+    assert every == {(o.section, o.attr) for o in found.values()}, every ^ {(o.section, o.attr) for o in found.values()}
+    return found
+
+
+class RunConfig:
+    """A run's options: the run's own (teacher, out, method, seed, trust_remote_code) and one section per part
+    of the package (`data`, `student`, `optim`, `train`, `loss`, `compute`).
+
+    Built from flat options, `RunConfig(hidden_size=256, data=["a.txt"])`, every other option its default."""
+
+    teacher: str | None
+    out: str | None
+    method: str
+    seed: int
+    trust_remote_code: bool
+    data: DataConfig
+    student: StudentConfig
+    optim: OptimConfig
+    train: TrainConfig
+    loss: LossWeights
+    compute: ComputeConfig
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"RunConfig got unknown options: {', '.join(unknown)}")
+        for name, cls in SECTIONS.items():
+            setattr(self, name, cls())
+        for f in fields(RunScope):
+            setattr(self, f.name, copy.deepcopy(FIELDS[f.name].default))
+        for name, value in options.items():
+            self.set(name, value)
+
+    def get(self, name: str) -> Any:
+        """The value of flat option `name`."""
+        o = FIELDS[name]
+        return getattr(getattr(self, o.section) if o.section else self, o.attr)
+
+    def set(self, name: str, value: Any) -> None:
+        o = FIELDS[name]
+        setattr(getattr(self, o.section) if o.section else self, o.attr, value)
+
+    def replace(self, **options: Any) -> RunConfig:
+        """A copy with these flat options changed."""
+        new = copy.deepcopy(self)
+        for name, value in options.items():
+            new.set(name, value)
+        return new
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat view: every option by its flat name, in --help's order (config.yaml, W&B)."""
+        return {name: copy.deepcopy(self.get(name)) for name in FIELDS}
 
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(
-            ce=self.ce_weight, kl=self.kl_weight, kl_temperature=self.kl_temperature, clone=self.clone_weight,
-            q=self.clone_q, k=self.clone_k, v=self.clone_v, attn_out=self.clone_attn_out,
-            gate=self.clone_gate, up=self.clone_up, ffn_out=self.clone_ffn_out,
-        )
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclasses it holds
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.to_dict().items() if v != FIELDS[k].default}
+        return f"RunConfig({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+FIELDS: dict[str, Option] = _options()
 
 
 # Options that may differ when resuming a run; everything else must match the saved run.
 RESUMABLE_CHANGES = {"max_steps", "max_tokens", "log_every", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "device", "parallel", "out", "cache_dir", "data", "val_data", "num_proc",
                      "wandb", "stop_on_rise"}
-FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
 @dataclass(frozen=True)
@@ -245,7 +379,7 @@ def check_option(name: str, value, flag: str | None = None) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check every numeric option against RANGES; UserError (one line) naming the first one out of range."""
     for name in RANGES:
-        value = getattr(cfg, name)
+        value = cfg.get(name)
         if value is not None and not (name == "lr" and value == AUTO):
             check_option(name, value)
 
@@ -261,7 +395,9 @@ def _base_type(tp):
 
 def _parse_type(name: str):
     # a str: `from __future__ import annotations` leaves every field's annotation unevaluated
-    tp = eval(cast(str, FIELDS[name].type), {"str": str, "int": int, "float": float, "bool": bool, "list": list})
+    tp = FIELDS[name].type
+    if isinstance(tp, str):
+        tp = eval(tp, {"str": str, "int": int, "float": float, "bool": bool, "list": list})
     return _base_type(tp)
 
 
@@ -270,15 +406,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     """One `--kebab-name` option per RunConfig field; defaults stay unset so we know what the user gave.
     `hidden` options are accepted but not listed in --help (e.g. `lrc plan` takes a distill command line whole
     but lists only what changes a plan)."""
-    for f in fields(RunConfig):
+    for f in FIELDS.values():
         if f.name in skip:
             continue
         tp = _parse_type(f.name)
-        # every field has a default or a default_factory
-        default = f.default if f.default is not MISSING else cast(Callable[[], Any], f.default_factory)()
-        help_text = f.metadata["help"]
+        help_text = f.help
         if "(default:" not in help_text:  # some fields describe their default in words
-            help_text += f" (default: {default})"
+            help_text += f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
                                   help=argparse.SUPPRESS if f.name in hidden else help_text)
@@ -287,8 +421,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         elif tp is list:
             parser.add_argument(flag, nargs="+", metavar="PATH", **kw)
         else:
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
+            if f.choices:
+                kw["choices"] = f.choices
             if f.name == "lr":  # a number or `auto`
                 tp = _lr_type
             parser.add_argument(flag, type=tp, metavar=f.name.upper() if "choices" not in kw else None, **kw)
@@ -344,10 +478,9 @@ def _coerce(name: str, value, where: str):
 
 def build_config(values: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(**values)
-    choices = {n: f.metadata.get("choices") for n, f in FIELDS.items()}
-    for name, allowed in choices.items():
-        if allowed and getattr(cfg, name) not in allowed:
-            raise UserError(f"option {name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name, f in FIELDS.items():
+        if f.choices and cfg.get(name) not in f.choices:
+            raise UserError(f"option {name} must be one of {', '.join(f.choices)}, got {cfg.get(name)!r}")
     return cfg
 
 

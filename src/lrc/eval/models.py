@@ -26,7 +26,7 @@ def load_for_eval(path: str, device="cpu"):
     p = Path(path)
     if (p / "config.yaml").is_file():
         cfg, method, tokenizer, _ = load_run(p, device)
-        return method.student_model().to(device).eval(), tokenizer, cfg.seq_len
+        return method.student_model().to(device).eval(), tokenizer, cfg.data.seq_len
     model = load_teacher(path).to(device)
     tokenizer = load_tokenizer(path, whose="the model's",
                                if_missing="export with `lrc export` (it copies the teacher's)")

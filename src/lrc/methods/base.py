@@ -58,7 +58,7 @@ def export_dtype(cfg: RunConfig, teacher) -> torch.dtype:
     dtype) or bf16 where training autocasts to it."""
     stored = next(teacher.parameters()).dtype
     device = next(teacher.parameters()).device
-    if stored == torch.float32 and resolve_precision(cfg.precision, device) == "bf16":
+    if stored == torch.float32 and resolve_precision(cfg.compute.precision, device) == "bf16":
         return torch.bfloat16
     return stored
 
@@ -95,12 +95,12 @@ class Method(nn.Module):
 
 def kept_layers_of(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[int, ...] | None:
     """The teacher layers the student keeps (None: all). `--layers K` alone measures them on the calibration
-    batches and records them in cfg.drop_layers: the run's config.yaml is written after the method is built,
+    batches and records them in cfg.student.drop_layers: the run's config.yaml is written after the method is built,
     so export and --resume rebuild this very student without calibration."""
     n = teacher.config.num_hidden_layers
     if needs_layer_choice(cfg):
         if calibration is None:
             raise UserError("--layers needs calibration data to choose the layers; give --drop-layers instead")
-        kept = choose_layers(teacher, calibration.fit(), cast(int, cfg.layers))
-        cfg.drop_layers = ",".join(str(i) for i in range(n) if i not in kept)
+        kept = choose_layers(teacher, calibration.fit(), cast(int, cfg.student.layers))
+        cfg.student.drop_layers = ",".join(str(i) for i in range(n) if i not in kept)
     return kept_layers(cfg, n)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -88,19 +89,19 @@ class Direct(Method):
 
 
 def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
-    weights = cfg.loss_weights()
+    weights = replace(cfg.loss)  # a copy: the baselines switch terms off
     weights.clone = 0.0
     if cfg.method == "scratch":
         weights.kl = 0.0
     info: dict = {}
-    hidden_size = cast(int, cfg.hidden_size)  # set: run.prepare requires it before a method is built
+    hidden_size = cast(int, cfg.student.hidden_size)  # set: run.prepare requires it before a method is built
     layers = kept_layers_of(cfg, teacher, calibration)
     if cfg.method == "prune-kd" and calibration is not None:
-        student, kept = pruned_student(teacher, hidden_size, calibration.fit(), cfg.ffn_size, layers)
+        student, kept = pruned_student(teacher, hidden_size, calibration.fit(), cfg.student.ffn_size, layers)
         info = {"kept_channels": len(kept)}
     else:
-        student = random_student(teacher, hidden_size, cfg.seed, cfg.ffn_size, layers)
-    if cfg.grad_checkpointing:
+        student = random_student(teacher, hidden_size, cfg.seed, cfg.student.ffn_size, layers)
+    if cfg.compute.grad_checkpointing:
         student.gradient_checkpointing_enable({"use_reentrant": False})
     return Direct(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,
-                  chunk_size=cfg.chunk_size), info
+                  chunk_size=cfg.compute.chunk_size), info

@@ -3,6 +3,7 @@ with its initialisation (pca, FFN channel choice, refit)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import cast
 
 import torch
@@ -135,19 +136,19 @@ class LRC(Method):
 
 
 def build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
-    # cfg.hidden_size is set: run.prepare requires it before a method is built
-    clone = LowRankClone(teacher, cast(int, cfg.hidden_size), rms_norm_eps=cfg.rms_norm_eps,
-                         ffn_size=cfg.ffn_size, kept_layers=kept_layers_of(cfg, teacher, calibration))
+    # cfg.student.hidden_size is set: run.prepare requires it before a method is built
+    clone = LowRankClone(teacher, cast(int, cfg.student.hidden_size), rms_norm_eps=cfg.student.rms_norm_eps,
+                         ffn_size=cfg.student.ffn_size, kept_layers=kept_layers_of(cfg, teacher, calibration))
     info: dict = {}
     if calibration is not None:
-        if cfg.init in ("pca", "refit"):
+        if cfg.student.init in ("pca", "refit"):
             info = dict(init_pca(clone, calibration.fit()))
             info.update(select_ffn_channels(clone, calibration.fit()))
-            if cfg.init == "refit":  # after the FFN channels are chosen: it fits the student as it will train
+            if cfg.student.init == "refit":  # after the FFN channels are chosen: it fits the student as it will train
                 check = calibration.check() if calibration.check is not None else None
                 info.update(refit_projections(clone, calibration.fit(), check, dtype=export_dtype(cfg, teacher)))
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.grad_checkpointing:
+    if cfg.compute.grad_checkpointing:
         clone.enable_gradient_checkpointing()
-    return LRC(clone, cfg.loss_weights(), chunk_size=cfg.chunk_size), info
+    return LRC(clone, replace(cfg.loss), chunk_size=cfg.compute.chunk_size), info

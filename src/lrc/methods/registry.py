@@ -29,7 +29,8 @@ def _choose_layers(cfg: RunConfig) -> bool:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lrc": MethodSpec(build_lrc, needs_calibration=lambda cfg: cfg.init in ("pca", "refit") or _choose_layers(cfg),
+    "lrc": MethodSpec(build_lrc, needs_calibration=lambda cfg: cfg.student.init in ("pca",
+                                                                                    "refit") or _choose_layers(cfg),
                       shards_teacher=True),
     "kd": MethodSpec(build_direct, needs_calibration=_choose_layers),
     "scratch": MethodSpec(build_direct, needs_calibration=_choose_layers),

@@ -304,7 +304,7 @@ class LowRankClone(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _run_student(self, input_ids, position_ids, attention_mask, weights, hooks=None):
-        rows = F.embedding(input_ids, gathered(self.t_base.get_submodule(self.family.embed).weight))
+        rows = F.embedding(input_ids, gathered(cast(nn.Embedding, self.t_base.get_submodule(self.family.embed)).weight))
         embeds = for_product(rows, self.embed) @ self.embed
         params = dict(weights)
         params.update(dict(self.t_base.named_buffers()))  # RoPE inv_freq: the student keeps the teacher's

@@ -24,11 +24,11 @@ def role_outs(heads: int, kv_heads: int, head_dim: int, ffn: int, vocab: int) ->
     return {"q": hq, "k": hk, "v": hk, "o": hq, "gate": ffn, "up": ffn, "down": ffn, "head": vocab}
 
 
-def generated_flops(n_tokens: int, out: int, d_t: int, d_s: int, reuse: int = 1) -> float:
+def generated_flops(n_tokens: float, out: int, d_t: int, d_s: int, reuse: int = 1) -> float:
     return 4.0 * out * d_t * d_s / reuse + 6.0 * n_tokens * out * d_s
 
 
-def factored_flops(n_tokens: int, out: int, d_t: int, d_s: int) -> float:
+def factored_flops(n_tokens: float, out: int, d_t: int, d_s: int) -> float:
     return 4.0 * n_tokens * out * d_t + 6.0 * n_tokens * d_t * d_s
 
 
@@ -65,7 +65,7 @@ def lrc_step_floor(n_tokens: int, d_t: int, d_s: int, role_outs: list[int], voca
     return (teacher + matrices + head + targets) / (teacher + student)
 
 
-def generated_through_ffn_flops(n_tokens: int, d_ff_t: int, m: int, d_t: int, d_s: int, reuse: int = 1) -> float:
+def generated_through_ffn_flops(n_tokens: float, d_ff_t: int, m: int, d_t: int, d_s: int, reuse: int = 1) -> float:
     """gate/up = Q^T (W_T P) or down = (P^T W_T) Q (`--ffn-size M`): W_T P as a generated role (forward and P's
     gradient, 4 d_ff_T d_T d_S), then the product with the trainable Q (forward and both gradients,
     6 d_ff_T M d_S), shared by the step's micro-batches; per micro-batch a trained (M x d_S) linear."""

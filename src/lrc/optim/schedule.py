@@ -26,10 +26,10 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float = 
 def total_steps(cfg: RunConfig, world: int) -> int:
     """Optimizer steps of a run: --max-steps, or --max-tokens over the tokens of one step (all processes),
     whichever is fewer."""
-    per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world * cfg.data.seq_len
     limits = []
-    if cfg.max_steps is not None:
-        limits.append(cfg.max_steps)
-    if cfg.max_tokens is not None:
-        limits.append(math.ceil(cfg.max_tokens / per_step))
+    if cfg.train.max_steps is not None:
+        limits.append(cfg.train.max_steps)
+    if cfg.train.max_tokens is not None:
+        limits.append(math.ceil(cfg.train.max_tokens / per_step))
     return max(0, min(limits))

@@ -108,13 +108,13 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                      device_tflops: float | None = None, mfu: float = DEFAULT_MFU,
                      teacher_dtype: str | None = None, heap_slack: bool | None = None) -> Plan:
     """The plan of `lrc distill` with `cfg` for a teacher with this config. device: "cpu" / "cuda" (default:
-    resolved from cfg.device as distill does); teacher_dtype: the storage dtype when already known;
+    resolved from cfg.compute.device as distill does); teacher_dtype: the storage dtype when already known;
     heap_slack: count glibc's heap slack (default: on CPU under glibc unless MALLOC_MMAP_THRESHOLD_ is set)."""
     validate(cfg)
     if cfg.method not in MODELLED_METHODS:
         raise UserError(f"lrc plan models --method {', '.join(MODELLED_METHODS)} only (got {cfg.method})")
     cfg, _ = resolve_target(cfg, teacher_config)
-    if cfg.hidden_size is None:
+    if cfg.student.hidden_size is None:
         raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
                         "teacher's (or --target-params N)")
     check_shape(cfg, teacher_config)
@@ -124,26 +124,26 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         raise UserError(f"--mfu must be in (0, 1] (got {mfu})")
     if device_tflops is not None and not device_tflops > 0:
         raise UserError(f"--device-tflops must be positive (got {device_tflops})")
-    device = "cuda" if (device or device_kind(cfg.device)).startswith("cuda") else "cpu"
-    precision = resolve_precision(cfg.precision, torch.device(device))
-    dtype = teacher_dtype or teacher_dtype_name(teacher_config, cfg.teacher_dtype)
+    device = "cuda" if (device or device_kind(cfg.compute.device)).startswith("cuda") else "cpu"
+    precision = resolve_precision(cfg.compute.precision, torch.device(device))
+    dtype = teacher_dtype or teacher_dtype_name(teacher_config, cfg.compute.teacher_dtype)
 
     n_layers = student_layers(cfg, teacher_config.num_hidden_layers)
     # which layers --layers keeps is measured at run time; any K of them have the same parameters
     kept = kept_layers(cfg, teacher_config.num_hidden_layers) or (
         tuple(range(n_layers)) if n_layers < teacher_config.num_hidden_layers else None)
-    teacher_count, student_count, tied = param_counts(teacher_config, cfg.hidden_size, cfg.rms_norm_eps,
-                                                       cfg.ffn_size, kept)
-    shape = shape_of(teacher_config, cfg.hidden_size, tied, cfg.ffn_size, n_layers)
-    sharded = cfg.parallel == "fsdp" and nproc > 1
-    tokens = cfg.batch_size * cfg.seq_len
+    teacher_count, student_count, tied = param_counts(teacher_config, cfg.student.hidden_size, cfg.student.rms_norm_eps,
+                                                       cfg.student.ffn_size, kept)
+    shape = shape_of(teacher_config, cfg.student.hidden_size, tied, cfg.student.ffn_size, n_layers)
+    sharded = cfg.compute.parallel == "fsdp" and nproc > 1
+    tokens = cfg.train.batch_size * cfg.data.seq_len
     # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
-    reuse = 1 if cfg.grad_checkpointing and not sharded else cfg.grad_accum
+    reuse = 1 if cfg.compute.grad_checkpointing and not sharded else cfg.train.grad_accum
     roles = choose_roles(shape, tokens, reuse, sharded)
-    weights = cfg.loss_weights()
+    weights = cfg.loss
     terms = set(weights.clone_terms())
     kl = weights.kl != 0.0
-    chunk = cfg.chunk_size
+    chunk = cfg.compute.chunk_size
     if chunk <= 0:
         chunk = auto_chunk_size(shape.vocab)
     n_train = trainable_params(shape)
@@ -151,33 +151,38 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     def phases_with(grad_checkpointing: bool, shard_trainables: bool = True) -> dict[str, list[Part]]:
         return memory_phases(
             shape, teacher_params=teacher_count, teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
-            roles=roles, precision=precision, batch=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
+            roles=roles, precision=precision, batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                             grad_accum=cfg.train.grad_accum,
             chunk=chunk, kl=kl, terms=terms, grad_checkpointing=grad_checkpointing, nproc=nproc, sharded=sharded,
-            device=device, evaluates=cfg.val_fraction > 0 or bool(cfg.val_data), heap_slack=heap_slack,
+            device=device, evaluates=cfg.data.val_fraction > 0 or bool(cfg.data.val_files), heap_slack=heap_slack,
             shard_trainables=shard_trainables)
 
-    phases = phases_with(cfg.grad_checkpointing)
+    phases = phases_with(cfg.compute.grad_checkpointing)
     totals = {k: total_bytes(v) for k, v in phases.items()}
     peak_phase = max(totals, key=lambda k: totals[k])
-    other = phases_with(not cfg.grad_checkpointing)
+    other = phases_with(not cfg.compute.grad_checkpointing)
     acts = {
-        "without_checkpointing": sum(activation_bytes(shape, cfg.batch_size, cfg.seq_len, precision, roles, terms,
+        "without_checkpointing": sum(activation_bytes(shape, cfg.train.batch_size, cfg.data.seq_len, precision,
+                                                      roles, terms,
                                                       False).values()),
-        "with_checkpointing": sum(activation_bytes(shape, cfg.batch_size, cfg.seq_len, precision, roles, terms,
+        "with_checkpointing": sum(activation_bytes(shape, cfg.train.batch_size, cfg.data.seq_len, precision, roles,
+                                                   terms,
                                                    True).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
-    flops = flops_per_token(shape, roles, tokens, reuse, cfg.seq_len, kl=kl, projected_terms=projected,
+    flops = flops_per_token(shape, roles, tokens, reuse, cfg.data.seq_len, kl=kl, projected_terms=projected,
                             gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
-    per_step = tokens * cfg.grad_accum * nproc
-    budgets = [b for b in (cfg.max_tokens, None if cfg.max_steps is None else cfg.max_steps * per_step)
+    per_step = tokens * cfg.train.grad_accum * nproc
+    budgets = [b for b in (cfg.train.max_tokens,
+                           None if cfg.train.max_steps is None else cfg.train.max_steps * per_step)
                if b is not None]
     budget = min(budgets) if budgets else None
     notes = []
     if sharded:
-        whole = max(total_bytes(v) for v in phases_with(cfg.grad_checkpointing, shard_trainables=False).values())
+        whole = max(total_bytes(v) for v in phases_with(cfg.compute.grad_checkpointing,
+                                                        shard_trainables=False).values())
         notes.append(f"fsdp: the layer projections, their gradients and AdamW state are sharded too (peak "
                      f"{whole / GiB:.2f} GiB per process if they were not); each process reads only its own "
                      "shards of the teacher from its safetensors files (host memory: about one teacher per node)")
@@ -187,9 +192,9 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         teacher=str(cfg.teacher), family=family_for(teacher_config).model_type, shape=shape,
         teacher_params=teacher_count, student_params=student_count, trainable_params=n_train,
         student_shape=describe(cfg, teacher_config),
-        teacher_dtype=dtype, precision=precision, device=device, nproc=nproc, parallel=cfg.parallel,
-        sharded=sharded, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
-        chunk_size=chunk, grad_checkpointing=cfg.grad_checkpointing, roles=roles, memory=phases[peak_phase],
+        teacher_dtype=dtype, precision=precision, device=device, nproc=nproc, parallel=cfg.compute.parallel,
+        sharded=sharded, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
+        chunk_size=chunk, grad_checkpointing=cfg.compute.grad_checkpointing, roles=roles, memory=phases[peak_phase],
         peak_bytes=totals[peak_phase], peak_phase=peak_phase, phases=totals, activations=acts,
         peak_other_checkpointing=max(total_bytes(v) for v in other.values()), flops=flops, flops_per_token=per_token,
         device_tflops=device_tflops, mfu=mfu, tokens_per_s=tps, notes=notes, budget_tokens=budget,

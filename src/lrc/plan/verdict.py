@@ -18,7 +18,7 @@ import os
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -150,15 +150,16 @@ def device_peak(phases: dict[str, int]) -> tuple[str, int]:
 
 def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
     """(changes, nproc, words, disruption) for every combination of the options a user may change."""
-    ckpt = [False] if cfg.grad_checkpointing else [False, True]
-    batches = [cfg.batch_size // 2**k for k in range(0, 12) if cfg.batch_size // 2**k >= 1
-               and cfg.batch_size % 2**k == 0]
+    ckpt = [False] if cfg.compute.grad_checkpointing else [False, True]
+    batches = [cfg.train.batch_size // 2**k for k in range(0, 12) if cfg.train.batch_size // 2**k >= 1
+               and cfg.train.batch_size % 2**k == 0]
     # (processes, parallel): as now, then under fsdp (which divides memory) with as many and more processes
-    procs = [(nproc, cfg.parallel)]
+    procs = [(nproc, cfg.compute.parallel)]
     if sharded_possible:
-        procs += [(nproc * 2**k, "fsdp") for k in range(0 if cfg.parallel != "fsdp" and nproc > 1 else 1, 11)
+        procs += [(nproc * 2**k, "fsdp") for k in range(0 if cfg.compute.parallel != "fsdp" and nproc > 1 else 1, 11)
                   if nproc * 2**k <= MAX_PROCESSES]
-    seqs = [cfg.seq_len // 2**k for k in range(0, 6) if cfg.seq_len // 2**k >= MIN_SEQ_LEN] or [cfg.seq_len]
+    seqs = [cfg.data.seq_len // 2**k for k in range(0,
+                                                    6) if cfg.data.seq_len // 2**k >= MIN_SEQ_LEN] or [cfg.data.seq_len]
     for c, (bi, b), (pi, (p, parallel)), (si, s) in itertools.product(ckpt, enumerate(batches), enumerate(procs),
                                                                     enumerate(seqs)):
         changes: dict[str, object] = {}
@@ -168,13 +169,13 @@ def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
             words.append("gradient checkpointing")
         if bi:
             changes["batch_size"] = b
-            changes["grad_accum"] = cfg.grad_accum * (cfg.batch_size // b)
+            changes["grad_accum"] = cfg.train.grad_accum * (cfg.train.batch_size // b)
             words.append(f"micro-batch {b} (accumulation {changes['grad_accum']}: same tokens per step)")
         switch = pi > 0
         if switch:
-            if parallel != cfg.parallel:
+            if parallel != cfg.compute.parallel:
                 changes["parallel"] = parallel
-            words.append(f"{p} processes" + (" under --parallel fsdp" if parallel != cfg.parallel else ""))
+            words.append(f"{p} processes" + (" under --parallel fsdp" if parallel != cfg.compute.parallel else ""))
         if si:
             changes["seq_len"] = s
             words.append(f"sequence length {s}")
@@ -199,7 +200,7 @@ def judge(plan, teacher_config, cfg: RunConfig, memory_bytes: int, memory_source
     for changes, nproc, words, _ in ordered:
         v.searched += 1
         try:
-            other = plan_from_config(teacher_config, replace(cfg, **changes), nproc=nproc, device=device,
+            other = plan_from_config(teacher_config, cfg.replace(**changes), nproc=nproc, device=device,
                                      teacher_dtype=plan.teacher_dtype, heap_slack=False if device == "cuda" else None)
         except UserError:
             continue
@@ -261,11 +262,11 @@ class Budget:
 
 def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None) -> Budget:
     """The learning rate `--lr auto` picks (or the one given), optimizer steps, and wall time at plan.mfu."""
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * plan.nproc * cfg.seq_len
-    auto = cfg.lr == AUTO
-    lr = auto_lr(int(cfg.hidden_size or 0), d_t, tokens_per_step) if auto else float(cfg.lr)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * plan.nproc * cfg.data.seq_len
+    auto = cfg.optim.lr == AUTO
+    lr = auto_lr(int(cfg.student.hidden_size or 0), d_t, tokens_per_step) if auto else float(cfg.optim.lr)
     steps = None
-    if cfg.max_steps is not None or cfg.max_tokens is not None:
+    if cfg.train.max_steps is not None or cfg.train.max_tokens is not None:
         steps = total_steps(cfg, plan.nproc)
     seconds = None
     if steps is not None and tflops:

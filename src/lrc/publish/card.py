@@ -97,7 +97,7 @@ def copy_licence_files(folder: Path | None, out: Path) -> list[str]:
 def _data_ids(cfg: RunConfig) -> list[str]:
     """Hub dataset ids among --data (config, split and weight dropped), for the `datasets:` field."""
     ids = []
-    for paths, _ in split_weights(cfg.data):
+    for paths, _ in split_weights(cfg.data.files):
         for item in paths:
             if not local_path(item):
                 ids.append(item.split("@")[0].split(":")[0])
@@ -125,29 +125,31 @@ def _loss(r: dict[str, float]) -> str:
 
 
 def _chat_note(cfg: RunConfig) -> str:
-    template = f"the template {cfg.chat_template}" if cfg.chat_template else "the teacher tokenizer's chat template"
-    targets = "the assistant's tokens" if cfg.train_on == "assistant" else "all tokens"
-    return f"; chat rows rendered with {template}, targets: {targets} (--train-on {cfg.train_on})"
+    template = (f"the template {cfg.data.chat_template}" if cfg.data.chat_template
+                else "the teacher tokenizer's chat template")
+    targets = "the assistant's tokens" if cfg.data.train_on == "assistant" else "all tokens"
+    return f"; chat rows rendered with {template}, targets: {targets} (--train-on {cfg.data.train_on})"
 
 
 def card_text(f: CardFacts) -> str:
     """README.md: the metadata block, then what the student is and how it was made."""
     cfg = f.cfg
-    sources = split_weights(cfg.data)
+    sources = split_weights(cfg.data.files)
     weights = sum(w for _, w in sources)
     data = "; ".join(f"{' '.join(p)}" + (f" (weight {w / weights:.0%})" if len(sources) > 1 else "")
                      for p, w in sources)
     rows = [
         ("teacher", f"{cfg.teacher} ({f.teacher_parameters:,} parameters)"),
         ("method", f"{cfg.method}: {METHOD_NAMES.get(cfg.method, cfg.method)}"
-                   + (f", init {cfg.init}" if cfg.method == "lrc" else "")),
+                   + (f", init {cfg.student.init}" if cfg.method == "lrc" else "")),
         ("student", f"{f.shape}; {f.parameters:,} parameters ({f.parameters / f.teacher_parameters:.1%} of the "
                     "teacher)"),
         ("data", data + (_chat_note(cfg) if f.chat else "")),
-        ("trained", f"{f.step:,} steps, {f.tokens:,} tokens, sequences of {cfg.seq_len}, {cfg.batch_size} x "
-                    f"{cfg.grad_accum} sequences per process per step"),
-        ("learning rate", f"{cfg.lr:.3g} peak, {cfg.schedule} schedule, warm-up {cfg.warmup_ratio:.0%}"
-         if isinstance(cfg.lr, float) else str(cfg.lr)),
+        ("trained", f"{f.step:,} steps, {f.tokens:,} tokens, sequences of {cfg.data.seq_len}, {cfg.train.batch_size} x "
+                    f"{cfg.train.grad_accum} sequences per process per step"),
+        ("learning rate", f"{cfg.optim.lr:.3g} peak, {cfg.optim.schedule} schedule, warm-up "
+                          f"{cfg.optim.warmup_ratio:.0%}"
+         if isinstance(cfg.optim.lr, float) else str(cfg.optim.lr)),
         ("held-out loss", f"student {_loss(f.heldout)}; teacher {_loss(f.teacher_heldout)}"),
     ]
     meta = yaml.safe_dump(front_matter(f), sort_keys=False).strip()

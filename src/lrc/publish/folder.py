@@ -41,7 +41,7 @@ def export_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, step:
 def _write_export(run_dir: Path, chosen: Path, out: Path, name: str, cfg, method, tokenizer, teacher,
                   dtype: torch.dtype | None) -> str:
     dtype = dtype or next(teacher.parameters()).dtype  # a bf16 teacher gives a bf16 student
-    chat = bool(cfg.chat_template) or cfg.train_on == "assistant"
+    chat = bool(cfg.data.chat_template) or cfg.data.train_on == "assistant"
     template = getattr(tokenizer, "chat_template", None)
     generation = chat_generation_config(teacher.generation_config, tokenizer,
                                         template if chat and isinstance(template, str) else None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lrc.config import RunConfig
@@ -34,15 +34,16 @@ def multiple_for(width: int) -> int:
 
 def dropped_layers(cfg: RunConfig) -> list[int] | None:
     """--drop-layers as a list of ints (None: not given); UserError on anything but comma-separated integers."""
-    if cfg.drop_layers is None:
+    if cfg.student.drop_layers is None:
         return None
-    text = str(cfg.drop_layers).strip()
+    text = str(cfg.student.drop_layers).strip()
     if not text:
         return []
     try:
         return sorted({int(x) for x in text.split(",")})
     except ValueError:
-        raise UserError(f"--drop-layers {cfg.drop_layers!r} must be comma-separated layer indices, e.g. 2,5") from None
+        raise UserError(f"--drop-layers {cfg.student.drop_layers!r} must be comma-separated layer indices, "
+                        "e.g. 2,5") from None
 
 
 def kept_layers(cfg: RunConfig, n_layers: int) -> tuple[int, ...] | None:
@@ -55,25 +56,27 @@ def kept_layers(cfg: RunConfig, n_layers: int) -> tuple[int, ...] | None:
 
 def needs_layer_choice(cfg: RunConfig) -> bool:
     """--layers K without --drop-layers: which layers to keep is measured on calibration data."""
-    return cfg.layers is not None and cfg.drop_layers is None
+    return cfg.student.layers is not None and cfg.student.drop_layers is None
 
 
 def student_layers(cfg: RunConfig, n_layers: int) -> int:
     kept = kept_layers(cfg, n_layers)
-    return cfg.layers if cfg.layers is not None else len(kept) if kept is not None else n_layers
+    return cfg.student.layers if cfg.student.layers is not None else len(kept) if kept is not None else n_layers
 
 
 def check_shape(cfg: RunConfig, teacher_config) -> None:
     """UserError (one line) unless --hidden-size, --ffn-size, --layers and --drop-layers fit this teacher."""
     d_t, d_ff, n = teacher_config.hidden_size, teacher_config.intermediate_size, teacher_config.num_hidden_layers
-    if cfg.hidden_size is not None and not 0 < cfg.hidden_size <= d_t:
-        raise UserError(f"--hidden-size {cfg.hidden_size} is out of range: it must be between 1 and the teacher's "
+    if cfg.student.hidden_size is not None and not 0 < cfg.student.hidden_size <= d_t:
+        raise UserError(f"--hidden-size {cfg.student.hidden_size} is out of range: it must be between 1 and the "
+                        f"teacher's "
                         f"hidden size {d_t}")
-    if cfg.ffn_size is not None and not 0 < cfg.ffn_size <= d_ff:
-        raise UserError(f"--ffn-size {cfg.ffn_size} is out of range: it must be between 1 and the teacher's "
+    if cfg.student.ffn_size is not None and not 0 < cfg.student.ffn_size <= d_ff:
+        raise UserError(f"--ffn-size {cfg.student.ffn_size} is out of range: it must be between 1 and the teacher's "
                         f"intermediate size {d_ff}")
-    if cfg.layers is not None and not 0 < cfg.layers <= n:
-        raise UserError(f"--layers {cfg.layers} is out of range: it must be between 1 and the teacher's {n} layers")
+    if cfg.student.layers is not None and not 0 < cfg.student.layers <= n:
+        raise UserError(f"--layers {cfg.student.layers} is out of range: it must be between 1 and the teacher's {n} "
+                        f"layers")
     dropped = dropped_layers(cfg)
     if dropped is not None:
         bad = [i for i in dropped if not 0 <= i < n]
@@ -81,8 +84,9 @@ def check_shape(cfg: RunConfig, teacher_config) -> None:
             raise UserError(f"--drop-layers {bad[0]} is not a layer of the teacher: its layers are 0 to {n - 1}")
         if len(dropped) >= n:
             raise UserError(f"--drop-layers drops all {n} layers of the teacher; keep at least one")
-        if cfg.layers is not None and cfg.layers != n - len(dropped):
-            raise UserError(f"--layers {cfg.layers} contradicts --drop-layers {cfg.drop_layers} ({n - len(dropped)} "
+        if cfg.student.layers is not None and cfg.student.layers != n - len(dropped):
+            raise UserError(f"--layers {cfg.student.layers} contradicts --drop-layers {cfg.student.drop_layers} "
+                            f"({n - len(dropped)} "
                             f"of {n} layers kept); give one of them")
 
 
@@ -183,24 +187,25 @@ def resolve_target(cfg: RunConfig, teacher_config) -> tuple[RunConfig, Solution 
 
     A dimension that --target-dims solves may also be given explicitly only with the solved value (a resumed
     run's saved config holds both)."""
-    if cfg.target_params is None:
+    if cfg.student.target_params is None:
         return cfg, None
-    dims = tuple(d.strip() for d in str(cfg.target_dims).split(",") if d.strip())
+    dims = tuple(d.strip() for d in str(cfg.student.target_dims).split(",") if d.strip())
     unknown = [d for d in dims if d not in TARGET_DIMS]
     if unknown or not dims:
-        raise UserError(f"--target-dims {cfg.target_dims!r}: choose comma-separated from {', '.join(TARGET_DIMS)}")
-    if "hidden" not in dims and cfg.hidden_size is None:
+        raise UserError(f"--target-dims {cfg.student.target_dims!r}: choose comma-separated from "
+                        f"{', '.join(TARGET_DIMS)}")
+    if "hidden" not in dims and cfg.student.hidden_size is None:
         raise UserError("--target-dims without hidden needs --hidden-size (or add hidden to --target-dims)")
     check_shape(cfg, teacher_config)
     n = teacher_config.num_hidden_layers
     counter = param_counter(teacher_config)
     teacher_params = parameter_count(meta_model(teacher_config))
-    target = parse_target(cfg.target_params, teacher_params)
-    k_given = None if cfg.layers is None and cfg.drop_layers is None else student_layers(cfg, n)
-    sol = solve(teacher_config, target, dims, hidden=cfg.hidden_size, ffn=cfg.ffn_size, layers=k_given,
+    target = parse_target(cfg.student.target_params, teacher_params)
+    k_given = None if cfg.student.layers is None and cfg.student.drop_layers is None else student_layers(cfg, n)
+    sol = solve(teacher_config, target, dims, hidden=cfg.student.hidden_size, ffn=cfg.student.ffn_size, layers=k_given,
                 count=counter)
     if abs(sol.params - target) > 0.1 * target:
-        raise UserError(f"--target-params {cfg.target_params} ({target:,}) is out of reach by shrinking "
+        raise UserError(f"--target-params {cfg.student.target_params} ({target:,}) is out of reach by shrinking "
                         f"{', '.join(dims)}: the closest student has {sol.params:,} parameters; shrink more "
                         "dimensions (--target-dims) or choose another target")
     solved = {"hidden_size": sol.hidden,
@@ -208,22 +213,23 @@ def resolve_target(cfg: RunConfig, teacher_config) -> tuple[RunConfig, Solution 
               "layers": sol.layers if sol.layers < n else None}
     flags = {"hidden_size": "hidden", "ffn_size": "ffn", "layers": "layers"}
     for name, dim in flags.items():
-        given = getattr(cfg, name)
+        given = cfg.get(name)
         if dim in dims and given is not None and given != solved[name]:
-            raise UserError(f"--{name.replace('_', '-')} {given} and --target-params {cfg.target_params} both set "
+            raise UserError(f"--{name.replace('_', '-')} {given} and --target-params {cfg.student.target_params} "
+                            f"both set "
                             f"it (the target solves {solved[name]}); drop one of them")
-        if dim in dims and name == "layers" and cfg.drop_layers is not None and sol.layers != k_given:
+        if dim in dims and name == "layers" and cfg.student.drop_layers is not None and sol.layers != k_given:
             raise UserError("--drop-layers and --target-dims layers both set the depth; drop one of them")
     updates: dict[str, Any] = {name: solved[name] for name, dim in flags.items() if dim in dims}
-    return replace(cfg, **updates), sol
+    return cfg.replace(**updates), sol
 
 
 def describe(cfg: RunConfig, teacher_config, params: int | None = None) -> str:
     """'hidden 128, FFN 384 of 512, 3 of 4 layers (dropped 2)': the student's shape for start-up lines."""
     n = teacher_config.num_hidden_layers
-    parts = [f"hidden {cfg.hidden_size} of {teacher_config.hidden_size}"]
-    if cfg.ffn_size is not None:
-        parts.append(f"FFN {cfg.ffn_size} of {teacher_config.intermediate_size}")
+    parts = [f"hidden {cfg.student.hidden_size} of {teacher_config.hidden_size}"]
+    if cfg.student.ffn_size is not None:
+        parts.append(f"FFN {cfg.student.ffn_size} of {teacher_config.intermediate_size}")
     k = student_layers(cfg, n)
     if k != n:
         dropped = dropped_layers(cfg)

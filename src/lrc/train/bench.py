@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lrc.data.labels import next_token_labels
 from lrc.distributed.processes import DistInfo, pick_device
+from lrc.methods.base import Method
 from lrc.methods.direct import Direct
 from lrc.methods.lrc import LRC
 from lrc.model.clone import LowRankClone
@@ -63,7 +64,8 @@ def _teacher(shape):
     cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
                       num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
                       num_key_value_heads=shape["kv"], max_position_embeddings=2 * shape["seq"],
-                      tie_word_embeddings=True, attn_implementation="sdpa")
+                      tie_word_embeddings=True,
+                      attn_implementation="sdpa")  # type: ignore[call-arg]  # a PretrainedConfig kwarg, untyped
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -89,6 +91,7 @@ def _setup(shape_name: str, accum: int, variants, precision: str = "auto"):
                     for m in micro:  # with logits, as KL needs
                         teacher(input_ids=m["input_ids"].to(device), position_ids=pos.to(device), use_cache=False)
             return forward
+        method: Method
         if variant == "student_step":
             method = Direct(random_student(teacher, shape["d_s"], 0))
         else:  # the naive path generates every matrix per micro-batch, like the official code

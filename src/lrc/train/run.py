@@ -79,18 +79,18 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
             raise UserError(f"--resume: {run_dir} holds no run to continue (no config.yaml) and is not empty; "
                             "choose another --out")
         saved = load_run_config(run_dir)
-        if cfg.lr == AUTO:  # resumes with the rate it chose when the run started (config.yaml stores the number)
+        if cfg.optim.lr == AUTO:  # resumes with the rate it chose when the run started (config.yaml stores the number)
             explicit = explicit - {"lr"}
         clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
-                   and getattr(cfg, k) != getattr(saved, k)]
+                   and cfg.get(k) != saved.get(k)]
         if clashes:
             k = clashes[0]
             raise UserError(
-                f"--resume: --{k.replace('_', '-')} {getattr(cfg, k)!r} contradicts the saved run "
-                f"({getattr(saved, k)!r}); drop it or start a new --out"
+                f"--resume: --{k.replace('_', '-')} {cfg.get(k)!r} contradicts the saved run "
+                f"({saved.get(k)!r}); drop it or start a new --out"
             )
         merged = saved.to_dict()
-        merged.update({k: getattr(cfg, k) for k in explicit})
+        merged.update({k: cfg.get(k) for k in explicit})
         cfg = RunConfig(**merged)
         return cfg, ckpt.latest_checkpoint(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -144,60 +144,63 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
     cfg, resume_from = resolve_config(cfg, explicit, resume)
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
-    if not cfg.data:
+    if not cfg.data.files:
         raise UserError("--data is required: one or more text/jsonl/json/parquet files or folders")
-    if cfg.target_params is not None:  # the shape from the teacher's config alone, before anything is read
+    if cfg.student.target_params is not None:  # the shape from the teacher's config alone, before anything is read
 
         solved, _ = resolve_target(cfg, load_teacher_config(cfg.teacher, cfg.trust_remote_code))
-        cfg.hidden_size, cfg.ffn_size, cfg.layers = solved.hidden_size, solved.ffn_size, solved.layers
-    if cfg.hidden_size is None:
+        cfg.student = solved.student
+    if cfg.student.hidden_size is None:
         raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
                         "teacher's (or --target-params N)")
-    if cfg.max_steps is None and cfg.max_tokens is None:
+    if cfg.train.max_steps is None and cfg.train.max_tokens is None:
         raise UserError("give a training budget: --max-steps N or --max-tokens N")
     validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
-    if cfg.wandb:
+    if cfg.train.wandb:
         require_wandb()
-    if cfg.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
+    if cfg.compute.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
         sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
         raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "
                         f"{cfg.method}")
-    for paths, _ in split_weights(cfg.data):  # missing paths fail before the teacher is loaded
-        resolve_data_files(paths, streaming=cfg.streaming)
-    val_files = resolve_data_files(cfg.val_data) if cfg.val_data else None
+    for paths, _ in split_weights(cfg.data.files):  # missing paths fail before the teacher is loaded
+        resolve_data_files(paths, streaming=cfg.data.streaming)
+    val_files = resolve_data_files(cfg.data.val_files) if cfg.data.val_files else None
 
     if before_load is not None:
         before_load(cfg)
     teacher = None
-    if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank reads its shards later
-        teacher = load_empty_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.compute.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE",
+                                                             "1")) > 1:  # each rank reads its shards later
+        teacher = load_empty_teacher(cfg.teacher, dtype=cfg.compute.teacher_dtype,
+                                     trust_remote_code=cfg.trust_remote_code)
     if teacher is None:
-        teacher = load_teacher(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
-    if cfg.hidden_size > teacher.config.hidden_size:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.compute.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.student.hidden_size > teacher.config.hidden_size:
         raise UserError(
-            f"--hidden-size {cfg.hidden_size} is larger than the teacher's hidden size "
+            f"--hidden-size {cfg.student.hidden_size} is larger than the teacher's hidden size "
             f"{teacher.config.hidden_size}; choose at most that"
         )
     check_shape(cfg, teacher.config)  # --ffn-size, --layers, --drop-layers
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    options: dict[str, Any] = dict(text_field=cfg.text_field, num_proc=cfg.num_proc,
-                                   chat_template=cfg.chat_template, train_on=cfg.train_on)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    options: dict[str, Any] = dict(text_field=cfg.data.text_field, num_proc=cfg.data.num_proc,
+                                   chat_template=cfg.data.chat_template, train_on=cfg.data.train_on)
     # progress: a bar on a terminal, plain lines in a log (lrc.data.tokenise.DataProgress)
-    ds = build_training_data(cfg.data, tokenizer, cfg.seq_len, cache, streaming=cfg.streaming, progress=True,
+    ds = build_training_data(cfg.data.files, tokenizer, cfg.data.seq_len, cache, streaming=cfg.data.streaming,
+                             progress=True,
                              **options)
     train: Any
     val: Any
     if val_files:
-        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.seq_len, cache_dir=cache, **options)
-    elif cfg.val_fraction > 0 and cfg.streaming:  # the first sequences of the stream are held out
-        train, val = ds, ds.head(cfg.eval_batches * cfg.batch_size, advance=True)
-    elif cfg.val_fraction > 0 and isinstance(ds, Mixture):  # each source holds out its own share
-        halves = [split_holdout(part, cfg.val_fraction) for part in ds.parts]
-        train = Mixture([t for t, _ in halves], [w for _, w in split_weights(cfg.data)], ds.names)
-        val = Mixture([v for _, v in halves], [w for _, w in split_weights(cfg.data)], ds.names)
-    elif cfg.val_fraction > 0:
-        train, val = split_holdout(ds, cfg.val_fraction)
+        train, val = ds, build_packed_dataset(val_files, tokenizer, cfg.data.seq_len, cache_dir=cache, **options)
+    elif cfg.data.val_fraction > 0 and cfg.data.streaming:  # the first sequences of the stream are held out
+        train, val = ds, ds.head(cfg.train.eval_batches * cfg.train.batch_size, advance=True)
+    elif cfg.data.val_fraction > 0 and isinstance(ds, Mixture):  # each source holds out its own share
+        halves = [split_holdout(part, cfg.data.val_fraction) for part in ds.parts]
+        train = Mixture([t for t, _ in halves], [w for _, w in split_weights(cfg.data.files)], ds.names)
+        val = Mixture([v for _, v in halves], [w for _, w in split_weights(cfg.data.files)], ds.names)
+    elif cfg.data.val_fraction > 0:
+        train, val = split_holdout(ds, cfg.data.val_fraction)
     else:
         train, val = ds, None
     # cfg.out is set: resolve_config requires it
@@ -285,7 +288,8 @@ def load_run(run_dir: str | Path, device="cpu", checkpoint: Path | None = None
     cfg = load_run_config(run_dir)
     last = checkpoint or find_checkpoint(run_dir)
     teacher_id = cast(str, cfg.teacher)  # set: a run is only started with a teacher (see `prepare`)
-    teacher = load_teacher(teacher_id, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code).to(device)
+    teacher = load_teacher(teacher_id, dtype=cfg.compute.teacher_dtype,
+                           trust_remote_code=cfg.trust_remote_code).to(device)
     method, _ = build_method(cfg, teacher, calibration=None)
     trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
     method.load_trainable_state_dict(trainable)
@@ -299,8 +303,8 @@ def load_run(run_dir: str | Path, device="cpu", checkpoint: Path | None = None
 def store_run_inputs(run_dir: Path, cfg: RunConfig, command: str | None) -> None:
     """What the run directory keeps besides config.yaml: the --chat-template file's text (the export carries
     it) and each command line that ran the run (the model card shows them)."""
-    if cfg.chat_template and Path(cfg.chat_template).is_file():  # (a resumed run may train on a prepared
-        text = Path(cfg.chat_template).read_text(encoding="utf-8")  # folder after the file moved: keep the copy)
+    if cfg.data.chat_template and Path(cfg.data.chat_template).is_file():  # (a resumed run may train on a prepared
+        text = Path(cfg.data.chat_template).read_text(encoding="utf-8")  # folder after the file moved: keep the copy)
         (run_dir / (CHAT_TEMPLATE + ".tmp")).write_text(text, encoding="utf-8")
         (run_dir / (CHAT_TEMPLATE + ".tmp")).replace(run_dir / CHAT_TEMPLATE)
     if command:

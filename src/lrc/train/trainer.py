@@ -22,7 +22,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -197,7 +197,7 @@ def _place_teacher(prep: Prepared, info: DistInfo, sharded: bool) -> None:
         prep.teacher.to(device)  # type: ignore[arg-type]
         return
     own_shards = is_empty(prep.teacher)
-    held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.precision, device))
+    held, whole = shard_teacher(prep.teacher, device, compute_dtype(cfg.compute.precision, device))
     log.info(f"teacher sharded over {info.world_size} processes (FSDP2): {held / 2**20:.4g} MiB of "
              f"{whole / 2**20:.4g} MiB of its weights on each"
              + (", each read from the files by its own process" if own_shards else ""))
@@ -213,8 +213,8 @@ def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
         return None
     # Global batches, as in training: W ranks with --batch-size b calibrate (each, identically) on the same
     # sequences as one process with --batch-size W*b.
-    fit, check = calibration_sequences(prep.teacher.config.hidden_size, cfg.seq_len,
-                                       cfg.batch_size * info.world_size, cfg.calib_batches)
+    fit, check = calibration_sequences(prep.teacher.config.hidden_size, cfg.data.seq_len,
+                                       cfg.train.batch_size * info.world_size, cfg.student.calib_batches)
     if hasattr(prep.train, "head"):
         data = prep.train.head(fit + check, advance=False)
         order = list(range(len(data)))
@@ -224,8 +224,8 @@ def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
 
     def batches(indices: list[int]):
         def draw():
-            for s in range(0, len(indices), cfg.batch_size):
-                yield _to(collate([data.get(i) for i in indices[s:s + cfg.batch_size]]), info.device)
+            for s in range(0, len(indices), cfg.train.batch_size):
+                yield _to(collate([data.get(i) for i in indices[s:s + cfg.train.batch_size]]), info.device)
         return draw
 
     return Calibration(fit=batches(order[:cut]), check=batches(order[cut:]) if order[cut:] else None)
@@ -248,16 +248,16 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     prep = prepare(cfg, explicit, resume, before_load=lambda c: _warn_if_it_does_not_fit(c, info))
     _hold(prep.run_dir, info)  # before its checkpoint is read
     cfg, device = prep.cfg, info.device
-    sharded = cfg.parallel == "fsdp" and info.enabled
+    sharded = cfg.compute.parallel == "fsdp" and info.enabled
     _place_teacher(prep, info, sharded)
     steps = total_steps(cfg, info.world_size)
-    lr_how = "--lr auto" if cfg.lr == AUTO else "--lr"
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * info.world_size * cfg.seq_len
+    lr_how = "--lr auto" if cfg.optim.lr == AUTO else "--lr"
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * info.world_size * cfg.data.seq_len
     lr_note = "as given" if prep.resume_from is None else "the run's"
-    if cfg.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
+    if cfg.optim.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
         d_t = prep.teacher.config.hidden_size
-        cfg = prep.cfg = replace(cfg, lr=auto_lr(cast(int, cfg.hidden_size), d_t, tokens_per_step))
-        lr_note = (f"chosen by --lr auto from hidden size {cfg.hidden_size} of the teacher's {d_t} and "
+        cfg = prep.cfg = cfg.replace(lr=auto_lr(cast(int, cfg.student.hidden_size), d_t, tokens_per_step))
+        lr_note = (f"chosen by --lr auto from hidden size {cfg.student.hidden_size} of the teacher's {d_t} and "
                    f"{tokens_per_step:,} tokens per step (lrc.optim.lr_rule), stored in config.yaml")
     _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
@@ -269,11 +269,11 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
         if note:
             log.info(note)
     params = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
-    warmup = int(round(cfg.warmup_ratio * steps))
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.optim.lr), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                                  weight_decay=cfg.optim.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
+    warmup = int(round(cfg.optim.warmup_ratio * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.schedule, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
     batches = make_batches(prep.train, cfg.seed, info.rank, info.world_size)
     step, tokens, elapsed, first_loss = _restore(prep, resume, info, method, optimizer, sched, batches)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
@@ -289,7 +289,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     # first) starts afresh, so it drops them all
     truncate = (step if prep.resume_from is not None else -1) if resume else None
     metrics = MetricsLog(prep.run_dir, info.is_main, truncate_after=truncate,
-                         wandb_project=cfg.wandb, config=cfg.to_dict())
+                         wandb_project=cfg.train.wandb, config=cfg.to_dict())
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
                 sharded, steps, metrics, step=step, tokens=tokens, first_loss=first_loss, lr_how=lr_how,
                 elapsed_before=elapsed,
@@ -297,7 +297,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     if init_info and s.fresh:  # how the run started (e.g. whether the refit was kept, by how much): kept on disk
         metrics.write({"split": "init", "step": 0, **init_info})
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
-    note = method.prepare(cfg.batch_size * cfg.seq_len, reuse=cfg.grad_accum, sharded=sharded)
+    note = method.prepare(cfg.train.batch_size * cfg.data.seq_len, reuse=cfg.train.grad_accum, sharded=sharded)
     if info.is_main:
         log.info(_startup_text(prep, s, init_info, note, tokens_per_step, lr_note))
     return s
@@ -317,8 +317,8 @@ def _warn_long_sequences(cfg: RunConfig, teacher_config) -> None:
     """A warning when --seq-len is longer than the teacher was trained for (its positions past that are
     extrapolated: the teacher's targets there are worse, and so is what the student learns from them)."""
     limit = getattr(teacher_config, "max_position_embeddings", None)
-    if limit and cfg.seq_len > limit:
-        log.warning(f"--seq-len {cfg.seq_len} is longer than the teacher's max_position_embeddings ({limit}); "
+    if limit and cfg.data.seq_len > limit:
+        log.warning(f"--seq-len {cfg.data.seq_len} is longer than the teacher's max_position_embeddings ({limit}); "
                     f"positions past {limit} are outside what it was trained on: choose --seq-len {limit} or less")
 
 
@@ -328,15 +328,16 @@ def _startup_text(prep: Prepared, s: Session, init_info: dict, note: str, tokens
 
     cfg, teacher, device = s.cfg, prep.teacher, s.device
     dtype = dtype_name(next(teacher.parameters()).dtype)
-    lr = (f"{float(cfg.lr):.3g} peak, {lr_note}; {cfg.schedule} schedule, "
-          f"{plural(round(cfg.warmup_ratio * s.steps), 'warm-up step')}")
+    lr = (f"{float(cfg.optim.lr):.3g} peak, {lr_note}; {cfg.optim.schedule} schedule, "
+          f"{plural(round(cfg.optim.warmup_ratio * s.steps), 'warm-up step')}")
     return format_startup(Startup(
         method=cfg.method, teacher=str(cfg.teacher), teacher_config=teacher.config,
         teacher_params=sum(p.numel() for p in teacher.parameters()), teacher_dtype=dtype,
         student=describe(cfg, teacher.config), trainable=sum(p.numel() for p in s.method.trainable_parameters()),
-        init=describe_init(cfg.method, cfg.init, init_info), data=describe_data(prep.train, prep.val, cfg.seq_len),
+        init=describe_init(cfg.method, cfg.student.init, init_info), data=describe_data(prep.train, prep.val,
+                                                                                        cfg.data.seq_len),
         steps=s.steps, tokens_per_step=tokens_per_step, processes=s.info.world_size, device=str(device),
-        precision=resolve_precision(cfg.precision, device), lr=lr, extra=note,
+        precision=resolve_precision(cfg.compute.precision, device), lr=lr, extra=note,
         forecast=startup_summary(teacher.config, cfg, s.info.world_size, device.type, dtype)))
 
 
@@ -375,14 +376,14 @@ def _save(s: Session) -> None:
              "elapsed": s.elapsed_before + time.time() - s.started, "first_loss": s.first_loss}
     if _has_sharded_trainables(s.method):  # every process writes its own shards
         ckpt.save_sharded_checkpoint(s.run_dir, s.step, s.method, s.optimizer, s.scheduler.state_dict(), state,
-                                     s.cfg.keep_checkpoints, s.info.rank, s.info.world_size)
+                                     s.cfg.train.keep_checkpoints, s.info.rank, s.info.world_size)
         return
     error = None
     if s.info.is_main:
         try:
             ckpt.save_checkpoint(s.run_dir, s.step, s.method.trainable_state_dict(),
                                  {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict()},
-                                 state, keep=s.cfg.keep_checkpoints)
+                                 state, keep=s.cfg.train.keep_checkpoints)
         except UserError as e:  # disk full: raised below, after telling the other processes
             error = e
     failed = error is not None
@@ -401,12 +402,14 @@ def _evaluate(s: Session, split: str = "val") -> None:
         return
     cfg = s.cfg
     if split == "val_teacher":
-        r = model_loss(s.teacher, s.val, batch_size=cfg.batch_size, device=s.device, precision=cfg.precision,
-                       max_batches=cfg.eval_batches, info=s.info, lockstep=s.sharded)
+        r = model_loss(s.teacher, s.val, batch_size=cfg.train.batch_size, device=s.device,
+                       precision=cfg.compute.precision,
+                       max_batches=cfg.train.eval_batches, info=s.info, lockstep=s.sharded)
         log.info(f"teacher held-out loss {r['loss']:.4f} (ppl {r['perplexity']:.2f})")
     else:
-        r = heldout_loss(s.method, s.val, batch_size=cfg.batch_size, device=s.device, precision=cfg.precision,
-                         info=s.info, max_batches=cfg.eval_batches, lockstep=s.sharded)
+        r = heldout_loss(s.method, s.val, batch_size=cfg.train.batch_size, device=s.device,
+                         precision=cfg.compute.precision,
+                         info=s.info, max_batches=cfg.train.eval_batches, lockstep=s.sharded)
         r.pop("labels")
         log.info(f"step {s.step} held-out loss {r['loss']:.4f} (ppl {r['perplexity']:.2f})")
     s.log.write({"split": split, "step": s.step, **r, "eval_tokens": r["tokens"], "tokens": s.tokens})
@@ -427,7 +430,7 @@ class _Progress:
 
     def report(self, s: Session, r: StepResult, lr: float) -> None:
         self.window_tok += r.tokens
-        if s.step % s.cfg.log_every and s.step != s.steps:
+        if s.step % s.cfg.train.log_every and s.step != s.steps:
             return
         now = time.time()
         tps = self.window_tok / max(1e-9, now - self.window_t)
@@ -483,15 +486,16 @@ def fit(s: Session) -> Path:
         if s.steps == 0:
             _save(s)  # --max-steps 0: initialise and save
     progress = _Progress(s)
-    rise = RiseWatch(cfg.stop_on_rise, s.first_loss)
+    rise = RiseWatch(cfg.train.stop_on_rise, s.first_loss)
     with _StopFlag() as stop:
         while s.step < s.steps:
-            micro = [s.batches.next(cfg.batch_size) for _ in range(cfg.grad_accum)]
+            micro = [s.batches.next(cfg.train.batch_size) for _ in range(cfg.train.grad_accum)]
             lr = s.optimizer.param_groups[0]["lr"]
             try:
-                r = train_step(s.method, micro, s.optimizer, device=s.device, precision=cfg.precision, info=s.info,
-                               grad_clip=cfg.grad_clip)
-                rise.check(r.loss, s.step + 1, float(cfg.lr), s.lr_how)
+                r = train_step(s.method, micro, s.optimizer, device=s.device, precision=cfg.compute.precision,
+                               info=s.info,
+                               grad_clip=cfg.optim.grad_clip)
+                rise.check(r.loss, s.step + 1, float(cfg.optim.lr), s.lr_how)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"step {s.step + 1}: {e}. Stopped without saving; last good checkpoint: "
                                        f"{ckpt.latest_checkpoint(s.run_dir) or 'none'}") from None
@@ -500,12 +504,12 @@ def fit(s: Session) -> Path:
             s.step += 1
             s.tokens += r.tokens
             progress.report(s, r, lr)
-            if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == s.steps:
+            if (cfg.train.eval_every and s.step % cfg.train.eval_every == 0) or s.step == s.steps:
                 t0 = time.time()
                 _evaluate(s)
                 progress.pause(time.time() - t0)
             stopping = _stop_requested(s, stop)
-            if s.step == s.steps or s.step % cfg.save_every == 0 or stopping:
+            if s.step == s.steps or s.step % cfg.train.save_every == 0 or stopping:
                 _save(s)
             if stopping:
                 s.log.close()
@@ -534,7 +538,7 @@ def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = Fal
             command: str | None = None) -> Path:
     """Run (or continue) a distillation; returns the run directory. `command`: the command line, kept in
     RUN_DIR/commands.txt for the model card."""
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.compute.device)
     log.configure(info.rank)
     try:
         return fit(setup(cfg, explicit or set(), resume, info, command))
