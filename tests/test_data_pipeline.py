@@ -24,7 +24,7 @@ from lrc.data import (
     build_training_data,
     make_batches,
 )
-from lrc.data.labels import IGNORE_INDEX
+from lrc.data.batch import IGNORE_INDEX
 from lrc.data.tokenizer import train_bpe
 from lrc.errors import UserError
 from lrc.model.losses import kl_positions

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lrc.data.labels import next_token_labels
+from lrc.data.batch import next_token_labels
 from lrc.model.losses import kd_lm_loss, masked_mse, reference_kd_lm_loss
 
 

@@ -103,7 +103,7 @@ def one_rank_group():
 def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
     """FSDP2's unit (one rank here: torchrun tests cover two) gathers the projections where the student is
     generated, keeps the clone-term gradients of the micro-batches and sends all of them to the shards."""
-    from lrc.data.labels import next_token_labels
+    from lrc.data.batch import next_token_labels
     from lrc.distributed.fsdp import gathered, is_sharded
     from lrc.distributed.processes import DistInfo
     from lrc.train.trainer import train_step
@@ -141,7 +141,7 @@ def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
 def _uneven_batch(rows: int = 8, seq: int = 24, seed: int = 5) -> dict:
     """Packed rows with assistant-only targets of very uneven length (1 to seq-2 tokens) and right padding on
     some rows: micro-batches of these hold very different numbers of KL, CE and clone tokens."""
-    from lrc.data.labels import IGNORE_INDEX, next_token_labels
+    from lrc.data.batch import IGNORE_INDEX, next_token_labels
 
     g = torch.Generator().manual_seed(seed)
     ids, pos = packed_batch(batch=rows, seq=seq, seed=seed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_teacher, packed_batch
 
-from lrc.data.labels import next_token_labels
+from lrc.data.batch import next_token_labels
 from lrc.errors import UserError
 from lrc.methods.lrc import LRC
 from lrc.model.clone import LowRankClone

@@ -28,11 +28,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from lrc.data.labels import IGNORE_INDEX, next_token_labels
+from lrc.data.batch import IGNORE_INDEX, Batch, next_token_labels
 from lrc.errors import UserError
 
 
@@ -57,7 +58,7 @@ class PackedDataset:
     def __len__(self) -> int:  # full sequences; a shorter tail is dropped
         return len(self.tokens) // self.seq_len
 
-    def get(self, index: int) -> dict[str, torch.Tensor]:
+    def get(self, index: int) -> Batch:
         """Sequence `index` as (seq_len,) int64 tensors input_ids, position_ids, labels (and bool loss_mask)."""
         if not 0 <= index < len(self):
             raise IndexError(f"sequence index {index} out of range for {len(self)} sequences")
@@ -65,7 +66,7 @@ class PackedDataset:
         ids = torch.from_numpy(np.asarray(self.tokens[start:stop], dtype=np.int64))
         offsets = np.arange(start, stop, dtype=np.int64)
         pos = torch.from_numpy(offsets - self.doc_starts[np.searchsorted(self.doc_starts, offsets, side="right") - 1])
-        item = {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
+        item: Batch = {"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}
         if self.loss_mask is not None:
             # which positions' next token the losses count (KL and CE); the last one's lies outside the sequence
             target = torch.as_tensor(np.asarray(self.loss_mask[start + 1:stop], dtype=np.bool_))
@@ -76,7 +77,7 @@ class PackedDataset:
     __getitem__ = get  # a map-style dataset for torch's DataLoader too
 
 
-def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(items: list[Batch]) -> Batch:
     """(T,) tensors -> (B, T); in a mixture of masked and unmasked sources the unmasked count every position."""
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -85,7 +86,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
                  {**item, "loss_mask": torch.ones_like(item["labels"], dtype=torch.bool)} for item in items]
     if any(item.keys() != items[0].keys() for item in items):
         raise ValueError("all items of a batch must have the same keys")
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    return cast(Batch, {key: torch.stack([item[key] for item in items]) for key in items[0]})  # type: ignore[literal-required]
 
 
 def split_holdout(ds: PackedDataset, fraction: float) -> tuple[PackedDataset, PackedDataset]:

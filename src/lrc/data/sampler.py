@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
+from lrc.data.batch import Batch
 from lrc.data.packed import PackedDataset, collate
 from lrc.errors import UserError
 
@@ -75,7 +75,7 @@ class Mixture:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def get(self, index: int) -> dict[str, torch.Tensor]:
+    def get(self, index: int) -> Batch:
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.parts[k].get(index - int(self.offsets[k]))
 
@@ -134,7 +134,7 @@ class Batches:
     def __init__(self, dataset: Any, sampler: Any):
         self.dataset, self.sampler = dataset, sampler
 
-    def next(self, batch_size: int) -> dict[str, torch.Tensor]:
+    def next(self, batch_size: int) -> Batch:
         return collate([self.dataset.get(i) for i in self.sampler.next_indices(batch_size)])
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
+from lrc.data.batch import Batch
 from lrc.data.packed import PackedDataset, collate
 from lrc.data.tokenise import IDS, MASK, RowError, Tokenise
 from lrc.errors import UserError
@@ -156,7 +157,7 @@ class TokenStream:
         starts = np.unique(np.arange(len(ids)) - pos)  # a token at offset o and position p: its document starts at o-p
         return PackedDataset(ids.astype(np.int32), starts, self.seq_len, mask.astype(np.uint8) if self.masked else None)
 
-    def next(self, batch_size: int) -> dict:
+    def next(self, batch_size: int) -> Batch:
         if self.split_at is not None:  # this process's own sequences
             batch = self._packed(self.take(batch_size))
         else:  # one process: the whole batch

@@ -29,13 +29,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lrc.config import RunConfig
+from lrc.data.batch import Batch
 from lrc.errors import UserError
 from lrc.model.losses import LossWeights
 from lrc.model.precision import resolve_precision
 from lrc.student.select import choose_layers
 from lrc.student.shape import kept_layers, needs_layer_choice
 
-Batches = Callable[[], Iterable[dict]]
+Batches = Callable[[], Iterable[Batch]]
 
 
 @dataclass

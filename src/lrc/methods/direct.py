@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lrc.config import RunConfig
-from lrc.data.labels import next_token_labels
+from lrc.data.batch import next_token_labels
 from lrc.distributed.fsdp import gathered
 from lrc.errors import UserError
 from lrc.methods.base import Calibration, Method, kept_layers_of

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lrc.config import RunConfig
-from lrc.data.labels import next_token_labels
+from lrc.data.batch import next_token_labels
 from lrc.distributed.fsdp import Projections, gather, shard_projections
 from lrc.methods.base import Calibration, Method, export_dtype, kept_layers_of
 from lrc.model.clone import LowRankClone

@@ -24,7 +24,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from lrc.data.labels import IGNORE_INDEX
+from lrc.data.batch import IGNORE_INDEX
 from lrc.model.precision import for_product
 
 # The activation-clone terms of a layer: the output of each module they name.

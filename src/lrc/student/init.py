@@ -19,6 +19,7 @@ from typing import cast
 
 import torch
 
+from lrc.data.batch import Batch
 from lrc.distributed.fsdp import gathered
 from lrc.model.clone import LayerProjections, LowRankClone
 from lrc.model.families import ROLES
@@ -63,13 +64,13 @@ def init_identity(clone: LowRankClone) -> None:
 
 
 @torch.no_grad()
-def residual_second_moment(clone: LowRankClone, batches: Iterable[dict]) -> torch.Tensor:
+def residual_second_moment(clone: LowRankClone, batches: Iterable[Batch]) -> torch.Tensor:
     """sum over tokens and layer boundaries of x x^T for the teacher's residual stream (d_T x d_T, fp64).
 
     The residual stream is read at the input of every decoder layer and at the input of the final norm."""
     fam = clone.family
     acc = torch.zeros(clone.d_t, clone.d_t, dtype=torch.float64)
-    state = {"mask": None}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
 
     def pre_hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
@@ -98,7 +99,7 @@ def residual_second_moment(clone: LowRankClone, batches: Iterable[dict]) -> torc
 
 
 @torch.no_grad()
-def init_pca(clone: LowRankClone, batches: Iterable[dict]) -> dict[str, float]:
+def init_pca(clone: LowRankClone, batches: Iterable[Batch]) -> dict[str, float]:
     """Teacher-aware init from calibration batches (dicts with input_ids[, position_ids, attention_mask]).
 
     Returns {"energy_kept": share of the residual-stream energy in the d_S kept directions}."""

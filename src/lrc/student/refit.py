@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from lrc.data.batch import Batch
 from lrc.distributed.fsdp import gathered
 from lrc.model.clone import LayerProjections, LowRankClone
 from lrc.model.weights import generate_weights, student_head
@@ -126,7 +127,7 @@ class _Batch:
     residual streams (the teacher's at the next teacher layer to run, the student's after its last fitted
     layer)."""
 
-    def __init__(self, batch: dict, clone: LowRankClone):
+    def __init__(self, batch: Batch, clone: LowRankClone):
         self.batch = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
         mask = batch.get("attention_mask")
         self.valid = mask.bool().reshape(-1) if mask is not None else None
@@ -228,7 +229,7 @@ def _low_precision(dtype: torch.dtype, device: torch.device):
 
 
 @torch.no_grad()
-def calibration_loss(clone: LowRankClone, batches: Iterable[dict], chunk: int = 1024,
+def calibration_loss(clone: LowRankClone, batches: Iterable[Batch], chunk: int = 1024,
                      dtype: torch.dtype = torch.float32) -> float:
     """KL(teacher || student) per valid token on `batches`, at temperature 1: how far the student's next-token
     distribution is from its teacher's (what decides whether a refit is kept; unlike the cross-entropy it
@@ -306,7 +307,7 @@ def _refit(clone: LowRankClone, work: list[_Batch], ridge: float) -> None:
 
 
 @torch.no_grad()
-def refit_projections(clone: LowRankClone, batches: Iterable[dict], check: Iterable[dict] | None = None, *,
+def refit_projections(clone: LowRankClone, batches: Iterable[Batch], check: Iterable[Batch] | None = None, *,
                       dtype: torch.dtype = torch.float32, guard: bool = True, ridge: float | None = None
                       ) -> dict[str, float | bool | str]:
     """Refit a pca-initialised clone's layer projections (see the module docstring) on calibration `batches`.

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrc.data.batch import Batch
 from lrc.distributed.fsdp import gathered
 from lrc.model.families import family_for
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from lrc.model.clone import LayerProjections, LowRankClone
 
 
-def _run(base: nn.Module, batch: dict) -> None:
+def _run(base: nn.Module, batch: Batch) -> None:
     base(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
          attention_mask=batch.get("attention_mask"), use_cache=False)
 
@@ -37,7 +38,7 @@ def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ffn_channel_energy(clone: LowRankClone, batches: Iterable[dict]) -> list[torch.Tensor]:
+def ffn_channel_energy(clone: LowRankClone, batches: Iterable[Batch]) -> list[torch.Tensor]:
     """Per student layer, the output energy of each of its teacher layer's intermediate channels (d_ff_T, fp64):
     sum over valid tokens of h_j^2, times ||W_down[:, j]||^2 (h: the input of down_proj, act(gate) * up)."""
     fam = clone.family
@@ -63,7 +64,7 @@ def ffn_channel_energy(clone: LowRankClone, batches: Iterable[dict]) -> list[tor
 
 
 @torch.no_grad()
-def select_ffn_channels(clone: LowRankClone, batches: Iterable[dict]) -> dict[str, float]:
+def select_ffn_channels(clone: LowRankClone, batches: Iterable[Batch]) -> dict[str, float]:
     """Set every layer's Q to the selection of its M most energetic channels (`ffn_channel_energy`).
 
     Returns {"ffn_energy_kept": the kept share of that energy, averaged over layers}."""
@@ -83,7 +84,7 @@ def select_ffn_channels(clone: LowRankClone, batches: Iterable[dict]) -> dict[st
 
 
 @torch.no_grad()
-def layer_importance(teacher: nn.Module, batches: Iterable[dict]) -> list[float]:
+def layer_importance(teacher: nn.Module, batches: Iterable[Batch]) -> list[float]:
     """Per teacher layer, the mean over valid tokens of 1 - cos(input, output) of the residual stream."""
     fam = family_for(teacher.config)
     base = teacher.get_submodule(fam.base)
@@ -113,7 +114,7 @@ def layer_importance(teacher: nn.Module, batches: Iterable[dict]) -> list[float]
     return [t / max(count["tokens"], 1) for t in total]
 
 
-def choose_layers(teacher: nn.Module, batches: Iterable[dict], keep: int) -> tuple[int, ...]:
+def choose_layers(teacher: nn.Module, batches: Iterable[Batch], keep: int) -> tuple[int, ...]:
     """The `keep` most important teacher layers (`layer_importance`), in the teacher's order."""
     scores = layer_importance(teacher, batches)
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])

@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lrc.data.labels import next_token_labels
+from lrc.data.batch import Batch, next_token_labels
 from lrc.distributed.processes import DistInfo, pick_device
 from lrc.methods.base import Method
 from lrc.methods.direct import Direct
@@ -79,7 +79,7 @@ def _setup(shape_name: str, accum: int, variants, precision: str = "auto"):
     g = torch.Generator().manual_seed(0)
     b, t = shape["batch"], shape["seq"]
     pos = torch.arange(t).expand(b, t)
-    micro = []
+    micro: list[Batch] = []
     for _ in range(accum):
         ids = torch.randint(0, shape["vocab"], (b, t), generator=g)
         micro.append({"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)})

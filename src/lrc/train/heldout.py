@@ -13,7 +13,7 @@ import math
 import torch
 
 from lrc.data import PackedDataset, collate
-from lrc.data.labels import IGNORE_INDEX
+from lrc.data.batch import IGNORE_INDEX, to_device
 from lrc.distributed.processes import DistInfo, all_reduce_sum
 from lrc.methods.direct import Direct
 from lrc.model.precision import autocast
@@ -49,7 +49,7 @@ def heldout_loss(method, val: PackedDataset | None, *, batch_size: int, device, 
     method.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # CE sum, KL sum, labelled tokens, input tokens
     for chosen, counted in eval_batches(len(val), batch_size, max_batches, info, lockstep):
-        batch = {k: v.to(device) for k, v in collate([val.get(i) for i in chosen]).items()}
+        batch = to_device(collate([val.get(i) for i in chosen]), device)
         with autocast(precision, device):
             out = method(**batch)
         if counted:

@@ -31,6 +31,7 @@ import torch
 from lrc import log
 from lrc.config import RunConfig, save_config
 from lrc.data import calibration_order, collate, make_batches
+from lrc.data.batch import Batch, to_device
 from lrc.distributed.fsdp import held_bytes, is_sharded
 from lrc.distributed.processes import (
     DistInfo,
@@ -98,10 +99,6 @@ class RiseWatch:
                 "--stop-on-rise 0 to train on")
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 # ------------------------------------------------------------------------------------------- one step
 
 
@@ -121,7 +118,7 @@ def _count_of(term: str, counts: TokenCounts) -> float:
     return counts.ce if term == "ce" else counts.kl if term == "kl" else counts.clone
 
 
-def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimizer, *, device, precision: str,
+def train_step(method: Method, micro: list[Batch], optimizer: torch.optim.Optimizer, *, device, precision: str,
                info: DistInfo, grad_clip: float = 0.0) -> StepResult:
     """One optimizer step over `micro` (the step's micro-batches on this rank): forward and backward of each,
     gradients averaged over ranks, clipped, and `optimizer.step()`. Raises TrainingDiverged (before the update)
@@ -135,7 +132,7 @@ def train_step(method: Method, micro: list[dict], optimizer: torch.optim.Optimiz
     with autocast(precision, device):
         step = method.begin_step(len(micro))
     for b, n_b in zip(micro, counts):
-        b = _to(b, device)
+        b = to_device(b, device, non_blocking=True)
         with autocast(precision, device):
             out = method(**b, step_tokens=per_rank, step=step)
         out.loss.backward()
@@ -225,7 +222,8 @@ def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
     def batches(indices: list[int]):
         def draw():
             for s in range(0, len(indices), cfg.train.batch_size):
-                yield _to(collate([data.get(i) for i in indices[s:s + cfg.train.batch_size]]), info.device)
+                chosen = indices[s:s + cfg.train.batch_size]
+                yield to_device(collate([data.get(i) for i in chosen]), info.device, non_blocking=True)
         return draw
 
     return Calibration(fit=batches(order[:cut]), check=batches(order[cut:]) if order[cut:] else None)
