@@ -4,7 +4,7 @@ recipes/teachers/, so no download): GPUs, peak memory per GPU, tokens/s and the 
     python recipes/plan_recipes.py           # print each recipe's line, and whether its file still says it
     python recipes/plan_recipes.py --write   # rewrite the lines in the files (after a change to lrc.plan.estimate)
 
-tests/test_recipes.py checks that every recipe's file holds the line this computes, so none goes stale.
+tests/cli/test_recipes.py checks that every recipe's file holds the line this computes, so none goes stale.
 """
 
 from __future__ import annotations

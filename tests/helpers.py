@@ -38,6 +38,11 @@ def save_teacher(path: Path, family: str = "llama", tied: bool = False) -> Path:
     return path
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def write_data(folder: Path, kind: str = "txt", n_docs: int = 40, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     docs = corpus(n_docs, seed=seed)

@@ -319,7 +319,7 @@ def _above(lo) -> Range:
 
 
 # The valid range of every numeric option, checked by `validate` before a run loads or writes anything.
-# Every int/float field of RunConfig must have an entry (tests/test_cli_errors.py checks); None, where a
+# Every int/float field of RunConfig must have an entry (tests/cli/test_cli_errors.py checks); None, where a
 # field allows it (max_steps, max_tokens, rms_norm_eps; hidden_size is required elsewhere), is not checked.
 RANGES: dict[str, Range] = {
     "val_fraction": Range(0, 1, hi_open=True),

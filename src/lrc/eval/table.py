@@ -3,6 +3,8 @@ and each task's acc / acc_norm. Plain text for the terminal, Markdown for report
 
 from __future__ import annotations
 
+from tabulate import tabulate
+
 
 def columns(records: list[dict]) -> list[tuple[str, str | None, str]]:
     """(header, task or None, key) of every column some record has, in a fixed order."""
@@ -41,17 +43,12 @@ def rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def format_text(records: list[dict]) -> str:
     header, body = rows(records)
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-
-    def line(cells: list[str]) -> str:
-        # the model's name left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])
+    # the model's name left-aligned, numbers right-aligned
+    return tabulate(body, headers=header, tablefmt="simple", disable_numparse=True,
+                    colalign=("left", *["right"] * (len(header) - 1)))
 
 
 def format_markdown(records: list[dict]) -> str:
     header, body = rows(records)
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(out) + "\n"
+    return tabulate(body, headers=header, tablefmt="pipe", disable_numparse=True,
+                    colalign=("left", *["right"] * (len(header) - 1))) + "\n"

@@ -1,4 +1,5 @@
-"""The ways to train a student, behind one interface: `lrc` and the baselines `kd`, `scratch`, `prune-kd`.
+"""The `Method` interface every way of training a student implements (`lrc` and the baselines `kd`, `scratch`,
+`prune-kd`), and what they share: calibration batches, the export dtype, the layers a student keeps.
 
 A `Method` is a module whose forward is the loss of one micro-batch (`LossOutput`). The trainer, `lrc bench`,
 export and evaluation see only this surface:

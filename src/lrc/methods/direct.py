@@ -102,6 +102,8 @@ def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tu
     else:
         student = random_student(teacher, hidden_size, cfg.seed, cfg.student.ffn_size, layers)
     if cfg.compute.grad_checkpointing:
-        student.gradient_checkpointing_enable({"use_reentrant": False})
+        # transformers 5 renamed it (the old name warns, and goes in 6); 4.x has only the old one
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return Direct(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,
                   chunk_size=cfg.compute.chunk_size), info

@@ -15,7 +15,7 @@ Memory is modelled per process as what is alive at a few moments of a run; the p
 * ``load``: the teacher's shards read by each process (`--parallel fsdp` only; host memory, not the GPU's:
   the teacher is built on the meta device and each process reads only its own rows of the safetensors files).
 
-The activation counts follow the autograd graph of the code as written (`activation_bytes`; tests/test_plan.py
+The activation counts follow the autograd graph of the code as written (`activation_bytes`; tests/plan/test_plan.py
 checks them against the tensors autograd really saves). Two constants were measured on CPU with
 `benchmarks/plan_accuracy.py`, which compares this forecast with the peak RSS of real `lrc distill` runs:
 `RUNTIME_BYTES` (what is not a tensor of the run) and `CPU_HEAP_SLACK` (glibc keeps freed heap memory

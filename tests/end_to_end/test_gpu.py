@@ -5,9 +5,9 @@ bf16 teacher, resume, export, and torchrun over NCCL. Skipped, with the reason, 
    to step 8 matches a straight 8-step run (metrics.jsonl and the last checkpoint), and `lrc export`'s model
    gives the in-training student's logits (bf16 export: within bf16 rounding; fp32 export: tightly).
 2. torchrun with 2 processes on 2 GPUs (NCCL), `--parallel ddp` and `--parallel fsdp`, matches one process
-   with twice the batch, as tests/test_cli.py checks with gloo on CPU.
+   with twice the batch, as tests/end_to_end/test_distill.py checks with gloo on CPU.
 
-Resume compares within a tolerance rather than bit for bit (tests/test_cli.py's CPU test is exact): CUDA
+Resume compares within a tolerance rather than bit for bit (tests/end_to_end/test_distill.py's CPU test is exact): CUDA
 kernels may reduce in a different order from call to call. Deterministic algorithms are requested (the
 differences are then expected to be zero), but an op without a deterministic kernel only warns.
 """
@@ -91,8 +91,8 @@ def test_bf16_resume_matches_a_straight_run_and_export_matches_the_student(tmp_p
 
     from lrc.train.run import load_run
 
-    # A constant schedule, as in tests/test_cli.py: a run planned for 4 steps and extended to 8 follows the
-    # schedule of an 8-step run only when the schedule does not depend on --max-steps.
+    # A constant schedule, as in tests/end_to_end/test_distill.py: a run planned for 4 steps and extended to 8
+    # follows the schedule of an 8-step run only when the schedule does not depend on --max-steps.
     args = ("--schedule", "constant", "--save-every", "2", *BF16)
     straight = distill(teacher, data, tmp_path / "straight", "--max-steps", "8", *args)
     assert f"8 steps on 1 x {DEVICE}:0" in capsys.readouterr().out  # it ran on the GPU, not quietly on the CPU
@@ -138,7 +138,7 @@ def test_bf16_resume_matches_a_straight_run_and_export_matches_the_student(tmp_p
 @needs_two
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_nccl_two_processes_match_one(parallel, tmp_path, teacher, data, cache_dir):
-    # fp32, so that one process and two agree as closely as they do with gloo on CPU (tests/test_cli.py)
+    # fp32, so that one process and two agree as closely as they do with gloo on CPU (tests/end_to_end/test_distill.py)
     steps = ("--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--grad-accum", "2",
              "--precision", "fp32", "--parallel", parallel)
     single = distill(teacher, data, tmp_path / "single", "--batch-size", "8", *steps)

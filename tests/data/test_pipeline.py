@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import corpus, env, records, run, save_teacher, write_data
+from helpers import corpus, records, run, save_teacher, write_data, write_jsonl
 
 from lrc.cli import main
 from lrc.data import (
@@ -50,11 +47,6 @@ def tokenizer():
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # ------------------------------------------------------------------------------------ parallel + cache
@@ -94,8 +86,8 @@ def test_num_proc_gives_the_same_stream_and_ids_are_stored_once(tmp_path, tokeni
 
 def test_chat_rows_use_the_template_in_both_layouts(tmp_path, tokenizer):
     # Catches chat rows read as text, ShareGPT's from/value not mapped, and a missing or doubled EOS.
-    a = _jsonl(tmp_path / "messages.jsonl", [{"messages": c} for c in CHATS])
-    b = _jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": _sharegpt(c)} for c in CHATS])
+    a = write_jsonl(tmp_path / "messages.jsonl", [{"messages": c} for c in CHATS])
+    b = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": _sharegpt(c)} for c in CHATS])
     eos = tokenizer.eos_token_id
     want = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) + [eos] for c in CHATS]
     for path in (a, b):
@@ -107,7 +99,7 @@ def test_chat_rows_use_the_template_in_both_layouts(tmp_path, tokenizer):
 
 def test_train_on_assistant_counts_only_the_assistants_tokens(tmp_path, tokenizer):
     # Catches user/system tokens or role headers left as targets, and assistant tokens masked out.
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     ds = build_packed_dataset([path], tokenizer, 8, train_on="assistant")
     targets = np.asarray(ds.tokens)[np.asarray(ds.loss_mask, dtype=bool)]
     # Each answer with its end-of-turn marker, and the EOS after a conversation's last answer.
@@ -128,7 +120,7 @@ def test_distill_on_chat_data_with_assistant_targets(tmp_path, teacher, monkeypa
     # The CLI path: --chat-template for a tokenizer without one, --train-on assistant through the trainer,
     # a mixture of chat (masked) and plain text (unmasked) sources in the same batches.
     monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc-cache"))
-    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS * 10])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS * 10])
     template = tmp_path / "t.jinja"
     template.write_text(CHAT_TEMPLATE)
     text = write_data(tmp_path / "d", "jsonl")
@@ -140,7 +132,7 @@ def test_distill_on_chat_data_with_assistant_targets(tmp_path, teacher, monkeypa
 def test_text_beside_chat_rows_counts_every_token(tmp_path, tokenizer):
     # One source of chat rows and plain text files under --train-on assistant: the text is all targets.
     (tmp_path / "src").mkdir()
-    _jsonl(tmp_path / "src" / "a.jsonl", [{"messages": c} for c in CHATS])
+    write_jsonl(tmp_path / "src" / "a.jsonl", [{"messages": c} for c in CHATS])
     (tmp_path / "src" / "b.txt").write_text("the king and the queen")
     ds = build_packed_dataset([tmp_path / "src"], tokenizer, 8, train_on="assistant")
     text = np.asarray(ds.loss_mask)[ds.doc_starts[-1]:]
@@ -148,7 +140,7 @@ def test_text_beside_chat_rows_counts_every_token(tmp_path, tokenizer):
 
 
 def test_chat_without_a_template_is_a_user_error(tmp_path, tokenizer):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS])
     plain = train_bpe(corpus(), vocab_size=300)
     with pytest.raises(UserError, match="has no chat template; pass --chat-template FILE"):
         build_packed_dataset([path], plain, 8)
@@ -353,84 +345,6 @@ def test_prepare_then_distill_and_a_tokenizer_mismatch(tmp_path, teacher, monkey
     assert not (tmp_path / "run2").exists()
 
 
-@pytest.mark.slow
-def test_streaming_distill_resumes_exactly(tmp_path, teacher, monkeypatch):
-    # The issue's check: a local file read as a stream, interrupted (4 of 8 steps) and resumed, gives the
-    # losses of an uninterrupted run.
-    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "lrc-cache"))
-    data = write_data(tmp_path / "d", "jsonl")
-    args = ["--streaming", "--lr", "3e-3", "--schedule", "constant", "--eval-every", "0", *COMMON]
-    run("distill", "--teacher", teacher, "--data", data, "--out", tmp_path / "straight", "--max-steps", "8", *args)
-    run("distill", "--teacher", teacher, "--data", data, "--out", tmp_path / "split", "--max-steps", "4", *args)
-    state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000004" / "state.json").read_text())
-    assert state["sampler"]["stream"]["offset"] > 0 or state["sampler"]["stream"]["state"]
-    run("distill", "--data", data, "--out", tmp_path / "split", "--max-steps", "8", "--resume")
-    a, b = records(tmp_path / "straight"), records(tmp_path / "split")
-    assert [r["step"] for r in b] == list(range(1, 9))
-    for ra, rb in zip(a, b, strict=True):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
-
-
-@pytest.mark.slow
-def test_streaming_under_torchrun_resumes_exactly_from_each_process_position(tmp_path, teacher):
-    # 2 processes, each streaming its own share; the step-6 checkpoint dropped, the same command resumes from
-    # step 3 (every process's saved position) and logs the losses of the run that was not interrupted.
-    cache = tmp_path / "lrc-cache"
-    data = write_data(tmp_path / "d", "jsonl")
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrc",
-           "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--streaming", "--lr", "3e-3",
-           "--eval-every", "0", "--max-steps", "6", "--save-every", "3", "--keep-checkpoints", "0", "--resume",
-           *map(str, COMMON)]
-    subprocess.run(cmd, check=True, capture_output=True, env=env(cache), timeout=300)
-    straight = records(out)
-    state = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())["sampler"]
-    assert len(state["ranks"]) == 2 and state["ranks"][0] != state["ranks"][1]
-    shutil.rmtree(out / "checkpoints" / "step-00000006")
-    subprocess.run(cmd, check=True, capture_output=True, env=env(cache), timeout=300)
-    assert [r["step"] for r in records(out)] == list(range(1, 7))
-    for ra, rb in zip(straight, records(out), strict=True):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
-    one = subprocess.run([sys.executable, "-m", "lrc", *cmd[cmd.index("distill"):]], capture_output=True, text=True,
-                         env=env(cache), timeout=300)
-    assert one.returncode == 2 and "resume it on 2" in one.stderr, one.stderr[-2000:]
-
-
-# -------------------------------------------------------------------------------------------- torchrun
-
-_COUNTING = """
-import os, sys
-from pathlib import Path
-from transformers import PreTrainedTokenizerFast
-real = PreTrainedTokenizerFast.__call__
-def counting(self, *args, **kwargs):
-    with open(os.environ["TOKENISED_BY"], "a") as f:
-        f.write(os.environ.get("RANK", "?") + "\\n")
-    return real(self, *args, **kwargs)
-PreTrainedTokenizerFast.__call__ = counting
-from lrc.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.slow
-def test_torchrun_tokenises_once_per_machine(tmp_path, teacher):
-    # Catches every process tokenising the corpus (each would write its rank to the marker file), and a
-    # waiting process that reads the cache before it is complete (it would tokenise or fail).
-    script = tmp_path / "counting_lrc.py"
-    script.write_text(_COUNTING)
-    marker = tmp_path / "tokenised-by.txt"
-    data = write_data(tmp_path / "d", "jsonl", n_docs=80)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "run"),
-           "--max-steps", "1", *COMMON]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env(tmp_path / "cache"),
-                          TOKENISED_BY=str(marker)), timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    ranks = set(marker.read_text().split())
-    assert ranks == {"0"}, ranks
-
-
 def test_one_line_errors_of_the_new_options(tmp_path, teacher, capsys):
     data = write_data(tmp_path / "d", "jsonl")
     (tmp_path / "full").mkdir()
@@ -447,19 +361,6 @@ def test_one_line_errors_of_the_new_options(tmp_path, teacher, capsys):
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
-
-
-@pytest.mark.slow
-def test_torchrun_data_error_stops_every_process(tmp_path, teacher):
-    # Catches a waiting process left hanging at the barrier when the first one fails (the timeout would hit).
-    blank = _jsonl(tmp_path / "blank.jsonl", [{"text": "  "}] * 3)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lrc",
-           "distill", "--teacher", str(teacher), "--data", str(blank), "--out", str(tmp_path / "run"),
-           "--max-steps", "1", *COMMON]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path / "cache"), timeout=120)
-    assert proc.returncode != 0
-    assert "no text found" in proc.stderr and "failed in another process" in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
 
 
 def test_calibration_draws_from_every_source_in_its_share_with_the_seed():

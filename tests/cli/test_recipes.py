@@ -10,7 +10,7 @@ import pytest
 
 from lrc.config import FIELDS, build_config, read_yaml
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 sys.path.insert(0, str(RECIPES))
 import plan_recipes  # noqa: E402
 

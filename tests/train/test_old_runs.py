@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lrc.cli import main
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run-7644d85"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "run-7644d85"
 COMPARED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm", "perplexity")
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 

@@ -41,8 +41,15 @@ def test_table_formats():
     assert text[2].split() == ["a", "1,234", "2.0000", "7.39", "0.5000", "0.2500", "1.0000"]
     assert text[3].split() == ["bb", "99", "-", "-", "0.7500", "0.5000", "-"]
     md = format_markdown(records).splitlines()
-    assert md[0] == "| model | parameters | loss | ppl | t acc | t acc_norm | u acc |"
-    assert md[3] == "| bb | 99 | - | - | 0.7500 | 0.5000 | - |"
+
+    def cells(line: str) -> list[str]:
+        assert line.startswith("|") and line.endswith("|"), line
+        return [c.strip() for c in line[1:-1].split("|")]
+
+    assert cells(md[0]) == ["model", "parameters", "loss", "ppl", "t acc", "t acc_norm", "u acc"]
+    assert cells(md[1])[0].startswith(":") and all(c.endswith(":") and not c.startswith(":") for c in cells(md[1])[1:])
+    assert cells(md[3]) == ["bb", "99", "-", "-", "0.7500", "0.5000", "-"]
+    assert len(md) == 4
 
 
 def _hand_count(model_dir, items) -> tuple[float, float]:

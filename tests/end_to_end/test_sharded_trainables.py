@@ -22,7 +22,7 @@ from lrc.train import checkpoint as ckpt
 
 COMMON = ["--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp", "--grad-accum", "2",
-          # pca, not the default refit: see tests/test_cli.py's PCA_START (calibration batches of 4 vs 8)
+          # pca, not the default refit: see tests/end_to_end/test_distill.py's PCA_START (calibration batches of 4 vs 8)
           "--init", "pca"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
 # one OpenMP thread (conftest.one_thread); runs write their caches under this module's folder
