@@ -78,9 +78,10 @@ class StudentConfig:
     target_dims: str = opt("hidden", "what --target-params solves, comma-separated: hidden, ffn, layers (shrunk "
                            "by one common factor, multiples of 64/128 where the teacher is that wide); the rest "
                            "stays as given")
-    init: str = opt("refit", "projection init: refit (pca, then each layer's projections fitted by least squares "
-                    "to the teacher's layer outputs on the calibration batches), pca (teacher-aware) or random "
-                    "(official N(0, 0.02))", choices=("refit", "pca", "random"))
+    init: str = opt("refit", "the student's start: refit (pca, then each layer's projections fitted by least "
+                    "squares to the teacher's layer outputs on the calibration batches), pca (teacher-aware) or "
+                    "random (lrc: the official N(0, 0.02) projections; kd: transformers' random weights); kd with "
+                    "pca or refit starts from LRC's initial student multiplied out", choices=("refit", "pca", "random"))
     calib_batches: int = opt(8, "calibration batches (of --batch-size x processes sequences) for --init "
                              "refit/pca and prune-kd")
     rms_norm_eps: float | None = opt(None, "student RMSNorm epsilon (default: the teacher's)")

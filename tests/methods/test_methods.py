@@ -8,9 +8,9 @@ from conftest import make_teacher, packed_batch
 
 from lrc.config import RunConfig
 from lrc.methods.direct import Direct
-from lrc.methods.registry import build_method
+from lrc.methods.registry import METHODS, build_method
 from lrc.model.clone import LowRankClone
-from lrc.student.baselines import pruned_student
+from lrc.student.baselines import pruned_student, random_student
 
 
 def _cfg(method, **kw):
@@ -185,3 +185,32 @@ def test_a_step_is_token_weighted_whatever_the_micro_batch_split(method_name):
     assert four.loss == pytest.approx(one.loss, rel=1e-5)
     assert four.grad_norm == pytest.approx(one.grad_norm, rel=1e-4)
     assert after_four == pytest.approx(after_one, rel=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pca", "refit"])
+def test_kd_from_lrcs_start_is_lrcs_initial_student_multiplied_out(init):
+    # Catches a kd student that ignores --init (random weights) or starts from another calibration than LRC's.
+    teacher = make_teacher("qwen2", True)
+    ids, pos = packed_batch()
+    batches = lambda: [{"input_ids": ids, "position_ids": pos}]  # noqa: E731
+    assert METHODS["kd"].needs_calibration(_cfg("kd", init=init))
+    kd, info = build_method(_cfg("kd", init=init), teacher, calibration=batches)
+    lrc, _ = build_method(_cfg("lrc", init=init), teacher, calibration=batches)
+    assert isinstance(kd, Direct) and info  # what pca (and refit) measured, for the start-up summary
+    want = lrc.student_model().state_dict()
+    got = kd.student_model().state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    # the free student trains every weight, the teacher still gives the KL
+    out = kd(ids, position_ids=pos)
+    assert out.terms["kl"] > 0
+
+
+def test_kd_with_random_init_is_the_random_student():
+    teacher = make_teacher("llama", False)
+    assert not METHODS["kd"].needs_calibration(_cfg("kd", init="random"))
+    kd, _ = build_method(_cfg("kd", init="random", seed=3), teacher, calibration=None)
+    want = random_student(teacher, 40, 3).state_dict()
+    for name, value in kd.student_model().state_dict().items():
+        assert torch.equal(value, want[name]), name

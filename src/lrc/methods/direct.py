@@ -16,6 +16,8 @@ from lrc.data.batch import next_token_labels
 from lrc.distributed.fsdp import gathered
 from lrc.errors import UserError
 from lrc.methods.base import Calibration, Method, kept_layers_of
+from lrc.methods.lrc import lrc_start
+from lrc.model.export import build_student_model
 from lrc.model.families import family_for
 from lrc.model.losses import LossOutput, LossWeights, TokenCounts, kd_lm_loss, kl_positions, token_shares
 from lrc.student.baselines import pruned_student, random_student
@@ -88,6 +90,13 @@ class Direct(Method):
         return model.eval()
 
 
+def starts_from_lrc(cfg: RunConfig) -> bool:
+    """`--method kd --init pca|refit`: the student starts as LRC's does (its initial projections multiplied
+    out), not from transformers' random initialisation (`--init random`). scratch always starts at random,
+    prune-kd from the pruned teacher."""
+    return cfg.method == "kd" and cfg.student.init in ("pca", "refit")
+
+
 def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
     weights = replace(cfg.loss)  # a copy: the baselines switch terms off
     weights.clone = 0.0
@@ -99,6 +108,11 @@ def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tu
     if cfg.method == "prune-kd" and calibration is not None:
         student, kept = pruned_student(teacher, hidden_size, calibration.fit(), cfg.student.ffn_size, layers)
         info = {"kept_channels": len(kept)}
+    elif starts_from_lrc(cfg) and calibration is not None:
+        # LRC's teacher-aware start (pca, refit) multiplied out into ordinary weights, then trained freely
+        clone, info = lrc_start(cfg, teacher, calibration)
+        student = build_student_model(clone).train()
+        del clone
     else:
         student = random_student(teacher, hidden_size, cfg.seed, cfg.student.ffn_size, layers)
     if cfg.compute.grad_checkpointing:

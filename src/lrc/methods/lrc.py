@@ -135,7 +135,9 @@ class LRC(Method):
             gather(unit, False)
 
 
-def build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
+def lrc_start(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[LowRankClone, dict]:
+    """LRC's student before training: the clone with its projections initialised by cfg.student.init (pca and
+    refit measure and fit on the calibration batches; none when restoring a checkpoint)."""
     # cfg.student.hidden_size is set: run.prepare requires it before a method is built
     clone = LowRankClone(teacher, cast(int, cfg.student.hidden_size), rms_norm_eps=cfg.student.rms_norm_eps,
                          ffn_size=cfg.student.ffn_size, kept_layers=kept_layers_of(cfg, teacher, calibration))
@@ -149,6 +151,11 @@ def build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple
                 info.update(refit_projections(clone, calibration.fit(), check, dtype=export_dtype(cfg, teacher)))
         else:
             init_random(clone, generator=torch.Generator().manual_seed(cfg.seed))
+    return clone, info
+
+
+def build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
+    clone, info = lrc_start(cfg, teacher, calibration)
     if cfg.compute.grad_checkpointing:
         clone.enable_gradient_checkpointing()
     return LRC(clone, replace(cfg.loss), chunk_size=cfg.compute.chunk_size), info

@@ -9,7 +9,7 @@ from typing import Any
 
 from lrc.config import RunConfig
 from lrc.methods.base import Batches, Calibration, Method, as_calibration
-from lrc.methods.direct import build_direct
+from lrc.methods.direct import build_direct, starts_from_lrc
 from lrc.methods.lrc import build_lrc
 from lrc.student.shape import needs_layer_choice
 
@@ -29,10 +29,9 @@ def _choose_layers(cfg: RunConfig) -> bool:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lrc": MethodSpec(build_lrc, needs_calibration=lambda cfg: cfg.student.init in ("pca",
-                                                                                    "refit") or _choose_layers(cfg),
-                      shards_teacher=True),
-    "kd": MethodSpec(build_direct, needs_calibration=_choose_layers),
+    "lrc": MethodSpec(build_lrc, shards_teacher=True,
+                      needs_calibration=lambda cfg: cfg.student.init in ("pca", "refit") or _choose_layers(cfg)),
+    "kd": MethodSpec(build_direct, needs_calibration=lambda cfg: starts_from_lrc(cfg) or _choose_layers(cfg)),
     "scratch": MethodSpec(build_direct, needs_calibration=_choose_layers),
     "prune-kd": MethodSpec(build_direct, needs_calibration=lambda cfg: True),
 }
