@@ -150,6 +150,9 @@ class RunScope:
     method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
                       choices=("lrc", "kd", "scratch", "prune-kd"))
     seed: int = opt(0, "seed for init and data order")
+    free_after: float | None = opt(None, "lrc only: after this share of the run's steps (e.g. 0.5), multiply the "
+                                   "student out and train every weight freely by kd (KL + CE) on the same "
+                                   "learning-rate schedule (default: LRC to the end)")
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust it)")
 
 
@@ -179,7 +182,7 @@ _ORDER = ("teacher", "data", "val_data", "val_fraction", "text_field", "num_proc
           "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
           "stop_on_rise", "seed", *_LOSS_OPTIONS, "rms_norm_eps", "precision", "teacher_dtype",
           "grad_checkpointing", "chunk_size", "device", "parallel", "trust_remote_code", "log_every", "eval_every",
-          "eval_batches", "save_every", "keep_checkpoints", "wandb", "cache_dir")
+          "eval_batches", "save_every", "keep_checkpoints", "wandb", "cache_dir", "free_after")
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,7 @@ class RunConfig:
     out: str | None
     method: str
     seed: int
+    free_after: float | None
     trust_remote_code: bool
     data: DataConfig
     student: StudentConfig
@@ -361,6 +365,7 @@ RANGES: dict[str, Range] = {
     "eval_batches": _at_least(1),
     "save_every": _at_least(1),
     "keep_checkpoints": _at_least(0),  # 0: keep all
+    "free_after": Range(0, 1, hi_open=True),  # 0: kd from LRC's start
 }
 
 

@@ -97,6 +97,14 @@ def _corrupt(path: Path, e: BaseException) -> UserError:
     return UserError(f"checkpoint {path} is corrupt ({reason}); delete that folder to resume from the one before it")
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json (step, tokens, data position, ...); UserError if it is unreadable."""
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise _corrupt(path, e) from None
+
+
 def load_checkpoint(path: Path, device: torch.device) -> tuple[dict, dict, dict]:
     """(trainable tensors, optimizer/scheduler state, state.json); UserError if anything is unreadable.
 

@@ -32,6 +32,7 @@ from lrc.data.tokenizer import load_tokenizer
 from lrc.errors import UserError
 from lrc.methods.base import Method
 from lrc.methods.registry import METHODS, build_method
+from lrc.methods.switch import FREE, free_method
 from lrc.model.teacher import load_empty_teacher, load_teacher, load_teacher_config
 from lrc.optim.lr_rule import AUTO
 from lrc.student.shape import check_shape, resolve_target
@@ -158,6 +159,11 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
     validate(cfg)  # every numeric option inside its range (lrc.config.RANGES), before anything is read
     if cfg.train.wandb:
         require_wandb()
+    if cfg.free_after is not None and (cfg.method != "lrc" or cfg.compute.parallel == "fsdp"):
+        raise UserError("--free-after switches an lrc run to free weights (kd), under --parallel ddp only; "
+                        f"drop it for --method {cfg.method}" if cfg.method != "lrc" else
+                        "--free-after is not supported with --parallel fsdp yet (the free student is not sharded); "
+                        "use --parallel ddp")
     if cfg.compute.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
         sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
         raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "
@@ -290,8 +296,9 @@ def load_run(run_dir: str | Path, device="cpu", checkpoint: Path | None = None
     teacher_id = cast(str, cfg.teacher)  # set: a run is only started with a teacher (see `prepare`)
     teacher = load_teacher(teacher_id, dtype=cfg.compute.teacher_dtype,
                            trust_remote_code=cfg.trust_remote_code).to(device)
-    method, _ = build_method(cfg, teacher, calibration=None)
-    trainable, _, _ = ckpt.load_checkpoint(last, torch.device(device))
+    trainable, _, state = ckpt.load_checkpoint(last, torch.device(device))
+    # after --free-after's switch a checkpoint holds the free student, not the clone
+    method = free_method(cfg, teacher) if state.get(FREE) else build_method(cfg, teacher, calibration=None)[0]
     method.load_trainable_state_dict(trainable)
     tokenizer = load_tokenizer(teacher_id, trust_remote_code=cfg.trust_remote_code)
     stored = run_dir / CHAT_TEMPLATE

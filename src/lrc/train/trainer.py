@@ -45,6 +45,7 @@ from lrc.distributed.processes import (
 from lrc.errors import UserError
 from lrc.methods.base import Calibration, Method
 from lrc.methods.registry import METHODS, build_method
+from lrc.methods.switch import FREE, free_method, switch_step, to_free_weights
 from lrc.model.losses import TokenCounts, total_loss
 from lrc.model.precision import autocast, compute_dtype, dtype_name, resolve_precision
 from lrc.model.teacher import is_empty, load_teacher_config, shard_teacher
@@ -180,6 +181,8 @@ class Session:
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.time)
     fresh: bool = True  # not resumed from a checkpoint
+    switch_at: int | None = None  # --free-after: the step after which free weights train (`methods.switch`)
+    free: bool = False  # the method trains free weights since the switch
 
     @property
     def device(self) -> torch.device:
@@ -229,6 +232,33 @@ def _calibration(prep: Prepared, info: DistInfo) -> Calibration | None:
     return Calibration(fit=batches(order[:cut]), check=batches(order[cut:]) if order[cut:] else None)
 
 
+def _optimizer(cfg: RunConfig, params: list, steps: int, device: torch.device
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `params` and the run's learning-rate schedule (a factor of the peak per optimizer step)."""
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.optim.lr), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                                  weight_decay=cfg.optim.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
+    warmup = int(round(cfg.optim.warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    return optimizer, sched
+
+
+def _switch_to_free_weights(s: Session) -> None:
+    """--free-after: from this step on, LRC's student multiplied out trains as kd, with a fresh AdamW and the
+    schedule carried on where it is (every rank converts the same weights: nothing to broadcast)."""
+    s.method = to_free_weights(s.method, s.cfg, s.teacher).to(s.device)
+    lr = s.optimizer.param_groups[0]["lr"]
+    state = s.scheduler.state_dict()
+    s.optimizer, s.scheduler = _optimizer(s.cfg, s.method.trainable_parameters(), s.steps, s.device)
+    s.scheduler.load_state_dict(state)  # the step count, so the schedule goes on from this step
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    s.free = True
+    s.log.write({"split": "switch", "step": s.step, "to": "free weights (kd)"})
+    log.info(f"step {s.step}: --free-after {s.cfg.free_after}: LRC's student multiplied out; every weight trains "
+             "freely (kd) from here, on the same schedule")
+
+
 def _warn_if_it_does_not_fit(cfg: RunConfig, info: DistInfo) -> None:
     """Rank 0, before any weights load: the plan's peak against this device's memory (`lrc.plan.verdict`)."""
     if not info.is_main:
@@ -259,7 +289,13 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
                    f"{tokens_per_step:,} tokens per step (lrc.optim.lr_rule), stored in config.yaml")
     _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
-    method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
+    free = prep.resume_from is not None and bool(ckpt.read_state(prep.resume_from).get(FREE))
+    method: Method
+    init_info: dict
+    if free:  # a checkpoint written after --free-after's switch holds the free student
+        method, init_info = free_method(cfg, prep.teacher), {}
+    else:
+        method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
     method.to(device)
     if sharded:  # every rank cuts its shards from rank 0's tensors
         broadcast_from_rank0(method.trainable_parameters(), info)
@@ -267,11 +303,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
         if note:
             log.info(note)
     params = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=float(cfg.optim.lr), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                                  weight_decay=cfg.optim.weight_decay, eps=1e-8, fused=device.type == "cuda" or None)
-    warmup = int(round(cfg.optim.warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    optimizer, sched = _optimizer(cfg, params, steps, device)
     batches = make_batches(prep.train, cfg.seed, info.rank, info.world_size)
     step, tokens, elapsed, first_loss = _restore(prep, resume, info, method, optimizer, sched, batches)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
@@ -291,7 +323,7 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     s = Session(cfg, prep.run_dir, info, method, optimizer, sched, batches, prep.train, prep.val, prep.teacher,
                 sharded, steps, metrics, step=step, tokens=tokens, first_loss=first_loss, lr_how=lr_how,
                 elapsed_before=elapsed,
-                fresh=prep.resume_from is None)
+                fresh=prep.resume_from is None, switch_at=switch_step(cfg, steps), free=free)
     if init_info and s.fresh:  # how the run started (e.g. whether the refit was kept, by how much): kept on disk
         metrics.write({"split": "init", "step": 0, **init_info})
     broadcast_from_rank0(params, info)  # every rank starts from rank 0's weights, for every method
@@ -371,7 +403,7 @@ def _has_sharded_trainables(method: Method) -> bool:
 
 def _save(s: Session) -> None:
     state = {"step": s.step, "tokens": s.tokens, "sampler": s.batches.state_dict(),
-             "elapsed": s.elapsed_before + time.time() - s.started, "first_loss": s.first_loss}
+             "elapsed": s.elapsed_before + time.time() - s.started, "first_loss": s.first_loss, FREE: s.free}
     if _has_sharded_trainables(s.method):  # every process writes its own shards
         ckpt.save_sharded_checkpoint(s.run_dir, s.step, s.method, s.optimizer, s.scheduler.state_dict(), state,
                                      s.cfg.train.keep_checkpoints, s.info.rank, s.info.world_size)
@@ -487,6 +519,8 @@ def fit(s: Session) -> Path:
     rise = RiseWatch(cfg.train.stop_on_rise, s.first_loss)
     with _StopFlag() as stop:
         while s.step < s.steps:
+            if s.switch_at is not None and s.step >= s.switch_at and not s.free:
+                _switch_to_free_weights(s)
             micro = [s.batches.next(cfg.train.batch_size) for _ in range(cfg.train.grad_accum)]
             lr = s.optimizer.param_groups[0]["lr"]
             try:

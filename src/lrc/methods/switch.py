@@ -1,0 +1,50 @@
+"""LRC, then free weights, in one run (`--free-after F`): LRC trains for the first F of the run's steps, then
+its student is multiplied out and every weight trains freely by KD (KL + CE) on the same learning-rate schedule.
+
+The switch is a change of method at one step: what follows is `kd` started from LRC's student at that step
+instead of LRC's initial one. A checkpoint written after it says so (`FREE` in its state), so a resumed run,
+`lrc export` and `lrc eval` rebuild the free student, not the clone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lrc.config import RunConfig
+from lrc.methods.base import Method, kept_layers_of
+from lrc.methods.direct import Direct
+from lrc.methods.lrc import LRC
+from lrc.student.baselines import random_student
+
+FREE = "free_weights"  # checkpoint state.json: True once the run trains free weights
+
+
+def switch_step(cfg: RunConfig, steps: int) -> int | None:
+    """The step after which the run trains free weights (None: never)."""
+    if cfg.method != "lrc" or cfg.free_after is None:
+        return None
+    return int(round(cfg.free_after * steps))
+
+
+def _direct(student, cfg: RunConfig, teacher) -> Direct:
+    weights = replace(cfg.loss, clone=0.0)  # kd's objective: no clone terms for free weights
+    if cfg.compute.grad_checkpointing:
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    return Direct(student, teacher=teacher, loss_weights=weights, chunk_size=cfg.compute.chunk_size)
+
+
+def to_free_weights(method: Method, cfg: RunConfig, teacher) -> Direct:
+    """LRC's student as it is now, multiplied out into ordinary fp32 weights that train from here on."""
+    assert isinstance(method, LRC)
+    student = method.student_model().train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return _direct(student, cfg, teacher)
+
+
+def free_method(cfg: RunConfig, teacher) -> Direct:
+    """The free student's shape, for a checkpoint written after the switch to load into."""
+    layers = kept_layers_of(cfg, teacher, None)
+    student = random_student(teacher, int(cfg.student.hidden_size or 0), cfg.seed, cfg.student.ffn_size, layers)
+    return _direct(student, cfg, teacher)

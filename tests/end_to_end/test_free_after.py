@@ -1,0 +1,89 @@
+"""`--free-after`: LRC for a share of the run, then the student multiplied out and trained freely (kd) on the
+same schedule, in one run that resumes exactly on either side of the switch and exports the free student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import records, save_teacher, write_data
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lrc.train.trainer
+from lrc.cli import main
+
+RUN = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
+       "--eval-batches", "1", "--log-every", "1", "--eval-every", "0", "--max-steps", "8", "--save-every", "2",
+       "--free-after", "0.5", "--lr", "3e-3"]
+LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
+pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    return save_teacher(root / "teacher"), write_data(root / "data")
+
+
+def _distill(inputs, out: Path, *extra) -> int:
+    teacher, data = inputs
+    return main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *RUN, *extra])
+
+
+def _train(run: Path) -> list[dict]:
+    return [{k: r.get(k) for k in LOGGED} for r in records(run)]
+
+
+def _last(run: Path) -> dict:
+    return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight(inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert _distill(inputs, out) == 0
+    return out
+
+
+def test_the_run_switches_once_at_its_share_of_the_steps(straight):
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "switch"] == [4]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all(r["clone"] > 0 for r in train[:4]) and all(r.get("clone", 0) == 0 for r in train[4:])
+    assert [r["lr"] for r in train] == sorted([r["lr"] for r in train], reverse=True)  # one cosine, not restarted
+    state = json.loads((sorted((straight / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    assert state["free_weights"] is True
+    assert any(k.endswith("q_proj.weight") for k in _last(straight))  # a free student's weights, not projections
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])  # before and after the switch at step 4
+def test_resume_on_either_side_of_the_switch_matches_the_straight_run(inputs, straight, tmp_path, monkeypatch,
+                                                                      stop_at):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:  # a signal at step stop_at: the checkpoint is written and the run stops
+        m.setattr(lrc.train.trainer, "_stop_requested", lambda s, stop: s.step == stop_at)
+        assert _distill(inputs, out) > 128
+    assert [r["step"] for r in records(out)] == list(range(1, stop_at + 1))
+    assert main(["distill", "--out", str(out), "--resume"]) == 0
+    assert _train(out) == _train(straight)
+    got, want = _last(out), _last(straight)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_export_after_the_switch_is_the_free_student(straight, tmp_path):
+    assert main(["export", str(straight), "--out", str(tmp_path / "model")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    exported = model.state_dict()
+    for k, v in _last(straight).items():
+        assert torch.equal(exported[k], v), k
+
+
+def test_free_after_is_for_lrc_runs(inputs, tmp_path, capsys):
+    assert _distill(inputs, tmp_path / "run", "--method", "kd") == 2
+    assert "--free-after" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
