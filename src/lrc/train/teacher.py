@@ -51,6 +51,10 @@ DEMO_TINY = Recipe(vocab=320, teacher_hidden=48, teacher_layers=2, heads=2, kv_h
                     student_hidden=24, seq_len=32, batch=4, teacher_tokens=2_048, student_tokens=1_024,
                     eval_every=4, eval_batches=1, final_eval_sequences=8, task_items=8)
 
+# The benchmarks' teacher: the demo's shape trained on 10x its tokens (several epochs of the training plays), so
+# that students at the budgets measured (up to a third of its tokens) stay below it.
+STRONG = Recipe(teacher_tokens=5_000_000, eval_every=250)
+
 
 def _log(msg: str) -> None:
     print(f"[teacher] {msg}", flush=True)

@@ -1,0 +1,177 @@
+"""Which method gives the best student for a budget: held-out loss against training tokens (and wall time) at
+a few shares of the teacher's own training tokens, half and quarter width, for LRC, kd from LRC's start,
+LRC switching to free weights halfway (`--free-after 0.5`), prune-kd and scratch.
+
+The teacher is `lrc.train.teacher.STRONG`: the demo's shape trained here on 10x the demo teacher's tokens (5M,
+several epochs of the training plays), so that no student reaches it within the budgets. Every run is a
+separate `lrc distill` with its own budget (`--max-tokens`, cosine schedule to that budget, `--lr auto`, the
+defaults otherwise), evaluated at its end on the held-out plays; the teacher's loss is measured on the same
+windows. Results go to OUT/results.json, a PNG and a block of BENCHMARKS.md.
+
+    python benchmarks/budget_curves.py [--shares 0.01 0.03 0.1] [--widths 128 64] [--seeds 0] [--out bench-out/budget]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _markdown import write_block
+
+from lrc.config import RunConfig
+from lrc.data.plays import play_files
+from lrc.train.run import default_cache_dir
+from lrc.train.teacher import STRONG, build_teacher
+from lrc.train.trainer import distill
+
+METHODS = {
+    "lrc": dict(method="lrc"),
+    "kd from LRC's start": dict(method="kd", init="refit"),
+    "lrc, free weights after 50%": dict(method="lrc", free_after=0.5),
+    "prune-kd": dict(method="prune-kd"),
+    "scratch": dict(method="scratch"),
+}
+START, END = "<!-- budget_curves:start -->", "<!-- budget_curves:end -->"
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def one_run(teacher: Path, train, val, out: Path, cache: Path, width: int, tokens: int, seed: int,
+            eval_batches: int, opts: dict) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    s = STRONG
+    t0 = time.time()
+    distill(RunConfig(teacher=str(teacher), data=[str(x) for x in train], val_data=[str(x) for x in val],
+                      hidden_size=width, out=str(out), max_tokens=tokens, batch_size=s.batch, seq_len=s.seq_len,
+                      seed=seed, eval_every=0, eval_batches=eval_batches, save_every=10**9, log_every=50,
+                      cache_dir=str(cache / "tokens"), **opts))
+    seconds = time.time() - t0
+    rows = _records(out)
+    final = [r for r in rows if r.get("split") == "val"][-1]
+    teacher_loss = next(r["loss"] for r in rows if r.get("split") == "val_teacher")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return {"loss": final["loss"], "teacher_loss": teacher_loss, "tokens": final["tokens"], "seconds": seconds}
+
+
+def rel(r: dict) -> float:
+    return r["loss"] / r["teacher_loss"] - 1.0
+
+
+def write_markdown(results: dict, path: Path, command: str) -> None:
+    widths = sorted({int(w) for w in results}, reverse=True)
+    lines = [START, "",
+             f"Teacher: `lrc.train.teacher.STRONG` (Llama, hidden {STRONG.teacher_hidden}, {STRONG.teacher_layers} "
+             f"layers, vocabulary {STRONG.vocab}, trained here on {STRONG.teacher_tokens:,} tokens of the training "
+             "plays); held-out: 4 whole plays. Each cell: held-out loss relative to the teacher's on the same "
+             "windows (lower is better; negative: the student passes the teacher), and the run's wall time on "
+             f"this machine ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads). "
+             "One run per cell, its own cosine schedule to its budget, `--lr auto`, defaults otherwise.", ""]
+    for w in widths:
+        per = results[str(w)]
+        budgets = sorted({int(t) for m in per.values() for t in m})
+        lines += [f"Width {w} of {STRONG.teacher_hidden}:", "",
+                  "| method | " + " | ".join(f"{t:,} tokens ({t / STRONG.teacher_tokens:.0%})" for t in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for name, cells in per.items():
+            row = []
+            for t in budgets:
+                runs = cells.get(str(t), [])
+                if not runs:
+                    row.append("-")
+                    continue
+                losses = [rel(r) for r in runs]
+                mean = sum(losses) / len(losses)
+                spread = f" +-{(max(losses) - min(losses)) / 2:.2%}" if len(losses) > 1 else ""
+                secs = sum(r["seconds"] for r in runs) / len(runs)
+                row.append(f"{mean:+.2%}{spread} ({secs:.0f} s)")
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += [f"Regenerate: `{command}`.", "", END]
+    write_block(path, START, END, lines, "Budget curves: which method wins at which budget")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({int(w) for w in results}, reverse=True)
+    fig, axes = plt.subplots(2, len(widths), figsize=(6 * len(widths), 8), squeeze=False)
+    for col, w in enumerate(widths):
+        for name, cells in results[str(w)].items():
+            pts = sorted((int(t), [rel(r) for r in runs], [r["seconds"] for r in runs]) for t, runs in cells.items())
+            x = [t for t, _, _ in pts]
+            y = [100 * sum(v) / len(v) for _, v, _ in pts]
+            sec = [sum(v) / len(v) for _, _, v in pts]
+            axes[0][col].plot(x, y, marker="o", label=name)
+            axes[1][col].plot(sec, y, marker="o", label=name)
+        axes[0][col].set_xscale("log")
+        axes[0][col].set_xlabel("training tokens")
+        axes[1][col].set_xscale("log")
+        axes[1][col].set_xlabel("wall seconds (this machine)")
+        for row in (0, 1):
+            axes[row][col].set_ylabel("held-out loss vs teacher (%)")
+            axes[row][col].set_title(f"student width {w} of {STRONG.teacher_hidden}")
+            axes[row][col].axhline(0, color="gray", linestyle=":")
+            axes[row][col].grid(alpha=0.3)
+            axes[row][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shares", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
+                   help="budgets as shares of the teacher's training tokens")
+    p.add_argument("--widths", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--only", nargs="+", default=None, help="run only these methods")
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--out", default="bench-out/budget")
+    p.add_argument("--markdown", default="BENCHMARKS.md")
+    p.add_argument("--png", default="benchmarks/budget_curves.png")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = default_cache_dir().parent / "demo"
+    train, val = play_files()
+    t0 = time.time()
+    teacher, _, spent = build_teacher(STRONG, train, val, cache)
+    print(f"teacher: {teacher} ({spent:.0f} s now)", flush=True)
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    for width in args.widths:
+        for name, opts in METHODS.items():
+            if args.only and name not in args.only:
+                continue
+            for share in args.shares:
+                tokens = int(round(share * STRONG.teacher_tokens))
+                runs = []
+                for seed in args.seeds:
+                    print(f"[budget] width {width}, {name}, {tokens:,} tokens, seed {seed}", flush=True)
+                    r = one_run(teacher, train, val, out / "run", cache, width, tokens, seed, args.eval_batches,
+                                opts)
+                    runs.append({**r, "seed": seed})
+                    print(f"[budget]   {rel(r):+.2%} of the teacher's loss in {r['seconds']:.0f} s", flush=True)
+                results.setdefault(str(width), {}).setdefault(name, {})[str(tokens)] = runs
+                saved.write_text(json.dumps(results, indent=1))
+    ordered = {w: {n: results[w][n] for n in METHODS if n in results[w]} for w in results}
+    write_markdown(ordered, Path(args.markdown), " ".join(["python"] + sys.argv))
+    plot(ordered, Path(args.png))
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
