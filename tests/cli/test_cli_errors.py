@@ -322,6 +322,8 @@ BAD_VALUES = [
     ("--ffn-size", "0", "--ffn-size must be a positive integer (got 0)"),
     ("--layers", "0", "--layers must be a positive integer (got 0)"),
     ("--num-proc", "0", "--num-proc must be a positive integer (got 0)"),
+    ("--free-after", "1", "--free-after must be in [0, 1) (got 1.0)"),
+    ("--free-after", "-0.1", "--free-after must be in [0, 1) (got -0.1)"),
 ]
 
 

@@ -90,6 +90,13 @@ class Direct(Method):
         return model.eval()
 
 
+def checkpoint_layers(student: PreTrainedModel) -> None:
+    """Gradient checkpointing of the student's layers (--grad-checkpointing)."""
+    # transformers 5 renamed it (the old name warns, and goes in 6); 4.x has only the old one
+    enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def starts_from_lrc(cfg: RunConfig) -> bool:
     """`--method kd --init pca|refit`: the student starts as LRC's does (its initial projections multiplied
     out), not from transformers' random initialisation (`--init random`). scratch always starts at random,
@@ -116,8 +123,6 @@ def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tu
     else:
         student = random_student(teacher, hidden_size, cfg.seed, cfg.student.ffn_size, layers)
     if cfg.compute.grad_checkpointing:
-        # transformers 5 renamed it (the old name warns, and goes in 6); 4.x has only the old one
-        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        checkpoint_layers(student)
     return Direct(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,
                   chunk_size=cfg.compute.chunk_size), info

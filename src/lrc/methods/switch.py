@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from lrc.config import RunConfig
 from lrc.methods.base import Method, kept_layers_of
-from lrc.methods.direct import Direct
+from lrc.methods.direct import Direct, checkpoint_layers
 from lrc.methods.lrc import LRC
 from lrc.student.baselines import random_student
 
@@ -29,8 +29,7 @@ def switch_step(cfg: RunConfig, steps: int) -> int | None:
 def _direct(student, cfg: RunConfig, teacher) -> Direct:
     weights = replace(cfg.loss, clone=0.0)  # kd's objective: no clone terms for free weights
     if cfg.compute.grad_checkpointing:
-        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        checkpoint_layers(student)
     return Direct(student, teacher=teacher, loss_weights=weights, chunk_size=cfg.compute.chunk_size)
 
 
