@@ -39,7 +39,7 @@ VARIANTS = {
     "lrc, no FFN terms": dict(method="lrc", clone_gate=0.0, clone_up=0.0, clone_ffn_out=0.0),
     "lrc, no attention terms": dict(method="lrc", clone_q=0.0, clone_k=0.0, clone_v=0.0, clone_attn_out=0.0),
     "lrc, no KL": dict(method="lrc", kl_weight=0.0),
-    "kd": dict(method="kd"),
+    "kd": dict(method="kd", init="random"),  # KD from random weights (the table's kd; --init refit starts from LRC's)
     "prune-kd": dict(method="prune-kd"),
     "scratch": dict(method="scratch"),
 }

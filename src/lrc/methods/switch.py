@@ -9,6 +9,7 @@ instead of LRC's initial one. A checkpoint written after it says so (`FREE` in i
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import cast
 
 from lrc.config import RunConfig
 from lrc.methods.base import Method, kept_layers_of
@@ -45,5 +46,6 @@ def to_free_weights(method: Method, cfg: RunConfig, teacher) -> Direct:
 def free_method(cfg: RunConfig, teacher) -> Direct:
     """The free student's shape, for a checkpoint written after the switch to load into."""
     layers = kept_layers_of(cfg, teacher, None)
-    student = random_student(teacher, int(cfg.student.hidden_size or 0), cfg.seed, cfg.student.ffn_size, layers)
+    hidden = cast(int, cfg.student.hidden_size)  # set: run.prepare requires it before a method is built
+    student = random_student(teacher, hidden, cfg.seed, cfg.student.ffn_size, layers)
     return _direct(student, cfg, teacher)
