@@ -1,14 +1,17 @@
 """Which method gives the best student for a budget: held-out loss against training tokens (and wall time) at
-a few shares of the teacher's own training tokens, half and quarter width, for LRC, kd from LRC's start,
-LRC switching to free weights halfway (`--free-after 0.5`), prune-kd and scratch.
+a few shares of the teacher's own training tokens, half and quarter width, for LRC, kd from LRC's start with and
+without the clone terms, LRC switching to free weights halfway (`--free-after 0.5`), prune-kd and scratch.
 
-The teacher is `lrc.train.teacher.STRONG`: the demo's shape trained here on 10x the demo teacher's tokens (5M,
-several epochs of the training plays), so that no student reaches it within the budgets. Every run is a
-separate `lrc distill` with its own budget (`--max-tokens`, cosine schedule to that budget, `--lr auto`, the
-defaults otherwise), evaluated at its end on the held-out plays; the teacher's loss is measured on the same
-windows. Results go to OUT/results.json, a PNG and a block of BENCHMARKS.md.
+Two teachers of the demo's shape: `strong` (`lrc.train.teacher.STRONG`, trained here on 5M tokens, 10x the demo
+teacher's and several epochs of the training plays, so that no student reaches it within the budgets) and `demo`
+(`DEMO`, 500K tokens: undertrained, its students pass it). Every run is a separate `lrc distill` with its own
+budget (`--max-tokens`, cosine schedule to that budget, `--lr auto`, the defaults otherwise), evaluated at its
+end on the held-out plays; the teacher's loss is measured on the same windows. Results go to OUT/results.json
+(runs added by seed: a rerun with other seeds adds to them), a PNG per teacher and a block of BENCHMARKS.md per
+teacher.
 
-    python benchmarks/budget_curves.py [--shares 0.01 0.03 0.1] [--widths 128 64] [--seeds 0] [--out bench-out/budget]
+    python benchmarks/budget_curves.py [--teacher strong] [--shares 0.01 0.03 0.1 0.3] [--widths 128 64]
+        [--seeds 0 1] [--only METHOD ...] [--out bench-out/budget]
 """
 
 from __future__ import annotations
@@ -27,28 +30,33 @@ from _markdown import write_block
 from lrc.config import RunConfig
 from lrc.data.plays import play_files
 from lrc.train.run import default_cache_dir
-from lrc.train.teacher import STRONG, build_teacher
+from lrc.train.teacher import DEMO, STRONG, Recipe, build_teacher
 from lrc.train.trainer import distill
 
 METHODS = {
     "lrc": dict(method="lrc"),
-    "kd from LRC's start": dict(method="kd", init="refit"),
+    "kd from LRC's start": dict(method="kd", init="refit", clone_weight=0.0),
+    "kd from LRC's start + clone terms": dict(method="kd", init="refit"),
     "lrc, free weights after 50%": dict(method="lrc", free_after=0.5),
     "prune-kd": dict(method="prune-kd"),
     "scratch": dict(method="scratch"),
 }
-START, END = "<!-- budget_curves:start -->", "<!-- budget_curves:end -->"
+TEACHERS = {"strong": STRONG, "demo": DEMO}
+
+
+def markers(teacher: str) -> tuple[str, str]:
+    name = "budget_curves" if teacher == "strong" else f"budget_curves_{teacher}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def _records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def one_run(teacher: Path, train, val, out: Path, cache: Path, width: int, tokens: int, seed: int,
+def one_run(s: Recipe, teacher: Path, train, val, out: Path, cache: Path, width: int, tokens: int, seed: int,
             eval_batches: int, opts: dict) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    s = STRONG
     t0 = time.time()
     distill(RunConfig(teacher=str(teacher), data=[str(x) for x in train], val_data=[str(x) for x in val],
                       hidden_size=width, out=str(out), max_tokens=tokens, batch_size=s.batch, seq_len=s.seq_len,
@@ -66,20 +74,23 @@ def rel(r: dict) -> float:
     return r["loss"] / r["teacher_loss"] - 1.0
 
 
-def write_markdown(results: dict, path: Path, command: str) -> None:
+def write_markdown(name: str, results: dict, path: Path, command: str) -> None:
+    s = TEACHERS[name]
+    start, end = markers(name)
     widths = sorted({int(w) for w in results}, reverse=True)
-    lines = [START, "",
-             f"Teacher: `lrc.train.teacher.STRONG` (Llama, hidden {STRONG.teacher_hidden}, {STRONG.teacher_layers} "
-             f"layers, vocabulary {STRONG.vocab}, trained here on {STRONG.teacher_tokens:,} tokens of the training "
+    lines = [start, "",
+             f"Teacher: `lrc.train.teacher.{name.upper()}` (Llama, hidden {s.teacher_hidden}, {s.teacher_layers} "
+             f"layers, vocabulary {s.vocab}, trained here on {s.teacher_tokens:,} tokens of the training "
              "plays); held-out: 4 whole plays. Each cell: held-out loss relative to the teacher's on the same "
-             "windows (lower is better; negative: the student passes the teacher), and the run's wall time on "
-             f"this machine ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads). "
-             "One run per cell, its own cosine schedule to its budget, `--lr auto`, defaults otherwise.", ""]
+             "windows (lower is better; negative: the student passes the teacher), mean over seeds with +- half "
+             "the spread where there are several, and the run's mean wall time on this machine "
+             f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads). Each run has "
+             "its own cosine schedule to its budget, `--lr auto`, defaults otherwise.", ""]
     for w in widths:
         per = results[str(w)]
         budgets = sorted({int(t) for m in per.values() for t in m})
-        lines += [f"Width {w} of {STRONG.teacher_hidden}:", "",
-                  "| method | " + " | ".join(f"{t:,} tokens ({t / STRONG.teacher_tokens:.0%})" for t in budgets) + " |",
+        lines += [f"Width {w} of {s.teacher_hidden}:", "",
+                  "| method | " + " | ".join(f"{t:,} tokens ({t / s.teacher_tokens:.0%})" for t in budgets) + " |",
                   "|---|" + "---:|" * len(budgets)]
         for name, cells in per.items():
             row = []
@@ -92,14 +103,15 @@ def write_markdown(results: dict, path: Path, command: str) -> None:
                 mean = sum(losses) / len(losses)
                 spread = f" +-{(max(losses) - min(losses)) / 2:.2%}" if len(losses) > 1 else ""
                 secs = sum(r["seconds"] for r in runs) / len(runs)
-                row.append(f"{mean:+.2%}{spread} ({secs:.0f} s)")
+                seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
+                row.append(f"{mean:+.2%}{spread} ({secs:.0f} s{seeds})")
             lines.append(f"| {name} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += [f"Regenerate: `{command}`.", "", END]
-    write_block(path, START, END, lines, "Budget curves: which method wins at which budget")
+    lines += [f"Regenerate: `{command}`.", "", end]
+    write_block(path, start, end, lines, f"Budget curves on the {name} teacher")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(name: str, results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +133,7 @@ def plot(results: dict, path: Path) -> None:
         axes[1][col].set_xlabel("wall seconds (this machine)")
         for row in (0, 1):
             axes[row][col].set_ylabel("held-out loss vs teacher (%)")
-            axes[row][col].set_title(f"student width {w} of {STRONG.teacher_hidden}")
+            axes[row][col].set_title(f"{name} teacher: student width {w} of {TEACHERS[name].teacher_hidden}")
             axes[row][col].axhline(0, color="gray", linestyle=":")
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend(fontsize=8)
@@ -130,8 +142,16 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def add_runs(cell: list[dict], runs: list[dict]) -> list[dict]:
+    """A cell's runs with `runs` added, one per seed (a seed run again replaces its earlier run)."""
+    by_seed = {r["seed"]: r for r in cell}
+    by_seed.update({r["seed"]: r for r in runs})
+    return [by_seed[k] for k in sorted(by_seed)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", choices=sorted(TEACHERS), default="strong")
     p.add_argument("--shares", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
                    help="budgets as shares of the teacher's training tokens")
     p.add_argument("--widths", type=int, nargs="+", default=[128, 64])
@@ -140,35 +160,38 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--out", default="bench-out/budget")
     p.add_argument("--markdown", default="BENCHMARKS.md")
-    p.add_argument("--png", default="benchmarks/budget_curves.png")
+    p.add_argument("--png", default=None, help="default: benchmarks/budget_curves[_TEACHER].png")
     args = p.parse_args(argv)
+    recipe = TEACHERS[args.teacher]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir().parent / "demo"
     train, val = play_files()
     t0 = time.time()
-    teacher, _, spent = build_teacher(STRONG, train, val, cache)
+    teacher, _, spent = build_teacher(recipe, train, val, cache)
     print(f"teacher: {teacher} ({spent:.0f} s now)", flush=True)
     saved = out / "results.json"
-    results = json.loads(saved.read_text()) if saved.exists() else {}
+    everything = json.loads(saved.read_text()) if saved.exists() else {}
+    results = everything.setdefault(args.teacher, {})
     for width in args.widths:
         for name, opts in METHODS.items():
             if args.only and name not in args.only:
                 continue
             for share in args.shares:
-                tokens = int(round(share * STRONG.teacher_tokens))
-                runs = []
+                tokens = int(round(share * recipe.teacher_tokens))
                 for seed in args.seeds:
-                    print(f"[budget] width {width}, {name}, {tokens:,} tokens, seed {seed}", flush=True)
-                    r = one_run(teacher, train, val, out / "run", cache, width, tokens, seed, args.eval_batches,
-                                opts)
-                    runs.append({**r, "seed": seed})
+                    print(f"[budget] {args.teacher} teacher, width {width}, {name}, {tokens:,} tokens, seed {seed}",
+                          flush=True)
+                    r = one_run(recipe, teacher, train, val, out / "run", cache, width, tokens, seed,
+                                args.eval_batches, opts)
                     print(f"[budget]   {rel(r):+.2%} of the teacher's loss in {r['seconds']:.0f} s", flush=True)
-                results.setdefault(str(width), {}).setdefault(name, {})[str(tokens)] = runs
-                saved.write_text(json.dumps(results, indent=1))
+                    cells = results.setdefault(str(width), {}).setdefault(name, {})
+                    cells[str(tokens)] = add_runs(cells.get(str(tokens), []), [{**r, "seed": seed}])
+                    saved.write_text(json.dumps(everything, indent=1))
     ordered = {w: {n: results[w][n] for n in METHODS if n in results[w]} for w in results}
-    write_markdown(ordered, Path(args.markdown), " ".join(["python"] + sys.argv))
-    plot(ordered, Path(args.png))
+    write_markdown(args.teacher, ordered, Path(args.markdown), " ".join(["python"] + sys.argv))
+    suffix = "" if args.teacher == "strong" else f"_{args.teacher}"
+    plot(args.teacher, ordered, Path(args.png or f"benchmarks/budget_curves{suffix}.png"))
     print(f"done in {time.time() - t0:.0f} s", flush=True)
     return 0
 

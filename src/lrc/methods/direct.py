@@ -1,5 +1,6 @@
 """The free-weight methods: an ordinary Hugging Face student trained weight by weight (`scratch`, `kd`,
-`prune-kd`)."""
+`prune-kd`), by CE, KL to the teacher and, for a student that starts from LRC's, the activation-clone terms
+through the maps LRC's start defines (`lrc.model.alignment.AlignmentMaps`)."""
 
 from __future__ import annotations
 
@@ -17,23 +18,34 @@ from lrc.distributed.fsdp import gathered
 from lrc.errors import UserError
 from lrc.methods.base import Calibration, Method, kept_layers_of
 from lrc.methods.lrc import lrc_start
+from lrc.model.alignment import AlignmentMaps, module_output, teacher_activations, term_modules
 from lrc.model.export import build_student_model
 from lrc.model.families import family_for
-from lrc.model.losses import LossOutput, LossWeights, TokenCounts, kd_lm_loss, kl_positions, token_shares
+from lrc.model.losses import LossOutput, LossWeights, TokenCounts, kl_positions, lrc_objective, masked_mse, token_shares
 from lrc.student.baselines import pruned_student, random_student
+
+ALIGNMENT = "alignment."  # checkpoint keys of the clone terms' maps (`AlignmentMaps`)
 
 
 class Direct(Method):
     """An ordinary Hugging Face model trained weight by weight with the same chunked CE (+ KL to an optional
-    frozen teacher): `scratch` (random init, CE only; also the demo's teacher trainer), `kd` (random init,
-    CE + KL) and `prune-kd` (Minitron-style width pruning, then CE + KL)."""
+    frozen teacher): `scratch` (random init, CE only; also the demo's teacher trainer), `kd` (CE + KL, from
+    LRC's start or at random) and `prune-kd` (Minitron-style width pruning, then CE + KL).
+
+    With `alignment` (the maps of the LRC clone the student was multiplied out of) and a clone weight, the
+    student's activations are also compared with the teacher's, term by term as LRC compares them; without
+    maps there are no clone terms."""
 
     def __init__(self, model: PreTrainedModel, teacher: PreTrainedModel | None = None,
-                 loss_weights: LossWeights | None = None, chunk_size: int = 0):
+                 loss_weights: LossWeights | None = None, chunk_size: int = 0,
+                 alignment: AlignmentMaps | None = None):
         super().__init__()
         self.model = model
         self.family = family_for(model.config)
         self.loss_weights = loss_weights or LossWeights(kl=0.0, clone=0.0)
+        self.alignment = alignment
+        # whether layers re-run in backward (`checkpoint_layers`, called before this): asked once, not per step
+        self.recomputes = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         if teacher is None:
             self.loss_weights.kl = 0.0
         else:
@@ -50,34 +62,76 @@ class Direct(Method):
             self.teacher.eval()
         return self
 
+    def _clone_terms(self) -> dict[str, float]:
+        return self.loss_weights.clone_terms() if self.alignment is not None and self.teacher is not None else {}
+
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
                 step_tokens: TokenCounts | None = None, step: Any = None) -> LossOutput:
         w = self.loss_weights
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
-        ce_den, kl_scale, _ = token_shares(step_tokens, labels, attention_mask, loss_mask)
-        kw = dict(position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
-        h = self.model.get_submodule(self.family.base)(input_ids=input_ids, **kw).last_hidden_state
+        ce_den, kl_scale, clone_scale = token_shares(step_tokens, labels, attention_mask, loss_mask)
+        kw = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        terms = tuple(self._clone_terms())
         t_hidden = t_head = None
-        if w.kl != 0.0 and self.teacher is not None:
+        t_acts: dict[tuple[int, str], torch.Tensor] = {}
+        if (w.kl != 0.0 or terms) and self.teacher is not None:
             t_fam = family_for(self.teacher.config)
-            with torch.no_grad():
-                t_hidden = self.teacher.get_submodule(t_fam.base)(input_ids=input_ids, **kw).last_hidden_state
+            kept = self.alignment.kept_layers.tolist() if self.alignment is not None and terms else []
+            t_hidden, t_acts = teacher_activations(self.teacher.get_submodule(t_fam.base), t_fam, kept, terms, **kw)
             t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1])
             t_head = gathered(cast(nn.Linear, self.teacher.get_submodule(t_fam.head)).weight)
+        errors: dict[tuple[int, str], torch.Tensor] = {}
+        self._drop_hooks()
+        handles = self._clone_hooks(terms, t_acts, errors, attention_mask)
+        try:
+            h = self.model.get_submodule(self.family.base)(use_cache=False, **kw).last_hidden_state
+        finally:
+            if self.recomputes and torch.is_grad_enabled():
+                # the layers re-run in backward must meet the same hooks (the same clone-loss ops)
+                self.__dict__["_live_hooks"] = handles
+            else:
+                for handle in handles:
+                    handle.remove()
         # gathered: a sharded teacher evaluated as a model (its held-out loss) keeps its head in shards
         head = gathered(cast(nn.Linear, self.model.get_submodule(self.family.head)).weight)
-        loss, ce, kl = kd_lm_loss(
-            h.reshape(-1, h.shape[-1]), head, t_hidden, t_head,
-            labels.reshape(-1), kl_positions(labels, attention_mask, loss_mask), ce_weight=w.ce, kl_weight=w.kl,
-            temperature=w.kl_temperature, chunk_size=self.chunk_size, ce_denominator=ce_den, kl_scale=kl_scale,
-        )
-        return LossOutput(loss=loss, terms={"ce": ce, "kl": kl})
+        return lrc_objective(h.reshape(-1, h.shape[-1]), head, t_hidden, t_head, errors, labels.reshape(-1),
+                             kl_positions(labels, attention_mask, loss_mask), w, ce_denominator=ce_den,
+                             kl_scale=kl_scale, clone_scale=clone_scale, chunk_size=self.chunk_size)
+
+    def _clone_hooks(self, terms, t_acts, errors, attention_mask) -> list:
+        if not terms:
+            return []
+        maps = cast(AlignmentMaps, self.alignment)
+        valid = attention_mask.bool() if attention_mask is not None else None
+        base = self.model.get_submodule(self.family.base)
+
+        def hook_for(i, term):
+            def hook(module, args, output):
+                # assigned, not accumulated: a checkpointed layer runs it again in backward
+                errors[(i, term)] = masked_mse(module_output(output), maps.target(i, term, t_acts[(i, term)]), valid)
+
+            return hook
+
+        return [module.register_forward_hook(hook_for(i, term))
+                for i in range(len(maps.layers))
+                for term, module in term_modules(base.get_submodule(f"{self.family.layers}.{i}"), self.family, terms)]
+
+    def _drop_hooks(self) -> None:
+        for handle in self.__dict__.pop("_live_hooks", []):
+            handle.remove()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.state_dict())
+        state = dict(self.model.state_dict())
+        if self.alignment is not None:  # not trained, but a resumed run needs the same targets
+            state.update(self.alignment.state_dict(prefix=ALIGNMENT))
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        maps = {k[len(ALIGNMENT):]: v for k, v in state.items() if k.startswith(ALIGNMENT)}
+        state = {k: v for k, v in state.items() if not k.startswith(ALIGNMENT)}
+        # a checkpoint without maps was written by a run without clone terms: it goes on without them
+        self.alignment = AlignmentMaps.from_state_dict(maps).to(self.model.device) if maps else None
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not self.config.tie_word_embeddings]
         if missing or unexpected:
@@ -85,6 +139,7 @@ class Direct(Method):
                             f"unexpected {unexpected[:3]})")
 
     def student_model(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        self._drop_hooks()  # the clone terms' hooks of the last training forward
         # transformers' @wraps-decorated PreTrainedModel.to is typed as if unbound (self expected first)
         model = self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)  # type: ignore[arg-type]
         return model.eval()
@@ -106,10 +161,12 @@ def starts_from_lrc(cfg: RunConfig) -> bool:
 
 def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
     weights = replace(cfg.loss)  # a copy: the baselines switch terms off
-    weights.clone = 0.0
+    if not starts_from_lrc(cfg):  # clone terms need the maps of LRC's start
+        weights.clone = 0.0
     if cfg.method == "scratch":
         weights.kl = 0.0
     info: dict = {}
+    alignment = None
     hidden_size = cast(int, cfg.student.hidden_size)  # set: run.prepare requires it before a method is built
     layers = kept_layers_of(cfg, teacher, calibration)
     if cfg.method == "prune-kd" and calibration is not None:
@@ -119,10 +176,12 @@ def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tu
         # LRC's teacher-aware start (pca, refit) multiplied out into ordinary weights, then trained freely
         clone, info = lrc_start(cfg, teacher, calibration)
         student = build_student_model(clone).train()
+        if weights.clone_terms():
+            alignment = AlignmentMaps.of_clone(clone)
         del clone
     else:
         student = random_student(teacher, hidden_size, cfg.seed, cfg.student.ffn_size, layers)
     if cfg.compute.grad_checkpointing:
         checkpoint_layers(student)
     return Direct(student, teacher=None if cfg.method == "scratch" else teacher, loss_weights=weights,
-                  chunk_size=cfg.compute.chunk_size), info
+                  chunk_size=cfg.compute.chunk_size, alignment=alignment), info

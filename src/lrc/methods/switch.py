@@ -1,5 +1,7 @@
 """LRC, then free weights, in one run (`--free-after F`): LRC trains for the first F of the run's steps, then
-its student is multiplied out and every weight trains freely by KD (KL + CE) on the same learning-rate schedule.
+its student is multiplied out and every weight trains freely on the same objective (CE, KL and the clone terms,
+compared through the projections the clone had at the switch: `lrc.model.alignment.AlignmentMaps`) and the same
+learning-rate schedule. Only the parametrisation changes.
 
 The switch is a change of method at one step: what follows is `kd` started from LRC's student at that step
 instead of LRC's initial one. A checkpoint written after it says so (`FREE` in its state), so a resumed run,
@@ -15,6 +17,7 @@ from lrc.config import RunConfig
 from lrc.methods.base import Method, kept_layers_of
 from lrc.methods.direct import Direct, checkpoint_layers
 from lrc.methods.lrc import LRC
+from lrc.model.alignment import AlignmentMaps
 from lrc.student.baselines import random_student
 
 FREE = "free_weights"  # checkpoint state.json: True once the run trains free weights
@@ -27,11 +30,11 @@ def switch_step(cfg: RunConfig, steps: int) -> int | None:
     return int(round(cfg.free_after * steps))
 
 
-def _direct(student, cfg: RunConfig, teacher) -> Direct:
-    weights = replace(cfg.loss, clone=0.0)  # kd's objective: no clone terms for free weights
+def _direct(student, cfg: RunConfig, teacher, alignment: AlignmentMaps | None) -> Direct:
     if cfg.compute.grad_checkpointing:
         checkpoint_layers(student)
-    return Direct(student, teacher=teacher, loss_weights=weights, chunk_size=cfg.compute.chunk_size)
+    return Direct(student, teacher=teacher, loss_weights=replace(cfg.loss), chunk_size=cfg.compute.chunk_size,
+                  alignment=alignment)
 
 
 def to_free_weights(method: Method, cfg: RunConfig, teacher) -> Direct:
@@ -40,12 +43,13 @@ def to_free_weights(method: Method, cfg: RunConfig, teacher) -> Direct:
     student = method.student_model().train()
     for p in student.parameters():
         p.requires_grad_(True)
-    return _direct(student, cfg, teacher)
+    alignment = AlignmentMaps.of_clone(method.clone) if cfg.loss.clone_terms() else None
+    return _direct(student, cfg, teacher, alignment)
 
 
 def free_method(cfg: RunConfig, teacher) -> Direct:
-    """The free student's shape, for a checkpoint written after the switch to load into."""
+    """The free student's shape, for a checkpoint written after the switch to load into (with its maps)."""
     layers = kept_layers_of(cfg, teacher, None)
     hidden = cast(int, cfg.student.hidden_size)  # set: run.prepare requires it before a method is built
     student = random_student(teacher, hidden, cfg.seed, cfg.student.ffn_size, layers)
-    return _direct(student, cfg, teacher)
+    return _direct(student, cfg, teacher, None)

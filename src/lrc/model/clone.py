@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lrc.distributed.fsdp import gathered
 from lrc.errors import UserError
+from lrc.model.alignment import module_output, teacher_activations, term_modules, to_student_space
 from lrc.model.costs import choose_projections, role_outs
 from lrc.model.families import INPUT_SIDE, ROLES, family_for
 from lrc.model.losses import CLONE_TERMS, masked_mse
@@ -335,32 +336,6 @@ class LowRankClone(nn.Module):
                     h.remove()
         return out.last_hidden_state
 
-    @torch.no_grad()
-    def _run_teacher(self, input_ids, position_ids, attention_mask, roles: set[str]):
-        acts: dict[tuple[int, str], torch.Tensor] = {}
-        handles = []
-        for i in range(self.num_layers):
-            for term, module in self._term_modules(self.t_layer(i), roles):
-                handles.append(module.register_forward_hook(_store(acts, (i, term))))
-        try:
-            out = self.t_base(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-            )
-        finally:
-            for h in handles:
-                h.remove()
-        return out.last_hidden_state, acts
-
-    def _term_modules(self, layer: nn.Module, terms):
-        fam = self.family
-        for term in terms:
-            if term == "attn_out":
-                yield term, layer.get_submodule(fam.attn)
-            elif term == "ffn_out":
-                yield term, layer.get_submodule(fam.mlp)
-            else:
-                yield term, layer.get_submodule(fam.linear_path(term))
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -379,7 +354,9 @@ class LowRankClone(nn.Module):
         """
         terms = tuple(terms)
         valid = attention_mask.bool() if attention_mask is not None else None
-        t_hidden, t_acts = self._run_teacher(input_ids, position_ids, attention_mask, set(terms))
+        t_hidden, t_acts = teacher_activations(self.t_base, self.family, self.kept_layers, terms,
+                                               input_ids=input_ids, position_ids=position_ids,
+                                               attention_mask=attention_mask)
         per_layer = self.generate_per_layer(step)
         if step is not None:
             weights = step.weights
@@ -393,7 +370,7 @@ class LowRankClone(nn.Module):
             handles = []
             for i in range(self.num_layers):
                 layer = shell_base.get_submodule(f"{self.family.layers}.{i}")
-                for term, module in self._term_modules(layer, terms):
+                for term, module in term_modules(layer, self.family, terms):
                     handles.append(module.register_forward_hook(self._clone_hook(errors, t_acts, i, term, valid)))
             return handles
 
@@ -423,16 +400,9 @@ class LowRankClone(nn.Module):
         proj = self.layers[i]
 
         def hook(module, args, output):
-            student = output[0] if isinstance(output, tuple) else output
-            teacher = t_acts[(i, term)]
-            if term == "attn_out":
-                teacher = for_product(teacher, proj.o) @ proj.o  # compare in student space through P_o
-            elif term == "ffn_out":
-                teacher = for_product(teacher, proj.down) @ proj.down
-            elif term in ("gate", "up") and proj.ffn is not None:
-                teacher = for_product(teacher, proj.ffn) @ proj.ffn  # into the student's intermediate space
+            teacher = to_student_space(term, t_acts[(i, term)], proj.o, proj.down, proj.ffn)
             # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
-            errors[(i, term)] = masked_mse(student, teacher, valid)
+            errors[(i, term)] = masked_mse(module_output(output), teacher, valid)
 
         return hook
 
@@ -482,10 +452,3 @@ def _checkpoint_layer(layer: nn.Module, generate: Callable[[], Callable[[], dict
         return checkpoint(run, tensors, *args, use_reentrant=False)
 
     layer.forward = forward
-
-
-def _store(acts, key):
-    def hook(module, args, output):
-        acts[key] = output[0] if isinstance(output, tuple) else output
-
-    return hook

@@ -22,7 +22,8 @@ from lrc.data.sources import split_weights
 from lrc.train.runs import heldout_by_step
 
 LICENCE_PATTERNS = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
-METHOD_NAMES = {"lrc": "Low-Rank Clone (arXiv 2505.12781)", "kd": "knowledge distillation into a random student",
+METHOD_NAMES = {"lrc": "Low-Rank Clone (arXiv 2505.12781)",
+                "kd": "knowledge distillation of an ordinary student (from LRC's start unless init is random)",
                 "scratch": "training from scratch", "prune-kd": "width pruning, then knowledge distillation"}
 
 
@@ -141,7 +142,7 @@ def card_text(f: CardFacts) -> str:
     rows = [
         ("teacher", f"{cfg.teacher} ({f.teacher_parameters:,} parameters)"),
         ("method", f"{cfg.method}: {METHOD_NAMES.get(cfg.method, cfg.method)}"
-                   + (f", init {cfg.student.init}" if cfg.method == "lrc" else "")),
+                   + (f", init {cfg.student.init}" if cfg.method in ("lrc", "kd") else "")),
         ("student", f"{f.shape}; {f.parameters:,} parameters ({f.parameters / f.teacher_parameters:.1%} of the "
                     "teacher)"),
         ("data", data + (_chat_note(cfg) if f.chat else "")),

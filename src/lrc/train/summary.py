@@ -44,7 +44,7 @@ def describe_init(method: str, init: str, info: dict) -> str:
     if "kept_channels" in info:
         said.append(f"kept the teacher's {_number(info.pop('kept_channels'))} most important hidden channels")
     said += [f"{k.replace('_', ' ')} {_number(v)}" for k, v in info.items()]
-    label = f"{init}: " if method == "lrc" else "pruned: " if method == "prune-kd" else ""
+    label = f"{init}: " if method in ("lrc", "kd") else "pruned: " if method == "prune-kd" else ""
     return label + "; ".join(said)
 
 
