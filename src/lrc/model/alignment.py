@@ -11,6 +11,7 @@ matrices frozen, as a clone had them when it was multiplied out, so that an ordi
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -78,6 +79,8 @@ def to_student_space(term: str, teacher: torch.Tensor, o: torch.Tensor, down: to
 
 
 class _LayerMaps(nn.Module):
+    o: torch.Tensor
+    down: torch.Tensor
     ffn: torch.Tensor | None
 
     def __init__(self, o: torch.Tensor, down: torch.Tensor, ffn: torch.Tensor | None):
@@ -119,5 +122,5 @@ class AlignmentMaps(nn.Module):
                    [state.get(f"layers.{i}.ffn") for i in range(n)])
 
     def target(self, i: int, term: str, teacher: torch.Tensor) -> torch.Tensor:
-        maps = self.layers[i]
+        maps = cast(_LayerMaps, self.layers[i])
         return to_student_space(term, teacher, maps.o, maps.down, maps.ffn)
