@@ -6,7 +6,8 @@ Two teachers of the demo's shape: `strong` (`lrc.train.teacher.STRONG`, trained 
 teacher's and several epochs of the training plays, so that no student reaches it within the budgets) and `demo`
 (`DEMO`, 500K tokens: undertrained, its students pass it). Every run is a separate `lrc distill` with its own
 budget (`--max-tokens`, cosine schedule to that budget, `--lr auto`, the defaults otherwise), evaluated at its
-end on the held-out plays; the teacher's loss is measured on the same windows. Results go to OUT/results.json
+end on the held-out plays; the teacher's loss is measured on the same windows. `--lr auto` is each method's own
+rule (LRC's projections: `auto_lr`; free weights: `auto_lr(free=True)`). Results go to OUT/results.json
 (runs added by seed: a rerun with other seeds adds to them), a PNG per teacher and a block of BENCHMARKS.md per
 teacher.
 
@@ -35,8 +36,8 @@ from lrc.train.trainer import distill
 
 METHODS = {
     "lrc": dict(method="lrc"),
-    "kd from LRC's start": dict(method="kd", init="refit", clone_weight=0.0),
-    "kd from LRC's start + clone terms": dict(method="kd", init="refit"),
+    "kd from LRC's start": dict(method="kd", init="refit"),
+    "kd from LRC's start + clone terms": dict(method="kd", init="refit", keep_clone_terms=True),
     "lrc, free weights after 50%": dict(method="lrc", free_after=0.5),
     "prune-kd": dict(method="prune-kd"),
     "scratch": dict(method="scratch"),
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--only", nargs="+", default=None, help="run only these methods")
     p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--redo", action="store_true", help="run cells again whose seed is already in results.json")
     p.add_argument("--out", default="bench-out/budget")
     p.add_argument("--markdown", default="BENCHMARKS.md")
     p.add_argument("--png", default=None, help="default: benchmarks/budget_curves[_TEACHER].png")
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
             for share in args.shares:
                 tokens = int(round(share * recipe.teacher_tokens))
                 for seed in args.seeds:
+                    done = results.get(str(width), {}).get(name, {}).get(str(tokens), [])
+                    if not args.redo and any(r["seed"] == seed for r in done):
+                        continue
                     print(f"[budget] {args.teacher} teacher, width {width}, {name}, {tokens:,} tokens, seed {seed}",
                           flush=True)
                     r = one_run(recipe, teacher, train, val, out / "run", cache, width, tokens, seed,

@@ -280,6 +280,7 @@ BAD_VALUES = [
     ("--lr", "0", "--lr must be > 0 (got 0.0)"),
     ("--lr", "nan", "--lr must be a finite number > 0 (got nan)"),
     ("--lr", "inf", "--lr must be a finite number > 0 (got inf)"),
+    ("--free-lr", "0", "--free-lr must be > 0 (got 0.0)"),
     ("--warmup-ratio", "-0.1", "--warmup-ratio must be in [0, 1] (got -0.1)"),
     ("--warmup-ratio", "1.5", "--warmup-ratio must be in [0, 1] (got 1.5)"),
     ("--min-lr-ratio", "2", "--min-lr-ratio must be in [0, 1] (got 2.0)"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import records, save_teacher, write_data
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import lrc.train.trainer
 from lrc.cli import main
 from lrc.methods.direct import ALIGNMENT
+from lrc.optim import lr_rule
 
 RUN = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
        "--eval-batches", "1", "--log-every", "1", "--eval-every", "0", "--max-steps", "8", "--save-every", "2",
@@ -53,14 +55,19 @@ def test_the_run_switches_once_at_its_share_of_the_steps(straight):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "switch"] == [4]
     train = [r for r in rows if r["split"] == "train"]
-    # the objective stays (clone terms through the clone's maps at the switch): only the parametrisation changes
-    assert len(train) > 4 and all(r["clone"] > 0 for r in train)
-    assert [r["lr"] for r in train] == sorted([r["lr"] for r in train], reverse=True)  # one cosine, not restarted
+    # kd's objective after the switch (clone terms only with --keep-clone-terms)
+    assert all(r["clone"] > 0 for r in train[:4]) and all(r.get("clone", 0) == 0 for r in train[4:])
+    # one cosine, not restarted, whose peak becomes the free weights' own at the switch (--free-lr auto: the
+    # free-weight rule, stored in config.yaml)
+    saved = yaml.safe_load((straight / "config.yaml").read_text())
+    assert saved["lr"] == 3e-3 and saved["free_lr"] == lr_rule.auto_lr(32, 64, 0, free=True) != saved["lr"]
+    factors = [r["lr"] / (saved["lr"] if r["step"] <= 4 else saved["free_lr"]) for r in train]
+    assert factors == sorted(factors, reverse=True) and factors[3] > factors[4]
     state = json.loads((sorted((straight / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
     assert state["free_weights"] is True
     last = _last(straight)
     assert any(k.endswith("q_proj.weight") for k in last)  # a free student's weights, not projections
-    assert any(k.startswith(ALIGNMENT) for k in last)  # and the maps of its clone terms
+    assert not any(k.startswith(ALIGNMENT) for k in last)  # no clone terms: no maps
 
 
 @pytest.mark.parametrize("stop_at", [3, 6])  # before and after the switch at step 4
@@ -93,3 +100,16 @@ def test_free_after_is_for_lrc_runs(inputs, tmp_path, capsys):
     assert _distill(inputs, tmp_path / "run", "--method", "kd") == 2
     assert "--free-after" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+
+@pytest.mark.parametrize("extra", [["--method", "lrc"], ["--method", "kd", "--init", "random"],
+                                   ["--method", "prune-kd"]])
+def test_keep_clone_terms_is_for_students_from_lrcs_start(inputs, tmp_path, capsys, extra):
+    teacher, data = inputs
+    out = tmp_path / "run"
+    no_switch = RUN[:RUN.index("--free-after")] + RUN[RUN.index("--free-after") + 2:]
+    assert main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *no_switch, *extra,
+                 "--keep-clone-terms"]) == 2
+    assert "--keep-clone-terms" in capsys.readouterr().err
+    assert not out.exists()

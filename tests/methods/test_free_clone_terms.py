@@ -1,5 +1,5 @@
-"""The clone terms for free-weight students (kd from LRC's start, LRC after --free-after): the same objective as
-LRC's, compared through the maps the clone had when it was multiplied out."""
+"""--keep-clone-terms: the clone terms for free-weight students (kd from LRC's start, LRC after --free-after), the
+same objective as LRC's, compared through the maps the clone had when it was multiplied out."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lrc.model.losses import CLONE_TERMS
 
 
 def _cfg(method, **kw):
-    return RunConfig(teacher="unused", hidden_size=40, method=method, **kw)
+    return RunConfig(teacher="unused", hidden_size=40, method=method, keep_clone_terms=True, **kw)
 
 
 def _calibration():
@@ -51,12 +51,14 @@ def test_kd_with_clone_terms_is_lrcs_objective_at_the_start(family, tied, ffn_si
     assert float(got.loss) == pytest.approx(float(want.loss), rel=2e-4)
 
 
-def test_kd_without_clone_weight_or_from_random_has_no_clone_terms():
+def test_kd_without_clone_weight_or_from_random_or_by_default_has_no_clone_terms():
     teacher = make_teacher("llama", False)
     ids, pos = packed_batch()
     off, _ = build_method(_cfg("kd", init="pca", clone_weight=0.0), teacher, calibration=_calibration())
     rand, _ = build_method(_cfg("kd", init="random"), teacher, calibration=None)
-    for method in (off, rand):
+    default, _ = build_method(RunConfig(teacher="unused", hidden_size=40, method="kd"), teacher,
+                              calibration=_calibration())
+    for method in (off, rand, default):
         assert isinstance(method, Direct) and method.alignment is None
         assert "clone" not in method(ids, position_ids=pos).terms
         assert not any(k.startswith(ALIGNMENT) for k in method.trainable_state_dict())

@@ -41,10 +41,8 @@ def test_baselines_train_only_the_student_and_leave_the_teacher(method):
         assert out.terms["kl"] == 0 and out.loss.item() == pytest.approx(out.terms["ce"].item())
     else:
         assert out.terms["kl"] > 0
-        # kd starts from LRC's start and keeps its clone terms (alpha 0.2); prune-kd has none
-        assert ("clone" in out.terms) == (method == "kd")
-        clone = 0.2 * out.terms["clone"].item() if method == "kd" else 0.0
-        assert out.loss.item() == pytest.approx(out.terms["ce"].item() + out.terms["kl"].item() + clone, rel=1e-5)
+        assert "clone" not in out.terms  # clone terms only with --keep-clone-terms
+        assert out.loss.item() == pytest.approx(out.terms["ce"].item() + out.terms["kl"].item(), rel=1e-5)
 
 
 def test_prune_kd_starts_from_the_selected_channels():

@@ -49,6 +49,17 @@ def test_rule_lands_within_2x_of_the_papers_peaks(d_t, d_s, paper):
     assert paper / 2 <= lr_rule.auto_lr(d_s, d_t, 2048 * 256) <= 2 * paper
 
 
+def test_free_weights_take_their_own_rule():
+    # An ordinary student's matrices take d_S inputs: 1 / d_S, whatever the teacher; at a quarter of the
+    # benchmark teacher's width it is ~8x LRC's projection rule (measured: LRC's rule there costs kd 2.5 points)
+    free = lr_rule.auto_lr(64, 256, lr_rule.REF_TOKENS, free=True)
+    assert free == pytest.approx(lr_rule.FREE_LR_AT_REF, rel=1e-3)
+    assert lr_rule.auto_lr(128, 4096, lr_rule.REF_TOKENS, free=True) == pytest.approx(free / 2, rel=1e-2)
+    assert free > 5 * lr_rule.auto_lr(64, 256, lr_rule.REF_TOKENS)
+    # Minitron's KD of a width-pruned 4B (hidden 3072) used 1e-4
+    assert 1e-4 / 2 <= lr_rule.auto_lr(3072, 4096, 2048 * 256, free=True) <= 2 * 1e-4
+
+
 def _saved_lr(run_dir: Path):
     return yaml.safe_load((run_dir / "config.yaml").read_text())["lr"]
 

@@ -170,11 +170,35 @@ def test_an_8b_plan_runs_in_seconds_from_the_config_alone(tmp_path, capsys):
     assert sum(p["bytes"] for p in plan["memory"]) == plan["peak_bytes"]
 
 
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+def test_a_free_weight_plan_counts_the_ordinary_student(family, tied):
+    # kd trains the exported student itself: its parameters, 6 FLOPs per weight of its matrices per token
+    # (the embedding is a lookup; norms and biases are not products), no generated weights and (fp32) no bf16 copies
+    teacher = make_teacher(family, tied)
+    kd = plan_from_config(teacher.config, cfg_for(method="kd"), teacher_dtype="float32", heap_slack=False)
+    lrc = plan_from_config(teacher.config, cfg_for(), teacher_dtype="float32", heap_slack=False)
+    student = build_student_model(LowRankClone(teacher, 32))
+    params = sum(p.numel() for p in student.parameters())
+    norms = sum(p.numel() for n, p in student.named_parameters() if n.endswith("norm.weight") or "bias" in n)
+    embed = student.get_input_embeddings().weight.numel()
+    matrices = params - norms - (0 if tied else embed)  # tied: the one matrix is the head too
+    assert kd.trainable_params == kd.student_params == params
+    assert kd.flops["student matrices (free weights)"] + kd.flops["student head"] == pytest.approx(6 * matrices)
+    assert kd.flops["teacher forward"] == lrc.flops["teacher forward"]  # the KL's teacher is the same
+    parts = _gib_parts(kd)
+    assert parts["trainables (fp32)"] * GiB == params * 12  # params + AdamW moments at the loss
+    assert parts["student weights in bf16"] == 0 and "generated student weights" not in parts
+    scratch = plan_from_config(teacher.config, cfg_for(method="scratch"), teacher_dtype="float32")
+    assert scratch.flops["teacher forward"] == 0  # no KL, no clone terms: the teacher never runs
+    assert kd.flops_per_token < lrc.flops_per_token
+
+
 def test_plan_errors_are_one_line(tmp_path, capsys):
     teacher = _llama_8b(tmp_path / "llama-8b")
     assert main(["plan", "--hidden-size", "64"]) == 2
     assert main(["plan", "--teacher", str(teacher), "--hidden-size", "8192"]) == 2
-    assert main(["plan", "--teacher", str(teacher), "--hidden-size", "64", "--method", "kd"]) == 2
+    assert main(["plan", "--teacher", str(teacher), "--hidden-size", "64", "--method", "kd", "--parallel", "fsdp",
+                 "--nproc", "8"]) == 2
     assert main(["plan", "--teacher", str(teacher), "--hidden-size", "64", "--nproc", "0"]) == 2
     assert main(["plan", "--teacher", str(tmp_path / "missing"), "--hidden-size", "64"]) == 2
     err = capsys.readouterr().err

@@ -156,6 +156,12 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, info: DistInfo) 
     return norm
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, finished: bool = True) -> None:
+    """Tear the process group down. After a run that finished, every process first waits for the others at a
+    barrier: a process that destroys its gloo group while a peer is still sending to it can abort that peer
+    at exit ("terminate called without an active exception"), failing a run that had completed. After an
+    error there is no barrier (the others may never reach it)."""
     if info.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """The free-weight methods: an ordinary Hugging Face student trained weight by weight (`scratch`, `kd`,
-`prune-kd`), by CE, KL to the teacher and, for a student that starts from LRC's, the activation-clone terms
-through the maps LRC's start defines (`lrc.model.alignment.AlignmentMaps`)."""
+`prune-kd`), by CE, KL to the teacher and, for a student that starts from LRC's with `--keep-clone-terms`, the
+activation-clone terms through the maps LRC's start defines (`lrc.model.alignment.AlignmentMaps`)."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def starts_from_lrc(cfg: RunConfig) -> bool:
 
 def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
     weights = replace(cfg.loss)  # a copy: the baselines switch terms off
-    if not starts_from_lrc(cfg):  # clone terms need the maps of LRC's start
+    if not (starts_from_lrc(cfg) and cfg.keep_clone_terms):  # clone terms need the maps of LRC's start
         weights.clone = 0.0
     if cfg.method == "scratch":
         weights.kl = 0.0

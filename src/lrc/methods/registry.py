@@ -22,6 +22,8 @@ class MethodSpec:
     """Whether a new run of this method reads calibration batches (pca init, pruning)."""
     shards_teacher: bool = False
     """Runs with the teacher sharded over processes (`--parallel fsdp`)."""
+    free_weights: bool = True
+    """Trains an ordinary student's weights directly (`--lr auto` takes the free-weight rule, lrc.optim.lr_rule)."""
 
 
 def _choose_layers(cfg: RunConfig) -> bool:
@@ -29,7 +31,7 @@ def _choose_layers(cfg: RunConfig) -> bool:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "lrc": MethodSpec(build_lrc, shards_teacher=True,
+    "lrc": MethodSpec(build_lrc, shards_teacher=True, free_weights=False,
                       needs_calibration=lambda cfg: cfg.student.init in ("pca", "refit") or _choose_layers(cfg)),
     "kd": MethodSpec(build_direct, needs_calibration=lambda cfg: starts_from_lrc(cfg) or _choose_layers(cfg)),
     "scratch": MethodSpec(build_direct, needs_calibration=_choose_layers),

@@ -1,7 +1,7 @@
 """LRC, then free weights, in one run (`--free-after F`): LRC trains for the first F of the run's steps, then
-its student is multiplied out and every weight trains freely on the same objective (CE, KL and the clone terms,
-compared through the projections the clone had at the switch: `lrc.model.alignment.AlignmentMaps`) and the same
-learning-rate schedule. Only the parametrisation changes.
+its student is multiplied out and every weight trains freely by KD (CE + KL; with `--keep-clone-terms` also the
+clone terms, compared through the projections the clone had at the switch: `lrc.model.alignment.AlignmentMaps`)
+on the same learning-rate schedule, from the free weights' own peak (`--free-lr`).
 
 The switch is a change of method at one step: what follows is `kd` started from LRC's student at that step
 instead of LRC's initial one. A checkpoint written after it says so (`FREE` in its state), so a resumed run,
@@ -33,7 +33,8 @@ def switch_step(cfg: RunConfig, steps: int) -> int | None:
 def _direct(student, cfg: RunConfig, teacher, alignment: AlignmentMaps | None) -> Direct:
     if cfg.compute.grad_checkpointing:
         checkpoint_layers(student)
-    return Direct(student, teacher=teacher, loss_weights=replace(cfg.loss), chunk_size=cfg.compute.chunk_size,
+    weights = replace(cfg.loss, clone=cfg.loss.clone if cfg.keep_clone_terms else 0.0)
+    return Direct(student, teacher=teacher, loss_weights=weights, chunk_size=cfg.compute.chunk_size,
                   alignment=alignment)
 
 
@@ -43,7 +44,7 @@ def to_free_weights(method: Method, cfg: RunConfig, teacher) -> Direct:
     student = method.student_model().train()
     for p in student.parameters():
         p.requires_grad_(True)
-    alignment = AlignmentMaps.of_clone(method.clone) if cfg.loss.clone_terms() else None
+    alignment = AlignmentMaps.of_clone(method.clone) if cfg.keep_clone_terms and cfg.loss.clone_terms() else None
     return _direct(student, cfg, teacher, alignment)
 
 

@@ -24,6 +24,20 @@ The rule is a pure function of the config, so it is deterministic and costs noth
 written into the run's config.yaml as the run's `lr`, so `--resume`, `export` and `eval` read the number,
 never the rule. An explicit `--lr` wins. A learning rate that is still too high is caught by the trainer's
 `--stop-on-rise` within the first steps.
+
+Free weights (`kd`, `prune-kd`, `scratch`, and LRC's student after `--free-after`) follow their own rule:
+
+    lr = FREE_LR_AT_REF * FREE_REF_WIDTH / d_S
+
+Why 1 / d_S: an ordinary student's hidden matrices take d_S inputs (muP for Adam: the step that changes the
+function by a fixed amount scales as 1 / fan-in); the teacher's width no longer enters (nothing is multiplied
+by a teacher matrix). Fitted on the benchmark teacher (`lrc.train.teacher.STRONG`, d_T 256) at 10% of its
+tokens, kd from LRC's start: at d_S 64 the held-out loss falls from +5.8% of the teacher's at LRC's rule
+(3.8e-4) to +3.2% at 1.6e-3 and +2.3% at 3.2e-3, then rises (+2.8% at 6.4e-3); at d_S 128 it is flat from
+5e-4 to 2e-3 (+0.41%, +0.37%, +0.39%). At real sizes it gives 1.0e-4 at d_S 2048 and 6.7e-5 at 3072 (the
+Minitron recipe, a width-pruned 8B -> 4B with hidden 3072 distilled by KD, used 1e-4). LRC's projection rule
+would give a free student 4-10x too small a step at a quarter of the teacher's width (BENCHMARKS.md, "Learning
+rate of free weights").
 """
 
 from __future__ import annotations
@@ -36,6 +50,9 @@ WIDTH_EXPONENT = 1.4  # of the student's share of the teacher's width, below hal
 REF_TOKENS = 1024  # the sweep's tokens per optimizer step (batch 8 x 128)
 BATCH_EXPONENT = 0.0
 
+FREE_LR_AT_REF = 3.2e-3  # a free student FREE_REF_WIDTH wide
+FREE_REF_WIDTH = 64
+
 
 def parse_lr(value) -> float | str:
     """`auto` or a number (argparse type and YAML coercion of --lr); ValueError otherwise."""
@@ -46,11 +63,14 @@ def parse_lr(value) -> float | str:
     return float(value)
 
 
-def auto_lr(hidden_size: int, teacher_hidden_size: int, tokens_per_step: int) -> float:
+def auto_lr(hidden_size: int, teacher_hidden_size: int, tokens_per_step: int, free: bool = False) -> float:
     """The peak learning rate `--lr auto` gives a student of width `hidden_size` cloned from a teacher of width
-    `teacher_hidden_size`, trained on `tokens_per_step` tokens per optimizer step (all processes and
-    micro-batches)."""
-    share = min(1.0, 2 * hidden_size / teacher_hidden_size)
-    lr = LR_AT_REF * (REF_WIDTH / teacher_hidden_size) * share ** WIDTH_EXPONENT
+    `teacher_hidden_size` (`free`: a student whose weights train directly), trained on `tokens_per_step`
+    tokens per optimizer step (all processes and micro-batches)."""
+    if free:
+        lr = FREE_LR_AT_REF * FREE_REF_WIDTH / hidden_size
+    else:
+        share = min(1.0, 2 * hidden_size / teacher_hidden_size)
+        lr = LR_AT_REF * (REF_WIDTH / teacher_hidden_size) * share ** WIDTH_EXPONENT
     lr *= (tokens_per_step / REF_TOKENS) ** BATCH_EXPONENT
     return float(f"{lr:.3g}")  # three digits: what the log line and config.yaml show is what runs

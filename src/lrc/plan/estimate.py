@@ -18,11 +18,12 @@ import torch
 from lrc.config import RunConfig, validate
 from lrc.distributed.processes import device_kind
 from lrc.errors import UserError
+from lrc.methods.registry import METHODS
 from lrc.model.families import family_for
 from lrc.model.losses import auto_chunk_size
 from lrc.model.precision import resolve_precision
 from lrc.model.teacher import load_teacher_config
-from lrc.plan.flops import DEFAULT_MFU, flops_per_token
+from lrc.plan.flops import DEFAULT_MFU, flops_per_token, free_flops_per_token
 from lrc.plan.memory import DTYPE_BYTES, GiB, Part, activation_bytes, memory_phases, total_bytes
 from lrc.plan.shape import (
     Shape,
@@ -34,13 +35,11 @@ from lrc.plan.shape import (
 )
 from lrc.student.shape import check_shape, describe, kept_layers, resolve_target, student_layers
 
-# The baselines train an ordinary model; their memory is not modelled (yet).
-MODELLED_METHODS = ("lrc",)
-
 
 @dataclass
 class Plan:
     teacher: str
+    method: str
     family: str
     shape: Shape
     teacher_params: int
@@ -111,8 +110,6 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     resolved from cfg.compute.device as distill does); teacher_dtype: the storage dtype when already known;
     heap_slack: count glibc's heap slack (default: on CPU under glibc unless MALLOC_MMAP_THRESHOLD_ is set)."""
     validate(cfg)
-    if cfg.method not in MODELLED_METHODS:
-        raise UserError(f"lrc plan models --method {', '.join(MODELLED_METHODS)} only (got {cfg.method})")
     cfg, _ = resolve_target(cfg, teacher_config)
     if cfg.student.hidden_size is None:
         raise UserError("--hidden-size is required: the student's hidden size, a positive integer at most the "
@@ -137,16 +134,21 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     shape = shape_of(teacher_config, cfg.student.hidden_size, tied, cfg.student.ffn_size, n_layers)
     sharded = cfg.compute.parallel == "fsdp" and nproc > 1
     tokens = cfg.train.batch_size * cfg.data.seq_len
+    free = METHODS[cfg.method].free_weights
+    if free and sharded:
+        raise UserError(f"--parallel fsdp shards the teacher for --method lrc only; use --parallel ddp for "
+                        f"{cfg.method}")
     # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
     reuse = 1 if cfg.compute.grad_checkpointing and not sharded else cfg.train.grad_accum
-    roles = choose_roles(shape, tokens, reuse, sharded)
+    roles = {r: "generated" for r in shape.role_outs} if free else choose_roles(shape, tokens, reuse, sharded)
     weights = cfg.loss
-    terms = set(weights.clone_terms())
-    kl = weights.kl != 0.0
+    # the terms the method computes (`lrc.methods.direct.build_direct`: clone terms only when kept, no KL for scratch)
+    terms = set(weights.clone_terms()) if not free or (cfg.keep_clone_terms and cfg.method == "kd") else set()
+    kl = weights.kl != 0.0 and cfg.method != "scratch"
     chunk = cfg.compute.chunk_size
     if chunk <= 0:
         chunk = auto_chunk_size(shape.vocab)
-    n_train = trainable_params(shape)
+    n_train = student_count if free else trainable_params(shape)
 
     def phases_with(grad_checkpointing: bool, shard_trainables: bool = True) -> dict[str, list[Part]]:
         return memory_phases(
@@ -155,7 +157,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                              grad_accum=cfg.train.grad_accum,
             chunk=chunk, kl=kl, terms=terms, grad_checkpointing=grad_checkpointing, nproc=nproc, sharded=sharded,
             device=device, evaluates=cfg.data.val_fraction > 0 or bool(cfg.data.val_files), heap_slack=heap_slack,
-            shard_trainables=shard_trainables)
+            shard_trainables=shard_trainables, free=free)
 
     phases = phases_with(cfg.compute.grad_checkpointing)
     totals = {k: total_bytes(v) for k, v in phases.items()}
@@ -170,8 +172,12 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                                                    True).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
-    flops = flops_per_token(shape, roles, tokens, reuse, cfg.data.seq_len, kl=kl, projected_terms=projected,
-                            gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
+    if free:
+        flops = free_flops_per_token(shape, cfg.data.seq_len, teacher_runs=kl or bool(terms), kl=kl,
+                                     projected_terms=projected)
+    else:
+        flops = flops_per_token(shape, roles, tokens, reuse, cfg.data.seq_len, kl=kl, projected_terms=projected,
+                                gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
     per_step = tokens * cfg.train.grad_accum * nproc
@@ -186,10 +192,13 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         notes.append(f"fsdp: the layer projections, their gradients and AdamW state are sharded too (peak "
                      f"{whole / GiB:.2f} GiB per process if they were not); each process reads only its own "
                      "shards of the teacher from its safetensors files (host memory: about one teacher per node)")
+    if free:
+        notes.append(f"--method {cfg.method} trains an ordinary student: its memory follows the same model as lrc's, "
+                     "calibrated on lrc runs only")
     if precision == "fp32" and DTYPE_BYTES[dtype] < 4:
         notes.append(f"{dtype} teacher under fp32: each teacher matrix is cast to fp32 only while it is used")
     return Plan(
-        teacher=str(cfg.teacher), family=family_for(teacher_config).model_type, shape=shape,
+        teacher=str(cfg.teacher), method=cfg.method, family=family_for(teacher_config).model_type, shape=shape,
         teacher_params=teacher_count, student_params=student_count, trainable_params=n_train,
         student_shape=describe(cfg, teacher_config),
         teacher_dtype=dtype, precision=precision, device=device, nproc=nproc, parallel=cfg.compute.parallel,

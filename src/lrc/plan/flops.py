@@ -40,3 +40,24 @@ def flops_per_token(shape: Shape, roles: dict[str, str], tokens: int, reuse: int
         "attention scores (teacher fwd + student fwd/bwd)": attn * (s.teacher_layers + 3 * s.layers),
     }
     return {k: v / n for k, v in out.items()}
+
+
+def free_flops_per_token(shape: Shape, seq_len: int, teacher_runs: bool, kl: bool,
+                         projected_terms: int = 0) -> dict[str, float]:
+    """Training FLOPs per token of an ordinary student trained weight by weight (kd, prune-kd, scratch): its
+    matrices forward and backward (6 per weight), the teacher's forward when KL or clone terms need it, and the
+    clone targets' maps (forward only: the maps are frozen)."""
+    s = shape
+    outs = s.role_outs
+    layer = sum((s.student_ffn if r in ("gate", "up", "down") else outs[r]) for r in ROLES)
+    ctx = (seq_len + 1) / 2
+    attn = 4.0 * ctx * s.heads * s.head_dim
+    teacher = 2.0 * s.d_t * (s.teacher_layers * sum(outs[r] for r in ROLES) + (s.vocab if kl else 0))
+    return {
+        "teacher forward": teacher if teacher_runs else 0.0,
+        "student matrices (free weights)": 6.0 * s.layers * s.d_s * layer,
+        "student head": 6.0 * s.vocab * s.d_s,
+        "clone targets through the frozen maps": s.layers * projected_terms * 2.0 * s.d_t * s.d_s,
+        "attention scores (teacher fwd + student fwd/bwd)": attn * ((s.teacher_layers if teacher_runs else 0)
+                                                                    + 3 * s.layers),
+    }

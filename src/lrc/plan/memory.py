@@ -152,9 +152,12 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                   roles: dict[str, str], precision: str, batch: int, seq_len: int, grad_accum: int,
                   chunk: int, kl: bool, terms: set[str], grad_checkpointing: bool, nproc: int, sharded: bool,
                   device: str, evaluates: bool = True, heap_slack: bool | None = None,
-                  shard_trainables: bool = True) -> dict[str, list[Part]]:
+                  shard_trainables: bool = True, free: bool = False) -> dict[str, list[Part]]:
     """The parts alive in each phase of a run (see the module docstring), per process.
 
+    free: an ordinary student trained weight by weight (kd, prune-kd, scratch): `trainable` is its parameter
+    count, nothing is generated (under bf16 autocast its weights are cast once per forward and the copies saved
+    for the backward), its layers' activations are those of a generated student, and it is never sharded.
     shard_trainables (under fsdp): the layer projections, their gradients and moments are sharded too (1/nproc
     each, `lrc.distributed.fsdp.shard_projections`), gathered whole for the step and their gradients reduce-scattered
     at its end; False: the projections whole on every process (fsdp before they were sharded)."""
@@ -170,7 +173,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     teacher = Part("teacher weights", teacher_held,
                    f"{human_count(teacher_params)} x {tb} B" + (f", 1/{nproc} per process (fsdp)" if sharded else ""))
 
-    split = sharded and shard_trainables
+    split = sharded and shard_trainables and not free
     layer_part = s.layers * (len(ROLES) * s.d_t * s.d_s + 2 * s.d_s) if split else 0  # the sharded unit
     held_train = math.ceil(layer_part / nproc) + trainable - layer_part
 
@@ -227,6 +230,12 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     gen = Part("generated student weights", (live_el + head_el) * per_el,
                f"{human_count(live_el + head_el)} elements, {gen_note}"
                + ("" if head_generated else "; head factored"))
+    if free:
+        reused, head_generated, head_el = False, True, 0
+        gen_el = live_el = trainable
+        per_el = 0 if fp32 else 2
+        gen = Part("student weights in bf16", trainable * per_el, "autocast's copies, saved for the backward")
+        gb = per_el  # evaluation casts them alike
 
     acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing)
     act_part = Part("activations", acts["student"] + acts["teacher"],

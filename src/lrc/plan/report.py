@@ -6,7 +6,7 @@ import json
 
 from lrc.config import RunConfig
 from lrc.log import human_count, human_duration
-from lrc.plan.estimate import MODELLED_METHODS, Plan, plan_from_config
+from lrc.plan.estimate import Plan, plan_from_config
 from lrc.plan.memory import GiB, MiB
 
 
@@ -25,8 +25,9 @@ def format_plan(plan: Plan) -> str:
         f"({plan.student_share:.1%} of the teacher); {plan.trainable_params:,} trainable while distilling",
         f"run: {plan.nproc} process(es) x {plan.device}, {plan.parallel}"
         f"{' (teacher sharded)' if plan.sharded else ''}, precision {plan.precision}, micro-batch "
-        f"{plan.batch_size} x {plan.seq_len} tokens, grad accumulation {plan.grad_accum}; factored: "
-        f"{', '.join(factored) if factored else 'none'}",
+        f"{plan.batch_size} x {plan.seq_len} tokens, grad accumulation {plan.grad_accum}; "
+        + (f"factored: {', '.join(factored) if factored else 'none'}" if plan.method == "lrc" else
+           f"--method {plan.method}: free weights"),
         "",
         f"memory per process, at its peak ({plan.peak_phase}):",
     ]
@@ -60,10 +61,7 @@ def plan_json(plan: Plan) -> str:
 
 
 def startup_summary(teacher_config, cfg: RunConfig, nproc: int, device: str, teacher_dtype: str) -> str:
-    """The plan line `lrc distill` prints at start-up ("" for a method the plan does not model; never raises:
-    a forecast must not stop a run)."""
-    if cfg.method not in MODELLED_METHODS:
-        return ""
+    """The plan line `lrc distill` prints at start-up (never raises: a forecast must not stop a run)."""
     try:
         p = plan_from_config(teacher_config, cfg, nproc=nproc, device=device, teacher_dtype=teacher_dtype)
     except Exception as e:  # noqa: BLE001

@@ -24,9 +24,10 @@ import torch
 
 from lrc.config import RunConfig
 from lrc.errors import UserError
+from lrc.methods.registry import METHODS
 from lrc.optim.lr_rule import AUTO, auto_lr
 from lrc.optim.schedule import total_steps
-from lrc.plan.estimate import MODELLED_METHODS, plan_from_config
+from lrc.plan.estimate import plan_from_config
 
 GiB = 1 << 30
 # Peak dense bf16 TFLOP/s and memory of the GPUs users name with --gpu (vendors' datasheets, SXM parts).
@@ -264,7 +265,8 @@ def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None
     """The learning rate `--lr auto` picks (or the one given), optimizer steps, and wall time at plan.mfu."""
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * plan.nproc * cfg.data.seq_len
     auto = cfg.optim.lr == AUTO
-    lr = auto_lr(int(cfg.student.hidden_size or 0), d_t, tokens_per_step) if auto else float(cfg.optim.lr)
+    free = METHODS[cfg.method].free_weights
+    lr = auto_lr(int(cfg.student.hidden_size or 0), d_t, tokens_per_step, free=free) if auto else float(cfg.optim.lr)
     steps = None
     if cfg.train.max_steps is not None or cfg.train.max_tokens is not None:
         steps = total_steps(cfg, plan.nproc)
@@ -341,9 +343,7 @@ def device_memory(device_type: str, local_processes: int) -> tuple[int, str]:
 def check_before_load(teacher_config, cfg: RunConfig, nproc: int, device_type: str,
                       local_processes: int) -> str | None:
     """The warning `lrc distill` prints before loading any weights when the forecast does not fit the device
-    (None when it fits, or when the plan does not model the run)."""
-    if cfg.method not in MODELLED_METHODS:
-        return None
+    (None when it fits)."""
     try:
         plan = plan_from_config(teacher_config, cfg, nproc=nproc, device=device_type)
         memory, source = device_memory(device_type, local_processes)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from lrc import log
-from lrc.config import RESUMABLE_CHANGES, RunConfig, load_run_config, validate
+from lrc.config import LR_OPTIONS, RESUMABLE_CHANGES, RunConfig, load_run_config, validate
 from lrc.data import PackedDataset, build_packed_dataset, build_training_data, resolve_data_files, split_holdout
 from lrc.data.sampler import Mixture
 from lrc.data.sources import split_weights
@@ -80,8 +80,8 @@ def resolve_config(cfg: RunConfig, explicit: set[str], resume: bool) -> tuple[Ru
             raise UserError(f"--resume: {run_dir} holds no run to continue (no config.yaml) and is not empty; "
                             "choose another --out")
         saved = load_run_config(run_dir)
-        if cfg.optim.lr == AUTO:  # resumes with the rate it chose when the run started (config.yaml stores the number)
-            explicit = explicit - {"lr"}
+        # resumes with the rates it chose when the run started (config.yaml stores the numbers)
+        explicit = explicit - {k for k in LR_OPTIONS if cfg.get(k) == AUTO}
         clashes = [k for k in sorted(explicit) if k not in RESUMABLE_CHANGES
                    and cfg.get(k) != saved.get(k)]
         if clashes:
@@ -164,6 +164,9 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
                         f"drop it for --method {cfg.method}" if cfg.method != "lrc" else
                         "--free-after is not supported with --parallel fsdp yet (the free student is not sharded); "
                         "use --parallel ddp")
+    if cfg.keep_clone_terms and not (cfg.method == "kd" and cfg.student.init != "random") and cfg.free_after is None:
+        raise UserError("--keep-clone-terms is for free-weight students that come from LRC's start: --method kd "
+                        "(with --init pca or refit) or --free-after; drop it")
     if cfg.compute.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
         sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
         raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "

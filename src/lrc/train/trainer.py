@@ -244,19 +244,22 @@ def _optimizer(cfg: RunConfig, params: list, steps: int, device: torch.device
 
 
 def _switch_to_free_weights(s: Session) -> None:
-    """--free-after: from this step on, LRC's student multiplied out trains as kd, with a fresh AdamW and the
-    schedule carried on where it is (every rank converts the same weights: nothing to broadcast)."""
+    """--free-after: from this step on, LRC's student multiplied out trains as kd, with a fresh AdamW at the free
+    weights' own peak (--free-lr) and the schedule's shape carried on where it is (every rank converts the same
+    weights: nothing to broadcast)."""
     s.method = to_free_weights(s.method, s.cfg, s.teacher).to(s.device)
-    lr = s.optimizer.param_groups[0]["lr"]
+    factor = s.optimizer.param_groups[0]["lr"] / float(s.cfg.optim.lr)
     state = s.scheduler.state_dict()
-    s.optimizer, s.scheduler = _optimizer(s.cfg, s.method.trainable_parameters(), s.steps, s.device)
+    free_cfg = s.cfg.replace(lr=s.cfg.optim.free_lr)
+    s.optimizer, s.scheduler = _optimizer(free_cfg, s.method.trainable_parameters(), s.steps, s.device)
     s.scheduler.load_state_dict(state)  # the step count, so the schedule goes on from this step
+    s.scheduler.base_lrs = [float(s.cfg.optim.free_lr)] * len(s.optimizer.param_groups)  # from the free peak
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = factor * float(s.cfg.optim.free_lr)
     s.free = True
     s.log.write({"split": "switch", "step": s.step, "to": "free weights (kd)"})
     log.info(f"step {s.step}: --free-after {s.cfg.free_after}: LRC's student multiplied out; every weight trains "
-             "freely (kd) from here, on the same schedule")
+             f"freely (kd) from here, at peak {float(s.cfg.optim.free_lr):.3g} on the same schedule")
 
 
 def _warn_if_it_does_not_fit(cfg: RunConfig, info: DistInfo) -> None:
@@ -282,11 +285,15 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     lr_how = "--lr auto" if cfg.optim.lr == AUTO else "--lr"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * info.world_size * cfg.data.seq_len
     lr_note = "as given" if prep.resume_from is None else "the run's"
+    d_t, d_s = prep.teacher.config.hidden_size, cast(int, cfg.student.hidden_size)
     if cfg.optim.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
-        d_t = prep.teacher.config.hidden_size
-        cfg = prep.cfg = cfg.replace(lr=auto_lr(cast(int, cfg.student.hidden_size), d_t, tokens_per_step))
-        lr_note = (f"chosen by --lr auto from hidden size {cfg.student.hidden_size} of the teacher's {d_t} and "
-                   f"{tokens_per_step:,} tokens per step (lrc.optim.lr_rule), stored in config.yaml")
+        free = METHODS[cfg.method].free_weights
+        cfg = prep.cfg = cfg.replace(lr=auto_lr(d_s, d_t, tokens_per_step, free=free))
+        lr_note = (f"chosen by --lr auto from hidden size {d_s}" + ("" if free else f" of the teacher's {d_t}")
+                   + f" and {tokens_per_step:,} tokens per step (lrc.optim.lr_rule"
+                   + (", free weights" if free else "") + "), stored in config.yaml")
+    if cfg.free_after is not None and cfg.optim.free_lr == AUTO:
+        cfg = prep.cfg = cfg.replace(free_lr=auto_lr(d_s, d_t, tokens_per_step, free=True))
     _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
     free = prep.resume_from is not None and bool(ckpt.read_state(prep.resume_from).get(FREE))
@@ -303,7 +310,8 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
         if note:
             log.info(note)
     params = method.trainable_parameters()
-    optimizer, sched = _optimizer(cfg, params, steps, device)
+    # after the switch the peak is the free weights' (the checkpoint's optimizer and schedule state say so too)
+    optimizer, sched = _optimizer(cfg.replace(lr=cfg.optim.free_lr) if free else cfg, params, steps, device)
     batches = make_batches(prep.train, cfg.seed, info.rank, info.world_size)
     step, tokens, elapsed, first_loss = _restore(prep, resume, info, method, optimizer, sched, batches)
     # Write into RUN_DIR only now: every input, the checkpoint included, has been read and checked (a bad
@@ -572,8 +580,11 @@ def distill(cfg: RunConfig, explicit: set[str] | None = None, resume: bool = Fal
     RUN_DIR/commands.txt for the model card."""
     info = init_distributed(cfg.compute.device)
     log.configure(info.rank)
+    finished = False
     try:
-        return fit(setup(cfg, explicit or set(), resume, info, command))
+        run_dir = fit(setup(cfg, explicit or set(), resume, info, command))
+        finished = True
+        return run_dir
     finally:
         release_run_dirs()
-        cleanup(info)
+        cleanup(info, finished)
