@@ -60,7 +60,8 @@ def test_the_run_switches_once_at_its_share_of_the_steps(straight):
     # one cosine, not restarted, whose peak becomes the free weights' own at the switch (--free-lr auto: the
     # free-weight rule, stored in config.yaml)
     saved = yaml.safe_load((straight / "config.yaml").read_text())
-    assert saved["lr"] == 3e-3 and saved["free_lr"] == lr_rule.auto_lr(32, 64, 0, free=True) != saved["lr"]
+    free_lr = lr_rule.auto_lr(32, 64, 0, free=True, from_lrc_start=True)
+    assert saved["lr"] == 3e-3 and saved["free_lr"] == free_lr != saved["lr"]
     factors = [r["lr"] / (saved["lr"] if r["step"] <= 4 else saved["free_lr"]) for r in train]
     assert factors == sorted(factors, reverse=True) and factors[3] > factors[4]
     state = json.loads((sorted((straight / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())

@@ -39,6 +39,12 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def lr_rule_options(cfg: RunConfig) -> dict[str, bool]:
+    """Which `--lr auto` rule the method's trainables take (`lrc.optim.lr_rule.auto_lr`'s flags): LRC's
+    projections, free weights, or free weights that start as LRC's student."""
+    return {"free": METHODS[cfg.method].free_weights, "from_lrc_start": starts_from_lrc(cfg)}
+
+
 def build_method(cfg: RunConfig, teacher, calibration: Calibration | Batches | None = None) -> tuple[Method, dict]:
     """The trainable object for cfg.method, initialised from `calibration` batches where it needs them."""
     return METHODS[cfg.method].build(cfg, teacher, as_calibration(calibration))

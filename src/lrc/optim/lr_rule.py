@@ -27,7 +27,10 @@ never the rule. An explicit `--lr` wins. A learning rate that is still too high 
 
 Free weights (`kd`, `prune-kd`, `scratch`, and LRC's student after `--free-after`) follow their own rule:
 
-    lr = FREE_LR_AT_REF * FREE_REF_WIDTH / d_S
+    lr = FREE_LR_AT_REF * FREE_REF_WIDTH / d_S                                   (prune-kd, scratch)
+    lr = FREE_LR_AT_REF * FREE_REF_WIDTH / d_S * (4 s) ** -FREE_SHARE_EXPONENT    (from LRC's start)
+
+with s = d_S / d_T held within [1/4, 1/2], the range measured.
 
 Why 1 / d_S: an ordinary student's hidden matrices take d_S inputs (muP for Adam: the step that changes the
 function by a fixed amount scales as 1 / fan-in); the teacher's width no longer enters (nothing is multiplied
@@ -38,6 +41,14 @@ tokens, kd from LRC's start: at d_S 64 the held-out loss falls from +5.8% of the
 Minitron recipe, a width-pruned 8B -> 4B with hidden 3072 distilled by KD, used 1e-4). LRC's projection rule
 would give a free student 4-10x too small a step at a quarter of the teacher's width (BENCHMARKS.md, "Learning
 rate of free weights").
+
+Why the share term, for students from LRC's start only: such a student starts close to the teacher (+0.9% of
+its loss at half width on that teacher, +20% at a quarter), and a large step first undoes what the start gives.
+At half width 1/d_S alone (1.6e-3) ended at +1.5% / +1.3% of the teacher's loss at 1% / 3% of the teacher's
+tokens (two seeds each), worse than the start itself, and 5e-4 at +0.8% / +0.6%; at a quarter the start is
+far and 3.2e-3 is best at every budget. The fitted exponent makes half width 5e-4 (d_T 256). At real sizes:
+3.1e-5 for Llama-3.1-8B -> 2048 (a fine-tuning-sized step: the student starts near the teacher), 2.0e-4 at a
+quarter (-> 1024). A pruned or random start is far at every width, so prune-kd and scratch keep 1/d_S alone.
 """
 
 from __future__ import annotations
@@ -52,6 +63,10 @@ BATCH_EXPONENT = 0.0
 
 FREE_LR_AT_REF = 3.2e-3  # a free student FREE_REF_WIDTH wide
 FREE_REF_WIDTH = 64
+# from LRC's start: the lr falls with the student's share of the teacher's width, measured from a quarter (the
+# reference) to a half (6.4x smaller in all, 2x of it from 1 / d_S); held at the ends outside that range
+FREE_SHARE_RANGE = (0.25, 0.5)
+FREE_SHARE_EXPONENT = 1.68
 
 
 def parse_lr(value) -> float | str:
@@ -63,12 +78,17 @@ def parse_lr(value) -> float | str:
     return float(value)
 
 
-def auto_lr(hidden_size: int, teacher_hidden_size: int, tokens_per_step: int, free: bool = False) -> float:
+def auto_lr(hidden_size: int, teacher_hidden_size: int, tokens_per_step: int, free: bool = False,
+            from_lrc_start: bool = False) -> float:
     """The peak learning rate `--lr auto` gives a student of width `hidden_size` cloned from a teacher of width
-    `teacher_hidden_size` (`free`: a student whose weights train directly), trained on `tokens_per_step`
-    tokens per optimizer step (all processes and micro-batches)."""
+    `teacher_hidden_size` (`free`: a student whose weights train directly; `from_lrc_start`: one that starts as
+    LRC's student, so the share term applies), trained on `tokens_per_step` tokens per optimizer step (all
+    processes and micro-batches)."""
     if free:
         lr = FREE_LR_AT_REF * FREE_REF_WIDTH / hidden_size
+        if from_lrc_start:
+            share = min(max(hidden_size / teacher_hidden_size, FREE_SHARE_RANGE[0]), FREE_SHARE_RANGE[1])
+            lr *= (share / FREE_SHARE_RANGE[0]) ** -FREE_SHARE_EXPONENT
     else:
         share = min(1.0, 2 * hidden_size / teacher_hidden_size)
         lr = LR_AT_REF * (REF_WIDTH / teacher_hidden_size) * share ** WIDTH_EXPONENT

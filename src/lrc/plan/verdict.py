@@ -24,7 +24,7 @@ import torch
 
 from lrc.config import RunConfig
 from lrc.errors import UserError
-from lrc.methods.registry import METHODS
+from lrc.methods.registry import lr_rule_options
 from lrc.optim.lr_rule import AUTO, auto_lr
 from lrc.optim.schedule import total_steps
 from lrc.plan.estimate import plan_from_config
@@ -265,8 +265,8 @@ def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None
     """The learning rate `--lr auto` picks (or the one given), optimizer steps, and wall time at plan.mfu."""
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * plan.nproc * cfg.data.seq_len
     auto = cfg.optim.lr == AUTO
-    free = METHODS[cfg.method].free_weights
-    lr = auto_lr(int(cfg.student.hidden_size or 0), d_t, tokens_per_step, free=free) if auto else float(cfg.optim.lr)
+    lr = (auto_lr(int(cfg.student.hidden_size or 0), d_t, tokens_per_step, **lr_rule_options(cfg)) if auto
+          else float(cfg.optim.lr))
     steps = None
     if cfg.train.max_steps is not None or cfg.train.max_tokens is not None:
         steps = total_steps(cfg, plan.nproc)

@@ -44,7 +44,7 @@ from lrc.distributed.processes import (
 )
 from lrc.errors import UserError
 from lrc.methods.base import Calibration, Method
-from lrc.methods.registry import METHODS, build_method
+from lrc.methods.registry import METHODS, build_method, lr_rule_options
 from lrc.methods.switch import FREE, free_method, switch_step, to_free_weights
 from lrc.model.losses import TokenCounts, total_loss
 from lrc.model.precision import autocast, compute_dtype, dtype_name, resolve_precision
@@ -287,13 +287,13 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     lr_note = "as given" if prep.resume_from is None else "the run's"
     d_t, d_s = prep.teacher.config.hidden_size, cast(int, cfg.student.hidden_size)
     if cfg.optim.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
-        free = METHODS[cfg.method].free_weights
-        cfg = prep.cfg = cfg.replace(lr=auto_lr(d_s, d_t, tokens_per_step, free=free))
-        lr_note = (f"chosen by --lr auto from hidden size {d_s}" + ("" if free else f" of the teacher's {d_t}")
-                   + f" and {tokens_per_step:,} tokens per step (lrc.optim.lr_rule"
-                   + (", free weights" if free else "") + "), stored in config.yaml")
+        rule = lr_rule_options(cfg)
+        cfg = prep.cfg = cfg.replace(lr=auto_lr(d_s, d_t, tokens_per_step, **rule))
+        kind = ", free weights from LRC's start" if rule["from_lrc_start"] else ", free weights" if rule["free"] else ""
+        lr_note = (f"chosen by --lr auto from hidden size {d_s} of the teacher's {d_t} and {tokens_per_step:,} "
+                   f"tokens per step (lrc.optim.lr_rule{kind}), stored in config.yaml")
     if cfg.free_after is not None and cfg.optim.free_lr == AUTO:
-        cfg = prep.cfg = cfg.replace(free_lr=auto_lr(d_s, d_t, tokens_per_step, free=True))
+        cfg = prep.cfg = cfg.replace(free_lr=auto_lr(d_s, d_t, tokens_per_step, free=True, from_lrc_start=True))
     _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
     free = prep.resume_from is not None and bool(ckpt.read_state(prep.resume_from).get(FREE))
