@@ -139,7 +139,8 @@ class ComputeConfig:
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     parallel: str = opt("ddp", "under torchrun: ddp (every process holds the whole teacher) or fsdp (the teacher "
-                        "is sharded over the processes with FSDP2, for teachers too big for one device; lrc only)",
+                        "is sharded over the processes with FSDP2, for teachers too big for one device; "
+                        "--method lrc only)",
                         choices=("ddp", "fsdp"))
 
 
@@ -149,8 +150,10 @@ class RunScope:
 
     teacher: str | None = opt(None, "teacher model: a local Hugging Face directory or a hub id")
     out: str | None = opt(None, "run directory (checkpoints, metrics.jsonl, config.yaml)")
-    method: str = opt("lrc", "lrc, or a baseline on the same architecture: kd, scratch, prune-kd",
-                      choices=("lrc", "kd", "scratch", "prune-kd"))
+    method: str = opt("kd", "kd: an ordinary student started from LRC's start (--init) and trained by KD, the best "
+                      "student in our budget curves (BENCHMARKS.md); lrc: the low-rank clone itself (the only one "
+                      "under --parallel fsdp); scratch or prune-kd: baselines on the same architecture",
+                      choices=("kd", "lrc", "scratch", "prune-kd"))
     seed: int = opt(0, "seed for init and data order")
     free_after: float | None = opt(None, "lrc only: after this share of the run's steps (e.g. 0.5), multiply the "
                                    "student out and train every weight freely by kd (KL + CE) on the same "

@@ -17,7 +17,8 @@ from helpers import corpus, save_teacher, write_data
 from lrc.cli import main
 from lrc.config import FIELDS, RANGES, RunConfig, _parse_type, validate
 
-COMMON = ["--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
+COMMON = ["--method", "lrc",
+          "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1"]
 
 
@@ -266,10 +267,21 @@ def test_hidden_size_equal_to_teacher_is_allowed(capsys, tmp_path, teacher, data
     assert (out / "checkpoints" / "step-00000000" / "trainable.safetensors").is_file()
 
 
+@pytest.mark.parametrize("method", ["kd", "prune-kd"])
+def test_clone_options_for_a_free_student(capsys, tmp_path, teacher, data, method):
+    """Clone weights name LRC's terms: under kd (the default) they would do nothing, so they are an error."""
+    out = tmp_path / "out"
+    line = assert_user_error(capsys, distill_argv(teacher, data, out, "--method", method, "--clone-weight", "0.5"),
+                             "--clone-weight", untouched=out)
+    assert "add --method lrc" in line
+
+
 def test_fsdp_with_a_baseline_method(capsys, tmp_path, teacher, data):
     out = tmp_path / "out"
-    assert_user_error(capsys, distill_argv(teacher, data, out, "--method", "kd", "--parallel", "fsdp"),
-                      "--parallel fsdp", "--parallel ddp", untouched=out)
+    # kd is also the default method: the line says how to shard (--method lrc) or not (ddp)
+    line = assert_user_error(capsys, distill_argv(teacher, data, out, "--method", "kd", "--parallel", "fsdp"),
+                             "--parallel fsdp", "--parallel ddp", untouched=out)
+    assert "add --method lrc" in line and RunConfig().method == "kd"
 
 
 # ------------------------------------------------------------------------------------------- numeric options

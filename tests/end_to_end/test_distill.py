@@ -19,9 +19,11 @@ from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
 from lrc.cli import main
+from lrc.optim.lr_rule import auto_lr
 from lrc.train import checkpoint as ckpt
 
-COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32",
           "--lr", "3e-3", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")
 # one OpenMP thread (conftest.one_thread); runs write their caches under this module's folder
@@ -186,6 +188,26 @@ def test_baseline_methods(method, tmp_path, teacher, datasets):
     run("export", out, "--out", tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.hidden_size == 32
+
+
+def test_the_default_method_is_kd_from_lrcs_start(tmp_path, teacher, datasets):
+    """No --method: an ordinary student, started as LRC's (refit) and trained by KD at the free-weight lr rule,
+    with no clone terms; it exports as a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run("distill", "--teacher", teacher, "--data", datasets["txt"], "--out", out, "--hidden-size", "32",
+        "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2", "--eval-batches",
+        "2", "--log-every", "1", "--max-steps", "2")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["method"], saved["init"], saved["keep_clone_terms"]) == ("kd", "refit", False)
+    assert saved["lr"] == pytest.approx(auto_lr(32, 64, 4 * 32, free=True, from_lrc_start=True))
+    train = records(out)
+    assert [r["step"] for r in train] == [1, 2] and all("clone" not in r and r["kl"] > 0 for r in train)
+    weights = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    assert any(name.endswith("self_attn.q_proj.weight") for name in weights)  # the student's own weights
+    run("export", out, "--out", tmp_path / "model")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.hidden_size == 32
 
 
 # ------------------------------------------------------------------------------------------- exact resume

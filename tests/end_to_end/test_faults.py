@@ -25,7 +25,8 @@ from lrc.train import checkpoint as ckpt
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 
 STEPS = 24
-COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--lr", "auto",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--lr", "auto",
           "--init", "refit", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1", "--eval-every", "0",
           "--max-steps", str(STEPS)]
 

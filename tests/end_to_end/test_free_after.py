@@ -18,7 +18,8 @@ from lrc.cli import main
 from lrc.methods.direct import ALIGNMENT
 from lrc.optim import lr_rule
 
-RUN = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
+RUN = ["--method", "lrc",
+       "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches", "2",
        "--eval-batches", "1", "--log-every", "1", "--eval-every", "0", "--max-steps", "8", "--save-every", "2",
        "--free-after", "0.5", "--lr", "3e-3"]
 LOGGED = ("step", "tokens", "loss", "ce", "kl", "clone", "lr", "grad_norm")

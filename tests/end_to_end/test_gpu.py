@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("lrc_cache")]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
-COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--calib-batches", "2",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1", "--device", DEVICE]
 BF16 = ["--precision", "bf16", "--teacher-dtype", "bfloat16"]
 LOSSES = ("loss", "ce", "kl", "clone", "grad_norm")

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DEVICE = os.environ.get("LRC_TEST_DEVICE", "cpu")
 PER_NODE = int(os.environ.get("LRC_TEST_PER_NODE", "2"))  # processes per "node"
 RTOL = 1e-6 if DEVICE == "cpu" else 1e-4  # NCCL's reductions need not run in the same order on every layout
-ARGS = ["--device", DEVICE, "--hidden-size", "32", "--seq-len", "32", "--batch-size", "2", "--precision", "fp32",
+ARGS = ["--method", "lrc",
+        "--device", DEVICE, "--hidden-size", "32", "--seq-len", "32", "--batch-size", "2", "--precision", "fp32",
         "--lr", "3e-3",
         "--init", "pca", "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp",
         "--max-steps", "3", "--save-every", "3", "--eval-every", "3"]

@@ -18,7 +18,8 @@ from lrc.model.teacher import load_teacher
 from lrc.train.run import load_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3",
           "--calib-batches", "2", "--eval-batches", "2", "--log-every", "1", "--schedule", "constant",
           "--save-every", "2"]
 # Largest logit difference between the exported model and the in-training student, relative to the largest

@@ -20,7 +20,8 @@ from lrc.cli import main
 from lrc.errors import UserError
 from lrc.train import checkpoint as ckpt
 
-COMMON = ["--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "32", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1", "--parallel", "fsdp", "--grad-accum", "2",
           # pca, not the default refit: see tests/end_to_end/test_distill.py's PCA_START (calibration batches of 4 vs 8)
           "--init", "pca"]

@@ -19,7 +19,8 @@ def teacher(tmp_path_factory) -> Path:
     return save_teacher(tmp_path_factory.mktemp("teacher") / "llama")
 
 
-COMMON = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
           "1", "--eval-batches", "1", "--log-every", "1", "--device", "cpu"]
 
 

@@ -274,7 +274,7 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
     result = {}
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model, _ = build_method(RunConfig(teacher="t", hidden_size=40, init="random", ffn_size=ffn_size,
+        model, _ = build_method(RunConfig(teacher="t", method="lrc", hidden_size=40, init="random", ffn_size=ffn_size,
                                           grad_checkpointing=ckpt), teacher, calibration=lambda: [])
         model.train()
         step = model.begin_step(accum)

@@ -10,7 +10,8 @@ from helpers import records, run, save_teacher, write_data
 
 from lrc.optim import lr_rule
 
-ARGS = ["--hidden-size", "16", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
+ARGS = ["--method", "lrc",
+        "--hidden-size", "16", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
         "2", "--eval-batches", "1", "--log-every", "1", "--schedule", "constant", "--save-every", "1"]
 
 

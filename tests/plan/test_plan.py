@@ -32,7 +32,8 @@ def _one_thread(one_thread):
 
 
 def cfg_for(teacher="t", **kw) -> RunConfig:
-    values = dict(teacher=teacher, hidden_size=32, batch_size=2, seq_len=24, precision="fp32", device="cpu")
+    values = dict(teacher=teacher, method="lrc", hidden_size=32, batch_size=2, seq_len=24, precision="fp32",
+                  device="cpu")
     values.update(kw)
     return RunConfig(**values)
 

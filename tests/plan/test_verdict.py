@@ -19,7 +19,7 @@ from lrc.plan import verdict as fit
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 GiB = 1 << 30
-ROW_8B = ["--hidden-size", "2048", "--parallel", "fsdp", "--batch-size", "2", "--seq-len", "2048",
+ROW_8B = ["--method", "lrc", "--hidden-size", "2048", "--parallel", "fsdp", "--batch-size", "2", "--seq-len", "2048",
           "--precision", "bf16"]
 
 
@@ -87,6 +87,20 @@ def test_smallest_change_prefers_checkpointing_then_micro_batch(llama_8b, capsys
     v = plan_json(capsys, *base, "--gpu-memory", str(between))["verdict"]
     assert not v["fits"] and v["suggestion"]["changes"] == {"grad_checkpointing": True}
     assert v["suggestion"]["nproc"] == 8
+
+
+def test_a_free_student_that_does_not_fit_is_told_to_shard_with_lrc(llama_8b, capsys):
+    """kd (the default) keeps a whole teacher and student per process; when no ddp change fits, the
+    suggestion is LRC with the teacher sharded, and that command fits."""
+    row = ["--teacher", str(llama_8b), "--method", "kd", "--hidden-size", "2048", "--batch-size", "2",
+           "--seq-len", "2048", "--precision", "bf16", "--gpus", "8", "--gpu-memory", "40GiB"]
+    v = plan_json(capsys, *row)["verdict"]
+    assert not v["fits"] and v["suggestion"]["changes"]["method"] == "lrc"
+    assert v["suggestion"]["changes"]["parallel"] == "fsdp"
+    assert main(["plan", *row]) == 0
+    command = capsys.readouterr().out.split("smallest change that fits:", 1)[1].splitlines()[1].strip()
+    assert "--method lrc" in command and main(shlex.split(command)[1:]) == 0
+    assert "verdict: fits" in capsys.readouterr().out
 
 
 def test_nothing_fits_is_said(llama_8b, capsys):

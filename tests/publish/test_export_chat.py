@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread", "lrc_cache")
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CARD = "---\nlicense: apache-2.0\nbase_model: someone/tiny-teacher\n---\n# the teacher\n"
-COMMON = ["--hidden-size", "32", "--seq-len", "64", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
+COMMON = ["--method", "lrc",
+          "--hidden-size", "32", "--seq-len", "64", "--batch-size", "4", "--precision", "fp32", "--calib-batches",
           "1", "--eval-batches", "2", "--device", "cpu", "--max-steps", "2", "--save-every", "1", "--eval-every", "1",
           "--keep-checkpoints", "0"]
 

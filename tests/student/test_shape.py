@@ -234,7 +234,7 @@ def test_layers_option_records_its_choice_so_the_run_can_be_rebuilt():
         teacher.model.layers[2].self_attn.o_proj.weight.zero_()
         teacher.model.layers[2].mlp.down_proj.weight.zero_()
     ids, pos = packed_batch()
-    cfg = RunConfig(teacher="t", hidden_size=32, ffn_size=48, layers=2, init="pca")
+    cfg = RunConfig(teacher="t", method="lrc", hidden_size=32, ffn_size=48, layers=2, init="pca")
     method, info = build_method(cfg, teacher, calibration=lambda: [{"input_ids": ids, "position_ids": pos}])
     assert cfg.student.drop_layers == "2" and 0 < info["ffn_energy_kept"] <= 1
     rebuilt, _ = build_method(cfg, teacher, calibration=None)  # as `lrc export` / --resume do
@@ -308,8 +308,8 @@ def test_bad_shapes_are_user_errors(options, message):
 
 def test_plan_counts_and_shows_the_chosen_shape():
     teacher = make_teacher("qwen2", True)
-    cfg = RunConfig(teacher="t", hidden_size=32, ffn_size=48, layers=1, batch_size=2, seq_len=24, precision="fp32",
-                    device="cpu")
+    cfg = RunConfig(teacher="t", method="lrc", hidden_size=32, ffn_size=48, layers=1, batch_size=2, seq_len=24,
+                    precision="fp32", device="cpu")
     plan = plan_from_config(teacher.config, cfg, teacher_dtype="float32")
     clone = LowRankClone(teacher, 32, ffn_size=48, kept_layers=(1,))
     assert plan.student_params == sum(p.numel() for p in build_student_model(clone).parameters())

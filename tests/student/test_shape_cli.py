@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from lrc.cli import main
 
-COMMON = ["--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
+COMMON = ["--method", "lrc",
+          "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--lr", "3e-3", "--calib-batches", "2",
           "--eval-batches", "2", "--log-every", "1", "--eval-every", "0"]
 
 

@@ -12,7 +12,8 @@ from helpers import save_teacher, write_data
 from lrc.cli import main
 from lrc.train.tracking import scalars
 
-ARGS = ["--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--log-every", "1",
+ARGS = ["--method", "lrc",
+        "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--log-every", "1",
         "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--precision", "fp32"]
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrc.config import RunConfig
+from lrc.errors import UserError
 from lrc.methods.base import Batches, Calibration, Method, as_calibration
 from lrc.methods.direct import build_direct, starts_from_lrc
 from lrc.methods.lrc import build_lrc
@@ -43,6 +44,14 @@ def lr_rule_options(cfg: RunConfig) -> dict[str, bool]:
     """Which `--lr auto` rule the method's trainables take (`lrc.optim.lr_rule.auto_lr`'s flags): LRC's
     projections, free weights, or free weights that start as LRC's student."""
     return {"free": METHODS[cfg.method].free_weights, "from_lrc_start": starts_from_lrc(cfg)}
+
+
+def check_parallel(method: str, sharded: bool) -> None:
+    """A sharded teacher (`--parallel fsdp` over several processes) runs only with a method that shards it."""
+    if sharded and not METHODS[method].shards_teacher:
+        sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
+        raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only (--method {method} trains "
+                        f"a whole student on every process); add --method {sharding}, or use --parallel ddp")
 
 
 def build_method(cfg: RunConfig, teacher, calibration: Calibration | Batches | None = None) -> tuple[Method, dict]:

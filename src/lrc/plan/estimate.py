@@ -18,7 +18,7 @@ import torch
 from lrc.config import RunConfig, validate
 from lrc.distributed.processes import device_kind
 from lrc.errors import UserError
-from lrc.methods.registry import METHODS
+from lrc.methods.registry import METHODS, check_parallel
 from lrc.model.families import family_for
 from lrc.model.losses import auto_chunk_size
 from lrc.model.precision import resolve_precision
@@ -135,9 +135,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     sharded = cfg.compute.parallel == "fsdp" and nproc > 1
     tokens = cfg.train.batch_size * cfg.data.seq_len
     free = METHODS[cfg.method].free_weights
-    if free and sharded:
-        raise UserError(f"--parallel fsdp shards the teacher for --method lrc only; use --parallel ddp for "
-                        f"{cfg.method}")
+    check_parallel(cfg.method, sharded)
     # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
     reuse = 1 if cfg.compute.grad_checkpointing and not sharded else cfg.train.grad_accum
     roles = {r: "generated" for r in shape.role_outs} if free else choose_roles(shape, tokens, reuse, sharded)

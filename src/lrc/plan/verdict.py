@@ -24,7 +24,7 @@ import torch
 
 from lrc.config import RunConfig
 from lrc.errors import UserError
-from lrc.methods.registry import lr_rule_options
+from lrc.methods.registry import METHODS, lr_rule_options
 from lrc.optim.lr_rule import AUTO, auto_lr
 from lrc.optim.schedule import total_steps
 from lrc.plan.estimate import plan_from_config
@@ -173,10 +173,14 @@ def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
             changes["grad_accum"] = cfg.train.grad_accum * (cfg.train.batch_size // b)
             words.append(f"micro-batch {b} (accumulation {changes['grad_accum']}: same tokens per step)")
         switch = pi > 0
+        to_lrc = switch and parallel == "fsdp" and not METHODS[cfg.method].shards_teacher
         if switch:
             if parallel != cfg.compute.parallel:
                 changes["parallel"] = parallel
-            words.append(f"{p} processes" + (" under --parallel fsdp" if parallel != cfg.compute.parallel else ""))
+            if to_lrc:  # a free-weight student holds the whole teacher on every process: only LRC shards it
+                changes["method"] = "lrc"
+            words.append(f"{p} processes" + (" under --parallel fsdp" if parallel != cfg.compute.parallel else "")
+                         + (" with --method lrc (the teacher sharded)" if to_lrc else ""))
         if si:
             changes["seq_len"] = s
             words.append(f"sequence length {s}")
@@ -184,7 +188,8 @@ def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
             continue
         # checkpointing (time only) < each halving of the micro-batch (smaller products) < each doubling of
         # the processes (hardware) < each halving of the sequence (it changes what is trained: last resort)
-        disruption = (int(c) + 2 * bi + 3 * pi + 8 * si, int(c) + int(bi > 0) + int(switch) + int(si > 0))
+        disruption = (int(c) + 2 * bi + 3 * pi + 4 * to_lrc + 8 * si,
+                      int(c) + int(bi > 0) + int(switch) + int(to_lrc) + int(si > 0))
         yield changes, p, "; ".join(words), disruption
 
 
@@ -213,7 +218,8 @@ def judge(plan, teacher_config, cfg: RunConfig, memory_bytes: int, memory_source
 
 
 # ------------------------------------------------------------------------------------------- command lines
-_FLAG = {"grad_checkpointing": "--grad-checkpointing", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+_FLAG = {"method": "--method", "grad_checkpointing": "--grad-checkpointing", "batch_size": "--batch-size",
+         "grad_accum": "--grad-accum",
          "parallel": "--parallel", "seq_len": "--seq-len"}
 
 

@@ -31,7 +31,7 @@ from lrc.data.sources import split_weights
 from lrc.data.tokenizer import load_tokenizer
 from lrc.errors import UserError
 from lrc.methods.base import Method
-from lrc.methods.registry import METHODS, build_method
+from lrc.methods.registry import METHODS, build_method, check_parallel
 from lrc.methods.switch import FREE, free_method
 from lrc.model.teacher import load_empty_teacher, load_teacher, load_teacher_config
 from lrc.optim.lr_rule import AUTO
@@ -167,10 +167,13 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
     if cfg.keep_clone_terms and not (cfg.method == "kd" and cfg.student.init != "random") and cfg.free_after is None:
         raise UserError("--keep-clone-terms is for free-weight students that come from LRC's start: --method kd "
                         "(with --init pca or refit) or --free-after; drop it")
-    if cfg.compute.parallel == "fsdp" and not METHODS[cfg.method].shards_teacher:
-        sharding = ", ".join(name for name, spec in METHODS.items() if spec.shards_teacher)
-        raise UserError(f"--parallel fsdp shards the teacher for --method {sharding} only; use --parallel ddp for "
-                        f"{cfg.method}")
+    check_parallel(cfg.method, cfg.compute.parallel == "fsdp")
+    clone_options = sorted(k for k in explicit if k.startswith("clone_"))
+    if clone_options and METHODS[cfg.method].free_weights and not cfg.keep_clone_terms:
+        flags = ", ".join("--" + k.replace("_", "-") for k in clone_options)
+        raise UserError(f"{flags}: LRC's clone terms, which --method {cfg.method} does not use (kd is the default "
+                        "method); add --method lrc for an LRC run, or --keep-clone-terms for a kd student that "
+                        "keeps them")
     for paths, _ in split_weights(cfg.data.files):  # missing paths fail before the teacher is loaded
         resolve_data_files(paths, streaming=cfg.data.streaming)
     val_files = resolve_data_files(cfg.data.val_files) if cfg.data.val_files else None
