@@ -127,7 +127,8 @@ def startup() -> None:
     for name, data in (("50M", ROOT / "prepared-np1"), ("1M", small)):
         run = ROOT / f"run-{name}"
         shutil.rmtree(run, ignore_errors=True)
-        r = lrc("distill", "--teacher", str(ROOT / "teacher"), "--data", str(data), "--out", str(run),
+        r = lrc("distill", "--method", "lrc",
+                "--teacher", str(ROOT / "teacher"), "--data", str(data), "--out", str(run),
                 "--hidden-size", "32", "--max-steps", "1", "--log-every", "1", "--seq-len", "512",
                 "--batch-size", "4", "--device", "cpu", "--precision", "fp32",
                 env={"LRC_CACHE": str(ROOT / "lrc-cache"), "OMP_NUM_THREADS": "1"}, marker="step 1/1")
@@ -137,7 +138,8 @@ def startup() -> None:
     for attempt in ("cold", "warm"):
         run = ROOT / f"run-raw-{attempt}"
         shutil.rmtree(run, ignore_errors=True)
-        r = lrc("distill", "--teacher", str(ROOT / "teacher"), "--data", str(ROOT / "big"), "--out", str(run),
+        r = lrc("distill", "--method", "lrc",
+                "--teacher", str(ROOT / "teacher"), "--data", str(ROOT / "big"), "--out", str(run),
                 "--hidden-size", "32", "--max-steps", "1", "--log-every", "1", "--seq-len", "512",
                 "--batch-size", "4", "--device", "cpu", "--precision", "fp32", "--num-proc", "2",
                 env={"LRC_CACHE": str(ROOT / "lrc-cache"), "OMP_NUM_THREADS": "1",

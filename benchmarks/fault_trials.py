@@ -56,7 +56,8 @@ def setup() -> tuple[Path, Path, Path]:
 
 
 def distill_cmd(teacher: Path, data: Path, out: Path) -> list[str]:
-    return ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--hidden-size", "32",
+    return ["distill", "--method", "lrc",
+            "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--hidden-size", "32",
             "--seq-len", "64", "--batch-size", "4", "--max-steps", str(STEPS), "--save-every", "1",
             "--eval-every", "0", "--log-every", "1", "--lr", "auto", "--init", "refit", "--precision", "fp32",
             "--resume"]

@@ -60,7 +60,7 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
 
 
 def lrc_argv(teacher: Path, data: Path, out: Path, steps: int = 2) -> list[str]:
-    return ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *ARGS,
+    return ["distill", "--method", "lrc", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *ARGS,
             "--max-steps", str(steps)]
 
 

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)  # the peak below is the run's own
         train, val = play_files()
-        argv = ["distill", "--teacher", str(teacher_dir), "--data", *map(str, train), "--val-data", *map(str, val),
+        argv = ["distill", "--method", "lrc",
+                "--teacher", str(teacher_dir), "--data", *map(str, train), "--val-data", *map(str, val),
                 "--out", str(run_dir), "--cache-dir", str(work / "tokens"), "--hidden-size", str(a.hidden),
                 "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len),
                 "--precision", a.precision, "--teacher-dtype", a.teacher_dtype, "--device", a.device,

@@ -129,7 +129,7 @@ def run_one(name: str, paths, width: int, init: str, lr: str, extra: dict) -> di
         shutil.rmtree(out)
     t0 = time.time()
     options = dict(teacher=str(teacher), data=[str(p) for p in train], val_data=[str(p) for p in val],
-                   hidden_size=width, out=str(out), init=init, max_tokens=TEACHER_TOKENS[name] // 10,
+                   hidden_size=width, out=str(out), method="lrc", init=init, max_tokens=TEACHER_TOKENS[name] // 10,
                    batch_size=BATCH, seq_len=SEQ, eval_every=0, save_every=10**9, log_every=10,
                    cache_dir=str(WORK / "tokens"))
     # the same 128 held-out sequences whatever the batch size

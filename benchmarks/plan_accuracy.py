@@ -212,7 +212,7 @@ def write_data(folder: Path, seq_len: int) -> Path:
 
 def distill_args(shape: dict, teacher: Path, data: Path, out: Path, teacher_dtype: str, accum: int,
                  precision: str, extra: list[str]) -> list[str]:
-    return ["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+    return ["distill", "--method", "lrc", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
             "--hidden-size", str(shape["d_s"]), "--seq-len", str(shape["seq"]), "--batch-size", "1",
             "--grad-accum", str(accum), "--max-steps", "2", "--precision", precision,
             "--teacher-dtype", teacher_dtype, "--device", "cpu", "--calib-batches", "2", "--eval-batches", "2",

@@ -70,7 +70,8 @@ def _hwm_kib(pid: int) -> int | None:
 def measure(src: str, nproc: int, teacher: Path, data: Path, out: Path) -> list[float]:
     """Peak RSS (GiB) of each training process."""
     env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", LRC_CACHE=str(out / "cache"))
-    lrc = ["-m", "lrc", "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out / "run"), *ARGS]
+    lrc = ["-m", "lrc", "distill", "--method", "lrc",
+           "--teacher", str(teacher), "--data", str(data), "--out", str(out / "run"), *ARGS]
     cmd = [sys.executable, *lrc] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *lrc]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
