@@ -121,13 +121,16 @@ def plot(name: str, results: dict, path: Path) -> None:
     widths = sorted({int(w) for w in results}, reverse=True)
     fig, axes = plt.subplots(2, len(widths), figsize=(6 * len(widths), 8), squeeze=False)
     for col, w in enumerate(widths):
-        for name, cells in results[str(w)].items():
+        for method, cells in results[str(w)].items():
             pts = sorted((int(t), [rel(r) for r in runs], [r["seconds"] for r in runs]) for t, runs in cells.items())
             x = [t for t, _, _ in pts]
             y = [100 * sum(v) / len(v) for _, v, _ in pts]
+            half_spread = [50 * (max(v) - min(v)) for _, v, _ in pts]  # +- half the spread over seeds
             sec = [sum(v) / len(v) for _, _, v in pts]
-            axes[0][col].plot(x, y, marker="o", label=name)
-            axes[1][col].plot(sec, y, marker="o", label=name)
+            axes[0][col].errorbar(x, y, yerr=half_spread, marker="o", capsize=3, label=method)
+            axes[1][col].errorbar(sec, y, yerr=half_spread, marker="o", capsize=3, label=method)
+        for row in (0, 1):  # linear within +-1%, where the close methods are; logarithmic beyond
+            axes[row][col].set_yscale("symlog", linthresh=1.0)
         axes[0][col].set_xscale("log")
         axes[0][col].set_xlabel("training tokens")
         axes[1][col].set_xscale("log")
