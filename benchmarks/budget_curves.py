@@ -93,7 +93,7 @@ def write_markdown(name: str, results: dict, path: Path, command: str) -> None:
         lines += [f"Width {w} of {s.teacher_hidden}:", "",
                   "| method | " + " | ".join(f"{t:,} tokens ({t / s.teacher_tokens:.0%})" for t in budgets) + " |",
                   "|---|" + "---:|" * len(budgets)]
-        for name, cells in per.items():
+        for method, cells in per.items():
             row = []
             for t in budgets:
                 runs = cells.get(str(t), [])
@@ -106,7 +106,7 @@ def write_markdown(name: str, results: dict, path: Path, command: str) -> None:
                 secs = sum(r["seconds"] for r in runs) / len(runs)
                 seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
                 row.append(f"{mean:+.2%}{spread} ({secs:.0f} s{seeds})")
-            lines.append(f"| {name} | " + " | ".join(row) + " |")
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines.append("")
     lines += [f"Regenerate: `{command}`.", "", end]
     write_block(path, start, end, lines, f"Budget curves on the {name} teacher")

@@ -19,7 +19,7 @@ from helpers import env, records, run, save_teacher, write_data
 from safetensors.torch import load_file
 
 from lrc.cli import main
-from lrc.optim.lr_rule import auto_lr
+from lrc.optim.lr_rule import free_lr_from_start
 from lrc.train import checkpoint as ckpt
 
 COMMON = ["--method", "lrc",
@@ -201,7 +201,9 @@ def test_the_default_method_is_kd_from_lrcs_start(tmp_path, teacher, datasets):
         "2", "--log-every", "1", "--max-steps", "2")
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["method"], saved["init"], saved["keep_clone_terms"]) == ("kd", "refit", False)
-    assert saved["lr"] == pytest.approx(auto_lr(32, 64, 4 * 32, free=True, from_lrc_start=True))
+    init = records(out, "init")[0]  # the start's KL to the teacher sets the step (lrc.optim.lr_rule)
+    start_kl = init["heldout_kl_refit"] if init["refit_kept"] else init["heldout_kl_pca"]
+    assert saved["lr"] == free_lr_from_start(32, start_kl, 4 * 32)
     train = records(out)
     assert [r["step"] for r in train] == [1, 2] and all("clone" not in r and r["kl"] > 0 for r in train)
     weights = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
@@ -314,6 +316,8 @@ PARALLEL = {  # all with the generated weights reused over two micro-batches
     "fsdp-bf16-teacher": ("--parallel", "fsdp", "--grad-accum", "2", "--teacher-dtype", "bfloat16"),
     # a baseline: its gradients are averaged over ranks the same way (no DDP wrapper)
     "ddp-kd": ("--method", "kd", "--grad-accum", "2"),
+    # the default method at --lr auto: the step comes from the start's KL, rank 0's on every rank
+    "ddp-kd-auto-lr-refit": ("--method", "kd", "--grad-accum", "2", "--lr", "auto"),
     # a narrower FFN (Q generated from a sharded W_T) and a layer chosen on the sharded teacher
     "fsdp-ffn-depth": ("--parallel", "fsdp", "--grad-accum", "2", "--ffn-size", "48", "--layers", "1"),
     # the default init (refit) on a sharded bf16 teacher: its least squares call teacher modules outside their forward
@@ -349,6 +353,9 @@ def test_torchrun_two_processes_match_one(parallel, tmp_path, teacher, qwen3_tie
         held, whole = (float(x) for x in re.search(r"([\d.,]+) MiB of ([\d.,]+) MiB", proc.stdout).groups())
         assert held == pytest.approx(whole / 2, rel=0.02), proc.stdout
 
+    if "auto-lr" in parallel:  # one step size, from rank 0's measured start, equal to the single run's
+        assert (yaml.safe_load((out / "config.yaml").read_text())["lr"]
+                == yaml.safe_load((single / "config.yaml").read_text())["lr"])
     a, b = records(single), records(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["tokens"] for r in b] == [r["tokens"] for r in a]

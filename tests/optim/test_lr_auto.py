@@ -74,6 +74,20 @@ def test_students_from_lrcs_start_take_smaller_steps_the_closer_they_start():
     assert lr(1024, 4096) > lr(2048, 4096) > 1e-5  # Llama-3.1-8B: 2e-4 at a quarter, 3.1e-5 at half
 
 
+def test_a_measured_start_sets_a_free_students_step():
+    """The start's KL to the teacher: the benchmark teacher's quarter-width start (KL 0.83) takes the reference
+    step, its half-width one (0.084) about 5e-4, the demo teacher's close starts the floor; 1 / d_S throughout."""
+    ref = lr_rule.FREE_LR_AT_REF
+    assert lr_rule.free_lr_from_start(64, 0.83, lr_rule.REF_TOKENS) == pytest.approx(ref)
+    assert lr_rule.free_lr_from_start(64, 5.0, lr_rule.REF_TOKENS) == pytest.approx(ref)  # never above it
+    assert lr_rule.free_lr_from_start(128, 0.084, lr_rule.REF_TOKENS) == pytest.approx(5e-4, rel=0.05)
+    floor = lr_rule.free_lr_from_start(64, 0.011, lr_rule.REF_TOKENS)
+    assert floor == pytest.approx(ref * lr_rule.FREE_KL_FLOOR, rel=0.01)
+    assert lr_rule.free_lr_from_start(64, 0.0, lr_rule.REF_TOKENS) == floor
+    assert lr_rule.free_lr_from_start(128, 0.2, lr_rule.REF_TOKENS) == pytest.approx(
+        lr_rule.free_lr_from_start(64, 0.2, lr_rule.REF_TOKENS) / 2, rel=0.01)
+
+
 def _saved_lr(run_dir: Path):
     return yaml.safe_load((run_dir / "config.yaml").read_text())["lr"]
 

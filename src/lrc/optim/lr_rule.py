@@ -49,6 +49,16 @@ tokens (two seeds each), worse than the start itself, and 5e-4 at +0.8% / +0.6%;
 far and 3.2e-3 is best at every budget. The fitted exponent makes half width 5e-4 (d_T 256). At real sizes:
 3.1e-5 for Llama-3.1-8B -> 2048 (a fine-tuning-sized step: the student starts near the teacher), 2.0e-4 at a
 quarter (-> 1024). A pruned or random start is far at every width, so prune-kd and scratch keep 1/d_S alone.
+
+The width share is only a proxy for how close the start is, and a poor one across teachers: a quarter-width
+student of the undertrained demo teacher starts at KL 0.011 (+0.3% of its loss) where the benchmark teacher's
+starts at 0.83 (+17%), and 3.2e-3 left it at +2.5% / +1.7% / +0.8% at 1% / 3% / 10% of the teacher's tokens
+against +0.2% / +0.2% / +0.1% at 5e-4 (two seeds). So when the start was measured (`--init refit`, the default,
+measures its KL on held-out calibration tokens), `free_lr_from_start` sets the lr from that KL instead:
+sqrt(KL / 0.83) of the quarter width's step, at least 0.15 of it. The square root is the fit between the
+benchmark teacher's two starts (KL 0.084 -> 5e-4 at d_S 128, 0.83 -> 3.2e-3 at d_S 64, with 1/d_S); the floor
+is the demo teacher's quarter width (5e-4 measured good at d_S 64). The share rule above is the fallback where
+no KL was measured (`--init pca`, a skipped refit) and what `lrc plan` shows before anything is measured.
 """
 
 from __future__ import annotations
@@ -67,6 +77,21 @@ FREE_REF_WIDTH = 64
 # reference) to a half (6.4x smaller in all, 2x of it from 1 / d_S); held at the ends outside that range
 FREE_SHARE_RANGE = (0.25, 0.5)
 FREE_SHARE_EXPONENT = 1.68
+# from a measured start (free_lr_from_start): the start's KL at which FREE_LR_AT_REF holds (the benchmark
+# teacher's quarter-width start), and the smallest share of it given (where the demo teacher's start was measured)
+FREE_KL_AT_REF = 0.83
+FREE_KL_FLOOR = 0.15
+
+
+def free_lr_from_start(hidden_size: int, start_kl: float, tokens_per_step: int) -> float:
+    """`--lr auto` for a free student that starts as LRC's when its start was measured: `start_kl`, its KL to the
+    teacher per token on the held-out calibration tokens (`lrc.student.refit`), sets how far it may step.
+
+        lr = FREE_LR_AT_REF * FREE_REF_WIDTH / d_S * clamp(sqrt(start_kl / FREE_KL_AT_REF), FREE_KL_FLOOR, 1)"""
+    closeness = min(1.0, max(FREE_KL_FLOOR, (max(start_kl, 0.0) / FREE_KL_AT_REF) ** 0.5))
+    lr = FREE_LR_AT_REF * FREE_REF_WIDTH / hidden_size * closeness
+    lr *= (tokens_per_step / REF_TOKENS) ** BATCH_EXPONENT
+    return float(f"{lr:.3g}")
 
 
 def parse_lr(value) -> float | str:

@@ -265,6 +265,8 @@ class Budget:
     seconds: float | None
     tflops: float | None
     gpu: str | None
+    measured_start: bool = False
+    """The run sets the lr from its start's measured KL (`free_lr_from_start`); `lr` is the rule's estimate."""
 
 
 def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None) -> Budget:
@@ -280,7 +282,8 @@ def budget(plan, cfg: RunConfig, d_t: int, tflops: float | None, gpu: str | None
     if steps is not None and tflops:
         per_process = tflops * 1e12 * plan.mfu / plan.flops_per_token
         seconds = steps * tokens_per_step / (per_process * plan.nproc)
-    return Budget(lr, auto, tokens_per_step, steps, seconds, tflops, gpu)
+    measured = auto and lr_rule_options(cfg)["from_lrc_start"] and cfg.student.init == "refit"
+    return Budget(lr, auto, tokens_per_step, steps, seconds, tflops, gpu, measured)
 
 
 def human_duration(seconds: float) -> str:
@@ -318,6 +321,9 @@ def format_verdict(plan, v: Verdict, argv: Sequence[str] | None, nproc_flag: str
 def format_budget(plan, b: Budget) -> str:
     lr = (f"--lr auto picks {b.lr:.3g} (lrc.optim.lr_rule, {b.tokens_per_step:,} tokens per step)" if b.lr_auto
           else f"lr {b.lr:.3g} (given)")
+    if b.measured_start:
+        lr = (f"--lr auto: about {b.lr:.3g} from the student's share of the teacher's width; the run sets it from "
+              "its start's measured KL to the teacher (lrc.optim.lr_rule.free_lr_from_start)")
     steps = (f"{b.steps:,} optimizer steps" if b.steps is not None
              else "optimizer steps: give --max-tokens or --max-steps")
     if b.seconds is not None:

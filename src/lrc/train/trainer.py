@@ -49,7 +49,7 @@ from lrc.methods.switch import FREE, free_method, switch_step, to_free_weights
 from lrc.model.losses import TokenCounts, total_loss
 from lrc.model.precision import autocast, compute_dtype, dtype_name, resolve_precision
 from lrc.model.teacher import is_empty, load_teacher_config, shard_teacher
-from lrc.optim.lr_rule import AUTO, auto_lr
+from lrc.optim.lr_rule import AUTO, auto_lr, free_lr_from_start
 from lrc.optim.schedule import lr_factor, total_steps
 from lrc.plan.report import startup_summary
 from lrc.plan.verdict import check_before_load
@@ -286,13 +286,15 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * info.world_size * cfg.data.seq_len
     lr_note = "as given" if prep.resume_from is None else "the run's"
     d_t, d_s = prep.teacher.config.hidden_size, cast(int, cfg.student.hidden_size)
-    if cfg.optim.lr == AUTO:  # a new run (a resumed one reads the number its config.yaml stored)
-        rule = lr_rule_options(cfg)
+    rule = lr_rule_options(cfg)
+    lr_chosen = cfg.optim.lr == AUTO
+    if lr_chosen:  # a new run (a resumed one reads the number its config.yaml stored)
         cfg = prep.cfg = cfg.replace(lr=auto_lr(d_s, d_t, tokens_per_step, **rule))
         kind = ", free weights from LRC's start" if rule["from_lrc_start"] else ", free weights" if rule["free"] else ""
         lr_note = (f"chosen by --lr auto from hidden size {d_s} of the teacher's {d_t} and {tokens_per_step:,} "
                    f"tokens per step (lrc.optim.lr_rule{kind}), stored in config.yaml")
-    if cfg.free_after is not None and cfg.optim.free_lr == AUTO:
+    free_lr_chosen = cfg.free_after is not None and cfg.optim.free_lr == AUTO
+    if free_lr_chosen:
         cfg = prep.cfg = cfg.replace(free_lr=auto_lr(d_s, d_t, tokens_per_step, free=True, from_lrc_start=True))
     _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
@@ -303,6 +305,15 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
         method, init_info = free_method(cfg, prep.teacher), {}
     else:
         method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
+    # the start is measured now: its KL to the teacher sets a free student's step (kd from LRC's start, or
+    # LRC's student after --free-after)
+    start_kl = _start_kl(init_info, info) if (lr_chosen and rule["from_lrc_start"]) or free_lr_chosen else None
+    if start_kl is not None and lr_chosen and rule["from_lrc_start"]:
+        cfg = prep.cfg = cfg.replace(lr=free_lr_from_start(d_s, start_kl, tokens_per_step))
+        lr_note = (f"chosen by --lr auto from hidden size {d_s} and the start's KL to the teacher "
+                   f"{start_kl:.3g} (lrc.optim.lr_rule.free_lr_from_start), stored in config.yaml")
+    if start_kl is not None and free_lr_chosen:
+        cfg = prep.cfg = cfg.replace(free_lr=free_lr_from_start(d_s, start_kl, tokens_per_step))
     method.to(device)
     if sharded:  # every rank cuts its shards from rank 0's tensors
         broadcast_from_rank0(method.trainable_parameters(), info)
@@ -339,6 +350,17 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     if info.is_main:
         log.info(_startup_text(prep, s, init_info, note, tokens_per_step, lr_note))
     return s
+
+
+def _start_kl(init_info: dict, info: DistInfo) -> float | None:
+    """The KL to the teacher of the start the run keeps (refit's or pca's, `lrc.student.refit`), rank 0's value
+    on every rank (one learning rate for all); None where the start was not measured."""
+    if "heldout_kl_refit" not in init_info:
+        return None
+    kl = init_info["heldout_kl_refit" if init_info.get("refit_kept", True) else "heldout_kl_pca"]
+    value = torch.tensor([float(kl)], dtype=torch.float64, device=info.device)
+    broadcast_from_rank0([value], info)
+    return float(value)
 
 
 def _hold(run_dir: Path, info: DistInfo) -> None:
