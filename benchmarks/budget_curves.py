@@ -7,7 +7,8 @@ teacher's and several epochs of the training plays, so that no student reaches i
 (`DEMO`, 500K tokens: undertrained, its students pass it). Every run is a separate `lrc distill` with its own
 budget (`--max-tokens`, cosine schedule to that budget, `--lr auto`, the defaults otherwise), evaluated at its
 end on the held-out plays; the teacher's loss is measured on the same windows. `--lr auto` is each method's own
-rule (LRC's projections: `auto_lr`; free weights: `auto_lr(free=True)`). Results go to OUT/results.json
+rule (LRC's projections: `auto_lr`; a student from LRC's start: `free_lr_from_start`, from its measured KL;
+prune-kd and scratch: `auto_lr(free=True)`). Results go to OUT/results.json
 (runs added by seed: a rerun with other seeds adds to them), a PNG per teacher and a block of BENCHMARKS.md per
 teacher.
 
@@ -43,6 +44,7 @@ METHODS = {
     "scratch": dict(method="scratch"),
 }
 TEACHERS = {"strong": STRONG, "demo": DEMO}
+DEFAULT = "kd from LRC's start"  # what `lrc distill` runs without --method
 
 
 def markers(teacher: str) -> tuple[str, str]:
@@ -106,9 +108,11 @@ def write_markdown(name: str, results: dict, path: Path, command: str) -> None:
                 secs = sum(r["seconds"] for r in runs) / len(runs)
                 seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
                 row.append(f"{mean:+.2%}{spread} ({secs:.0f} s{seeds})")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
+            shown = f"{method} (the default)" if method == DEFAULT else method
+            lines.append(f"| {shown} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += [f"Regenerate: `{command}`.", "", end]
+    lines += [f"Regenerate: `{command}` (every method, 1-30%, two seeds; the cells already in OUT/results.json "
+              "are kept, `--redo` runs them again, `--only` and `--seeds` narrow the run).", "", end]
     write_block(path, start, end, lines, f"Budget curves on the {name} teacher")
 
 
@@ -197,9 +201,11 @@ def main(argv=None) -> int:
                     cells[str(tokens)] = add_runs(cells.get(str(tokens), []), [{**r, "seed": seed}])
                     saved.write_text(json.dumps(everything, indent=1))
     ordered = {w: {n: results[w][n] for n in METHODS if n in results[w]} for w in results}
-    write_markdown(args.teacher, ordered, Path(args.markdown), " ".join(["python"] + sys.argv))
+    write_markdown(args.teacher, ordered, Path(args.markdown),
+                   f"python benchmarks/budget_curves.py --teacher {args.teacher}")
     suffix = "" if args.teacher == "strong" else f"_{args.teacher}"
     plot(args.teacher, ordered, Path(args.png or f"benchmarks/budget_curves{suffix}.png"))
+    shutil.copy(saved, Path("benchmarks/budget_curves_results.json"))  # the raw runs, kept with the tables
     print(f"done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
