@@ -65,7 +65,8 @@ def run(*argv) -> None:
 
 def logged(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: r[k] for k in ("step", "loss", "ce", "kl", "clone", "grad_norm")} for r in rows
+    # kd logs no clone term: absent in both runs compared
+    return [{k: r.get(k) for k in ("step", "loss", "ce", "kl", "clone", "grad_norm")} for r in rows
             if r["split"] == "train"]
 
 
@@ -77,18 +78,24 @@ def student_and_export_logits(run_dir: Path, model_dir: Path, ids: torch.Tensor)
     cfg, method, _, _ = load_run(run_dir)
     method.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.compute.precision == "bf16"):
-        student = method.clone.student_logits(ids).float()
+        # the trained student in the run's precision: LRC's generated weights, or kd's own
+        student = (method.clone.student_logits(ids) if cfg.method == "lrc" else method.model(input_ids=ids).logits)
+        student = student.float()
     exported = load_teacher(str(model_dir))  # stored in the export dtype, computing in fp32
     with torch.no_grad():
         got = exported(input_ids=ids).logits.float()
     return student, got
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("stored", ["float32", "bfloat16", "float16"])
-def test_train_resume_export(stored, precision, teachers, data, tmp_path):
+@pytest.mark.parametrize("stored,precision,method", [
+    *((stored, precision, "lrc") for stored in ("float32", "bfloat16", "float16") for precision in ("fp32", "bf16")),
+    # the default method (kd from LRC's start, --lr auto from its measured start) on a bf16 teacher
+    ("bfloat16", "fp32", "kd"), ("bfloat16", "bf16", "kd"),
+])
+def test_train_resume_export(stored, precision, method, teachers, data, tmp_path):
     teacher = teachers[stored]
-    args = ("--teacher", teacher, "--data", data, *COMMON, "--precision", precision)
+    args = ("--teacher", teacher, "--data", data, *COMMON, "--precision", precision, "--method", method,
+            *(("--lr", "auto") if method == "kd" else ()))
     straight = tmp_path / "straight"
     run("distill", *args, "--out", straight, "--max-steps", "4")
     rows = logged(straight)

@@ -159,12 +159,20 @@ def starts_from_lrc(cfg: RunConfig) -> bool:
     return cfg.method == "kd" and cfg.student.init in ("pca", "refit")
 
 
-def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
-    weights = replace(cfg.loss)  # a copy: the baselines switch terms off
-    if not (starts_from_lrc(cfg) and cfg.keep_clone_terms):  # clone terms need the maps of LRC's start
+def free_loss_weights(cfg: RunConfig) -> LossWeights:
+    """The terms a free-weight student trains on (a copy of cfg.loss with the others off): CE; KL unless scratch;
+    the clone terms only with --keep-clone-terms for a student from LRC's start (kd with pca/refit, or LRC's own
+    after --free-after), since their maps come from that start. `lrc plan` counts the same terms."""
+    weights = replace(cfg.loss)
+    if not (cfg.keep_clone_terms and (starts_from_lrc(cfg) or cfg.free_after is not None)):
         weights.clone = 0.0
     if cfg.method == "scratch":
         weights.kl = 0.0
+    return weights
+
+
+def build_direct(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[Method, dict]:
+    weights = free_loss_weights(cfg)
     info: dict = {}
     alignment = None
     hidden_size = cast(int, cfg.student.hidden_size)  # set: run.prepare requires it before a method is built

@@ -10,12 +10,11 @@ instead of LRC's initial one. A checkpoint written after it says so (`FREE` in i
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import cast
 
 from lrc.config import RunConfig
 from lrc.methods.base import Method, kept_layers_of
-from lrc.methods.direct import Direct, checkpoint_layers
+from lrc.methods.direct import Direct, checkpoint_layers, free_loss_weights
 from lrc.methods.lrc import LRC
 from lrc.model.alignment import AlignmentMaps
 from lrc.student.baselines import random_student
@@ -33,8 +32,7 @@ def switch_step(cfg: RunConfig, steps: int) -> int | None:
 def _direct(student, cfg: RunConfig, teacher, alignment: AlignmentMaps | None) -> Direct:
     if cfg.compute.grad_checkpointing:
         checkpoint_layers(student)
-    weights = replace(cfg.loss, clone=cfg.loss.clone if cfg.keep_clone_terms else 0.0)
-    return Direct(student, teacher=teacher, loss_weights=weights, chunk_size=cfg.compute.chunk_size,
+    return Direct(student, teacher=teacher, loss_weights=free_loss_weights(cfg), chunk_size=cfg.compute.chunk_size,
                   alignment=alignment)
 
 

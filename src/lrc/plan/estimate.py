@@ -18,6 +18,7 @@ import torch
 from lrc.config import RunConfig, validate
 from lrc.distributed.processes import device_kind
 from lrc.errors import UserError
+from lrc.methods.direct import free_loss_weights
 from lrc.methods.registry import METHODS, check_parallel
 from lrc.model.families import family_for
 from lrc.model.losses import auto_chunk_size
@@ -139,10 +140,9 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
     reuse = 1 if cfg.compute.grad_checkpointing and not sharded else cfg.train.grad_accum
     roles = {r: "generated" for r in shape.role_outs} if free else choose_roles(shape, tokens, reuse, sharded)
-    weights = cfg.loss
-    # the terms the method computes (`lrc.methods.direct.build_direct`: clone terms only when kept, no KL for scratch)
-    terms = set(weights.clone_terms()) if not free or (cfg.keep_clone_terms and cfg.method == "kd") else set()
-    kl = weights.kl != 0.0 and cfg.method != "scratch"
+    weights = free_loss_weights(cfg) if free else cfg.loss  # the terms the method computes
+    terms = set(weights.clone_terms())
+    kl = weights.kl != 0.0
     chunk = cfg.compute.chunk_size
     if chunk <= 0:
         chunk = auto_chunk_size(shape.vocab)

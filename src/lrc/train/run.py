@@ -31,6 +31,7 @@ from lrc.data.sources import split_weights
 from lrc.data.tokenizer import load_tokenizer
 from lrc.errors import UserError
 from lrc.methods.base import Method
+from lrc.methods.direct import starts_from_lrc
 from lrc.methods.registry import METHODS, build_method, check_parallel
 from lrc.methods.switch import FREE, free_method
 from lrc.model.teacher import load_empty_teacher, load_teacher, load_teacher_config
@@ -164,7 +165,7 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
                         f"drop it for --method {cfg.method}" if cfg.method != "lrc" else
                         "--free-after is not supported with --parallel fsdp yet (the free student is not sharded); "
                         "use --parallel ddp")
-    if cfg.keep_clone_terms and not (cfg.method == "kd" and cfg.student.init != "random") and cfg.free_after is None:
+    if cfg.keep_clone_terms and not starts_from_lrc(cfg) and cfg.free_after is None:
         raise UserError("--keep-clone-terms is for free-weight students that come from LRC's start: --method kd "
                         "(with --init pca or refit) or --free-after; drop it")
     check_parallel(cfg.method, cfg.compute.parallel == "fsdp")

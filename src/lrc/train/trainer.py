@@ -284,18 +284,6 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     steps = total_steps(cfg, info.world_size)
     lr_how = "--lr auto" if cfg.optim.lr == AUTO else "--lr"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * info.world_size * cfg.data.seq_len
-    lr_note = "as given" if prep.resume_from is None else "the run's"
-    d_t, d_s = prep.teacher.config.hidden_size, cast(int, cfg.student.hidden_size)
-    rule = lr_rule_options(cfg)
-    lr_chosen = cfg.optim.lr == AUTO
-    if lr_chosen:  # a new run (a resumed one reads the number its config.yaml stored)
-        cfg = prep.cfg = cfg.replace(lr=auto_lr(d_s, d_t, tokens_per_step, **rule))
-        kind = ", free weights from LRC's start" if rule["from_lrc_start"] else ", free weights" if rule["free"] else ""
-        lr_note = (f"chosen by --lr auto from hidden size {d_s} of the teacher's {d_t} and {tokens_per_step:,} "
-                   f"tokens per step (lrc.optim.lr_rule{kind}), stored in config.yaml")
-    free_lr_chosen = cfg.free_after is not None and cfg.optim.free_lr == AUTO
-    if free_lr_chosen:
-        cfg = prep.cfg = cfg.replace(free_lr=auto_lr(d_s, d_t, tokens_per_step, free=True, from_lrc_start=True))
     _warn_long_sequences(cfg, prep.teacher.config)
     torch.manual_seed(cfg.seed)
     free = prep.resume_from is not None and bool(ckpt.read_state(prep.resume_from).get(FREE))
@@ -305,15 +293,9 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
         method, init_info = free_method(cfg, prep.teacher), {}
     else:
         method, init_info = build_method(cfg, prep.teacher, calibration=_calibration(prep, info))
-    # the start is measured now: its KL to the teacher sets a free student's step (kd from LRC's start, or
-    # LRC's student after --free-after)
-    start_kl = _start_kl(init_info, info) if (lr_chosen and rule["from_lrc_start"]) or free_lr_chosen else None
-    if start_kl is not None and lr_chosen and rule["from_lrc_start"]:
-        cfg = prep.cfg = cfg.replace(lr=free_lr_from_start(d_s, start_kl, tokens_per_step))
-        lr_note = (f"chosen by --lr auto from hidden size {d_s} and the start's KL to the teacher "
-                   f"{start_kl:.3g} (lrc.optim.lr_rule.free_lr_from_start), stored in config.yaml")
-    if start_kl is not None and free_lr_chosen:
-        cfg = prep.cfg = cfg.replace(free_lr=free_lr_from_start(d_s, start_kl, tokens_per_step))
+    cfg, chosen = _choose_lrs(cfg, prep.teacher.config.hidden_size, tokens_per_step, init_info, info)
+    prep.cfg = cfg
+    lr_note = chosen or ("as given" if prep.resume_from is None else "the run's")
     method.to(device)
     if sharded:  # every rank cuts its shards from rank 0's tensors
         broadcast_from_rank0(method.trainable_parameters(), info)
@@ -350,6 +332,32 @@ def setup(cfg: RunConfig, explicit: set[str], resume: bool, info: DistInfo, comm
     if info.is_main:
         log.info(_startup_text(prep, s, init_info, note, tokens_per_step, lr_note))
     return s
+
+
+def _choose_lrs(cfg: RunConfig, d_t: int, tokens_per_step: int, init_info: dict,
+                info: DistInfo) -> tuple[RunConfig, str | None]:
+    """`--lr auto` and `--free-lr auto` resolved once the start is built (a resumed run reads the numbers its
+    config.yaml stored), with the start-up note on how --lr was chosen (None: it was given). A free student from
+    LRC's start (kd, or LRC's after --free-after) steps by how close its measured start is to the teacher."""
+    d_s = cast(int, cfg.student.hidden_size)
+    rule = lr_rule_options(cfg)
+    lr_auto = cfg.optim.lr == AUTO
+    free_lr_auto = cfg.free_after is not None and cfg.optim.free_lr == AUTO
+    start_kl = _start_kl(init_info, info) if (lr_auto and rule["from_lrc_start"]) or free_lr_auto else None
+    note = None
+    if lr_auto and rule["from_lrc_start"] and start_kl is not None:
+        cfg = cfg.replace(lr=free_lr_from_start(d_s, start_kl, tokens_per_step))
+        note = (f"chosen by --lr auto from hidden size {d_s} and the start's KL to the teacher {start_kl:.3g} "
+                "(lrc.optim.lr_rule.free_lr_from_start), stored in config.yaml")
+    elif lr_auto:
+        cfg = cfg.replace(lr=auto_lr(d_s, d_t, tokens_per_step, **rule))
+        kind = ", free weights from LRC's start" if rule["from_lrc_start"] else ", free weights" if rule["free"] else ""
+        note = (f"chosen by --lr auto from hidden size {d_s} of the teacher's {d_t} and {tokens_per_step:,} "
+                f"tokens per step (lrc.optim.lr_rule{kind}), stored in config.yaml")
+    if free_lr_auto:
+        cfg = cfg.replace(free_lr=free_lr_from_start(d_s, start_kl, tokens_per_step) if start_kl is not None
+                          else auto_lr(d_s, d_t, tokens_per_step, free=True, from_lrc_start=True))
+    return cfg, note
 
 
 def _start_kl(init_info: dict, info: DistInfo) -> float | None:
