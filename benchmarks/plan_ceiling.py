@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GiB = 1 << 30
-COMMON = ["--parallel", "fsdp", "--seq-len", "2048", "--precision", "bf16", "--grad-checkpointing"]
+COMMON = ["--method", "lrc", "--parallel", "fsdp", "--seq-len", "2048", "--precision", "bf16", "--grad-checkpointing"]
 # (label, teacher folder, student hidden, GPUs, micro-batch)
 ROWS = [("Llama-3.1-8B -> 2048, micro-batch 2 x 2048", "llama-3.1-8b", 2048, 8, 2),
         ("Qwen2.5-32B -> 2560", "qwen2.5-32b", 2560, 16, 1),

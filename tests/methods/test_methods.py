@@ -100,10 +100,12 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("accum", [1, 2])  # generated in each micro-batch's forward, or once per step
-def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
-    """FSDP2's unit (one rank here: torchrun tests cover two) gathers the projections where the student is
-    generated, keeps the clone-term gradients of the micro-batches and sends all of them to the shards."""
+@pytest.mark.parametrize("accum, checkpointing, ffn_size", [(1, False, None), (2, False, None), (2, True, None),
+                                                          (2, True, 24)])
+def test_sharded_projections_train_like_whole_ones(one_rank_group, accum, checkpointing, ffn_size):
+    """Each layer's FSDP2 unit (one rank here: torchrun tests cover two) gathers its projections where the
+    layer runs (again in its recomputation under checkpointing), and every gradient reaches the shards: the
+    generated weights', the clone targets' mapped through P_o / P_down / Q, over all micro-batches."""
     from lrc.data.batch import next_token_labels
     from lrc.distributed.fsdp import gathered, is_sharded
     from lrc.distributed.processes import DistInfo
@@ -113,7 +115,7 @@ def test_sharded_projections_train_like_whole_ones(one_rank_group, accum):
     runs = []
     for shard in (False, True):
         torch.manual_seed(0)
-        method, _ = build_method(_cfg("lrc"), teacher)
+        method, _ = build_method(_cfg("lrc", grad_checkpointing=checkpointing, ffn_size=ffn_size), teacher)
         if shard:
             assert "layer projections sharded" in method.shard_trainables(torch.device("cpu"))
             assert is_sharded(method.clone.layers[0].o) and not is_sharded(method.clone.embed)
@@ -215,3 +217,47 @@ def test_kd_with_random_init_is_the_random_student():
     want = random_student(teacher, 40, 3).state_dict()
     for name, value in kd.student_model().state_dict().items():
         assert torch.equal(value, want[name]), name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sharded_projections_are_whole_one_layer_at_a_time(one_rank_group, monkeypatch, checkpointing):
+    """Under fsdp each layer's projections are gathered while that layer runs and resharded (their gradients
+    reduce-scattered) after its backward: counted on FSDP2's own unshard/reshard of the layer units during a
+    training step of a 4-layer student, every layer is gathered, never more than one at a time (two while
+    the backward of one layer hands over to the next one's gather, with FSDP2's prefetch)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from lrc.distributed.processes import DistInfo
+    from lrc.train.trainer import train_step
+
+    teacher = make_teacher("llama", False, num_hidden_layers=4)
+    method, _ = build_method(_cfg("lrc", grad_checkpointing=checkpointing), teacher)
+    method.shard_trainables(torch.device("cpu"))
+    units = {id(u._get_fsdp_state()._fsdp_param_group): i for i, u in enumerate(method.clone.layers)}
+    whole: set[int] = set()
+    most, gathered_layers = [0], set()
+    unshard, reshard = FSDPParamGroup.unshard, FSDPParamGroup.reshard
+
+    def counting_unshard(group, *a, **kw):
+        out = unshard(group, *a, **kw)
+        if id(group) in units:
+            whole.add(units[id(group)])
+            gathered_layers.add(units[id(group)])
+            most[0] = max(most[0], len(whole))
+        return out
+
+    def counting_reshard(group, *a, **kw):
+        whole.discard(units.get(id(group), -1))
+        return reshard(group, *a, **kw)
+
+    monkeypatch.setattr(FSDPParamGroup, "unshard", counting_unshard)
+    monkeypatch.setattr(FSDPParamGroup, "reshard", counting_reshard)
+    ids, pos = packed_batch()
+    from lrc.data.batch import next_token_labels
+
+    opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-2)
+    train_step(method, [{"input_ids": ids, "position_ids": pos, "labels": next_token_labels(ids, pos)}], opt,
+               device=torch.device("cpu"), precision="fp32", info=DistInfo())
+    assert gathered_layers == {0, 1, 2, 3}
+    assert not whole  # all resharded after the step
+    assert 1 <= most[0] <= 2

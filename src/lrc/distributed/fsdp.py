@@ -8,18 +8,22 @@ backward, so at most one teacher matrix is whole at a time).
 
 The trainable layer projections (and the layers' norm gains, all but the embedding and head projections and
 the final norm gain: well over 99% of the trainables of a real model) are sharded too, by `shard_projections`:
-one FSDP2 unit whose parameters, gradients and therefore AdamW moments each rank holds 1/world of. The unit
-is gathered where the student's weights are generated (`Projections.forward` runs the generation) and stays
-gathered for the rest of that optimizer step, because the clone also reads P_o and P_down in its clone-loss
-hooks and the generation's backward needs every P; FSDP2's own backward hooks then reduce-scatter the
-gradients (averaging them over ranks) and reshard once per step. The remaining small trainables stay whole
-on every rank and are averaged by `distributed.average_gradients`, which skips the sharded ones.
+one FSDP2 unit per layer, whose parameters, gradients and therefore AdamW moments each rank holds 1/world of.
+A layer's unit is gathered only while that layer runs: the student layer calls its unit
+(`LayerProjections.forward`), which generates the layer's weights and maps the teacher's clone targets
+through P_o / P_down inside FSDP2's forward hooks and reshards after it. In backward FSDP2 gathers the layer
+again when the gradient of anything the unit returned arrives, and reduce-scatters its gradients (averaging
+them over ranks) and reshards once the gradient of the layer's input has been computed: the unit also passes
+the layer's input hidden state through, so FSDP2's post-backward hook sits on it (`lrc.model.clone`). So at
+most about one layer's projections and their gradients are whole at a time; under gradient checkpointing the
+layer's weights are generated again in its recomputation. The remaining small trainables stay whole on every
+rank and are averaged by `distributed.average_gradients`, which skips the sharded ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import warnings
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,26 +61,6 @@ def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
-class Projections(nn.Module):
-    """The FSDP2 root over the trainable layer projections (`shard_projections`; one group per layer).
-
-    Its `forward(generate)` gathers every layer (one all-gather each) and returns `generate()`; FSDP2's
-    forward post-hook puts a pre-backward hook on every tensor `generate` returns that needs a gradient. So
-    `generate` returns (anything, [generated weights]): the backward through those weights is the one after
-    which FSDP2's root callback reduce-scatters each layer's gradients (accumulated over the whole step, also
-    from the clone-loss hooks) and reshards it. Leaf tensors (the gathered parameters themselves) must not be
-    among the returned tensors: they would collect a hook per call.
-    """
-
-    def __init__(self, layers: nn.ModuleList):
-        super().__init__()
-        self.layers = layers  # the clone's own modules: FSDP2 swaps their parameters in place
-
-    def forward(self, generate: Callable[[], tuple[Any, list[torch.Tensor]]]) -> tuple[Any, list[torch.Tensor]]:
-        gather(self, True)
-        return generate()
-
-
 def held_bytes(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, tuple[int, int]]:
     """Of the sharded `params` and of everything else trained: (bytes this rank holds, bytes whole) of the
     parameters and of their optimizer state (AdamW's moments), as allocated now."""
@@ -90,34 +74,32 @@ def held_bytes(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer)
     return out
 
 
-def gather(unit: nn.Module, whole: bool) -> None:
-    """Gather (whole=True) or reshard the layers of a `shard_projections` unit outside FSDP2's own hooks, one
-    layer's collective at a time."""
+def gather(layers: nn.Module, whole: bool) -> None:
+    """Gather (whole=True) or reshard every layer of `shard_projections` outside a forward (export, a whole
+    student), one layer's collective at a time."""
     from torch.distributed.fsdp import FSDPModule  # only under torchrun (fsdp, checkpoints)
 
-    for module in unit.modules():
-        if isinstance(module, FSDPModule) and module is not unit:
+    for module in layers.modules():
+        if isinstance(module, FSDPModule):
             if whole:
                 module.unshard()
             else:
                 module.reshard()
 
 
-def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[Projections, int, int]:
-    """Shard `layers` (the clone's `LayerProjections`, identical on every rank) over all ranks of the default
-    process group as one FSDP2 unit that stays gathered after its forward (see `Projections`).
+def shard_projections(layers: nn.ModuleList, device: torch.device) -> tuple[int, int]:
+    """Shard each of `layers` (the clone's `LayerProjections`, identical on every rank) over all ranks of the
+    default process group as its own FSDP2 unit, gathered per layer where that layer runs (see module doc).
 
-    Returns (the unit, bytes of its parameters this rank holds, bytes of them whole)."""
+    Returns (bytes of their parameters this rank holds, bytes of them whole)."""
     from torch.distributed.fsdp import fully_shard  # only under torchrun (fsdp, checkpoints)
 
     whole = sum(p.numel() * p.element_size() for p in layers.parameters())
     mesh = world_mesh(device)
-    # A parameter group per layer: all-gathers and reduce-scatters go one layer at a time, so their flat
-    # buffers are one layer's; the root holds no parameter and only lends its forward and backward hooks.
+    # The units return the layer's input as FSDP2's autograd function passed it on (a view of it); nothing
+    # writes to it in place, which is what FSDP2's warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLayerProjections\) returned a view")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
-    unit = Projections(layers)
-    fully_shard(unit, mesh=mesh, reshard_after_forward=False)
-    return unit, local_bytes(layers.parameters()), whole
-
-
+        # each its own root: nothing above it runs a forward
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    return local_bytes(layers.parameters()), whole

@@ -11,33 +11,23 @@ from transformers import PreTrainedModel
 
 from lrc.config import RunConfig
 from lrc.data.batch import next_token_labels
-from lrc.distributed.fsdp import Projections, gather, shard_projections
+from lrc.distributed.fsdp import gather
 from lrc.methods.base import Calibration, Method, export_dtype, kept_layers_of
 from lrc.model.clone import LowRankClone
 from lrc.model.export import build_student_model
 from lrc.model.losses import LossOutput, LossWeights, TokenCounts, kl_positions, lrc_objective, token_shares
-from lrc.model.weights import StepWeights, generate_weights
+from lrc.model.weights import StepWeights
 from lrc.student.init import init_pca, init_random
 from lrc.student.refit import refit_projections
 from lrc.student.select import select_ffn_channels
 
 
-class _Generated:
-    """Weights generated for one micro-batch, in the shape of `StepWeights` (the head generated in forward)."""
-
-    head = None
-
-    def __init__(self, weights: dict[str, torch.Tensor]):
-        self.weights = weights
-
-
 class LRC(Method):
     """Low-Rank Clone: the student generated from the teacher by trainable projections (`LowRankClone`).
 
-    With its layer projections sharded (`shard_trainables`), every generation runs inside the FSDP2 unit's
-    forward (`lrc.distributed.fsdp.Projections`): gathered there, kept gathered for the step, and reduce-scattered and
-    resharded by FSDP2 after the backward through the generated weights (`finish_step`, or the micro-batch's
-    backward when nothing is reused)."""
+    With its layer projections sharded (`shard_trainables`), each layer generates its weights when it runs,
+    inside its own FSDP2 unit (`lrc.distributed.fsdp`): gathered there and reduce-scattered and resharded by
+    FSDP2 after that layer's backward, in every micro-batch (nothing is reused over a step)."""
 
     def __init__(self, clone: LowRankClone, loss_weights: LossWeights | None = None, *, chunk_size: int = 0,
                  fused_loss: bool = True, reuse_weights: bool = True):
@@ -49,28 +39,11 @@ class LRC(Method):
         # (the naive path, for benchmarks and tests)
         self.fused_loss = fused_loss
         self.reuse_weights = reuse_weights
-        self.__dict__["_projections"] = None  # the FSDP2 unit, outside the module tree (its modules are ours)
-
-    @property
-    def projections(self) -> Projections | None:
-        return self.__dict__["_projections"]
 
     def shard_trainables(self, device: torch.device) -> str:
-        unit, held, whole = shard_projections(self.clone.layers, device)
-        self.__dict__["_projections"] = unit
-        return f"layer projections sharded (FSDP2): {held / 2**20:.4g} MiB of {whole / 2**20:.4g} MiB on each"
-
-    def _generate(self) -> _Generated | None:
-        """The clone's weights for one micro-batch, generated inside the FSDP2 unit when it is sharded."""
-        unit = self.projections
-        if unit is None:
-            return None
-
-        def generate():
-            weights = generate_weights(self.clone)
-            return _Generated(weights), [w for w in weights.values() if w.requires_grad and not w.is_leaf]
-
-        return unit(generate)[0]
+        held, whole = self.clone.shard_layers(device)
+        return (f"layer projections sharded (FSDP2): {held / 2**20:.4g} MiB of {whole / 2**20:.4g} MiB on each, "
+                "gathered one layer at a time")
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, loss_mask=None, *,
                 step_tokens: TokenCounts | None = None, step: StepWeights | None = None) -> LossOutput:
@@ -78,11 +51,8 @@ class LRC(Method):
         if labels is None:
             labels = next_token_labels(input_ids, position_ids, attention_mask)
         ce_den, kl_scale, clone_scale = token_shares(step_tokens, labels, attention_mask, loss_mask)
-        weights = step if step is not None else self._generate()
         fwd = self.clone(input_ids, position_ids, attention_mask, terms=w.clone_terms(), teacher_logits=w.kl != 0.0,
-                         step=cast(StepWeights, weights))
-        if self.projections is not None and not torch.is_grad_enabled():
-            gather(self.projections, False)  # evaluation: no backward will reshard it
+                         step=step)
         return lrc_objective(fwd.hidden, fwd.head, fwd.teacher_hidden, fwd.teacher_head, fwd.clone_errors,
                              labels.reshape(-1), kl_positions(labels, attention_mask, loss_mask), w,
                              ce_denominator=ce_den, kl_scale=kl_scale, clone_scale=clone_scale,
@@ -92,18 +62,12 @@ class LRC(Method):
         # One micro-batch gains nothing from keeping the generated weights as separate leaves.
         if micro_batches <= 1 or not self.reuse_weights:
             return None
-        if self.clone.grad_checkpointing and self.projections is None:
-            # regenerated per micro-batch inside each checkpointed layer: one layer's weights alive at a time
-            # (kept for the step they would be every layer's, the memory checkpointing is there to save)
+        if self.clone.grad_checkpointing or self.clone.sharded:
+            # regenerated per micro-batch in each layer: one layer's weights alive at a time under
+            # checkpointing, one layer's projections gathered under fsdp (kept for the step they would be
+            # every layer's, the memory these options are there to save)
             return None
-        if self.projections is None:
-            return StepWeights(self.clone)
-
-        def generate():
-            step = StepWeights(self.clone)
-            return step, step.generated
-
-        return self.projections(generate)[0]
+        return StepWeights(self.clone)
 
     def finish_step(self, step: StepWeights | None) -> None:
         if step is not None:
@@ -125,14 +89,13 @@ class LRC(Method):
         self.clone.load_trainable_state_dict(state)
 
     def student_model(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-        unit = self.projections
-        if unit is None:
+        if not self.clone.sharded:
             return build_student_model(self.clone, dtype)
-        gather(unit, True)
+        gather(self.clone.layers, True)
         try:
             return build_student_model(self.clone, dtype)
         finally:
-            gather(unit, False)
+            gather(self.clone.layers, False)
 
 
 def lrc_start(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple[LowRankClone, dict]:

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrc.distributed.fsdp import gathered
+from lrc.distributed.fsdp import gathered, shard_projections
 from lrc.errors import UserError
 from lrc.model.alignment import module_output, teacher_activations, term_modules, to_student_space
 from lrc.model.costs import choose_projections, role_outs
@@ -95,6 +95,8 @@ class LayerProjections(nn.Module):
     (`ffn` = (d_ff_T, M)) the intermediate projection Q: gate/up = Q^T W_T P, down = P^T W_T Q."""
 
     ffn: nn.Parameter | None
+    o: nn.Parameter  # set with the other roles in __init__
+    down: nn.Parameter
 
     def __init__(self, d_t: int, d_s: int, ffn: tuple[int, int] | None = None):
         super().__init__()
@@ -103,6 +105,15 @@ class LayerProjections(nn.Module):
         self.ffn = nn.Parameter(torch.empty(*ffn)) if ffn is not None else None
         self.input_norm = nn.Parameter(torch.ones(d_s))
         self.post_attention_norm = nn.Parameter(torch.ones(d_s))
+
+    def forward(self, hidden: torch.Tensor, generate: Callable[[], tuple[dict, dict]]):
+        """Under --parallel fsdp, where this is the layer's FSDP2 unit (`lrc.distributed.fsdp.shard_projections`):
+        `generate()` runs while this layer's projections are gathered and returns (its weights, its clone
+        targets), none of them a parameter itself (a parameter's storage goes when the unit reshards).
+        `hidden`, the layer's input, passes through, so that FSDP2's post-backward hook (reduce-scatter,
+        reshard) fires once the layer's backward has reached its input, after every gradient of these weights."""
+        weights, targets = generate()
+        return hidden, weights, targets
 
 
 # roles whose student matrix also goes through the FFN projection Q (intermediate side)
@@ -175,6 +186,7 @@ class LowRankClone(nn.Module):
         self.config = self.student_config()
         self.factored: frozenset[str] = frozenset()
         self.grad_checkpointing = False
+        self.sharded = False  # each layer's projections its own FSDP2 unit (`shard_layers`)
         self._build_shell()
 
     def _build_shell(self) -> None:
@@ -188,9 +200,10 @@ class LowRankClone(nn.Module):
                 has_bias = self.teacher_weight(i, role).bias is not None
                 setattr(layer.get_submodule(block), name,
                         FactoredLinear("input" if role in INPUT_SIDE else "output", has_bias))
-        if self.grad_checkpointing:
+        if self.grad_checkpointing or self.sharded:
             for i in range(self.num_layers):
-                _checkpoint_layer(base.get_submodule(f"{self.family.layers}.{i}"), self._layer_generator(i))
+                _own_weights_layer(base.get_submodule(f"{self.family.layers}.{i}"), self._layer_generator(i),
+                                   self.grad_checkpointing)
         shell.train(self.training)
         # Kept out of the module tree: it lives on the meta device and only lends its forward().
         self.__dict__["_shell"] = shell
@@ -205,16 +218,47 @@ class LowRankClone(nn.Module):
         return self
 
     def _layer_generator(self, i: int):
-        """For layer i's checkpointed forward: its weight generator when this forward generates per layer
-        (`generate_per_layer`), else None (asked at forward time; the recompute uses the same answer)."""
-        return lambda: (lambda: generate_layer_weights(self, i)) if self.__dict__.get("_per_layer") else None
+        """For layer i's forward: its weight generator when this forward generates per layer
+        (`generate_per_layer`), else None (asked at forward time; a recompute uses the same answer). The
+        generator takes the layer's input hidden state and returns it (through the layer's FSDP2 unit when
+        sharded) with the layer's weights."""
+
+        def own(hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            if not self.sharded:
+                return hidden, generate_layer_weights(self, i)
+            hidden, weights, targets = self.layers[i](hidden, lambda: self._generate_sharded_layer(i))
+            self.__dict__["_layer_ctx"][2].update(targets)
+            return hidden, weights
+
+        return lambda: own if self.__dict__.get("_per_layer") else None
+
+    def _generate_sharded_layer(self, i: int) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
+        """Inside layer i's FSDP2 unit: its weights (parameters passed as copies, see `LayerProjections.forward`)
+        and the teacher's clone targets of this forward mapped into the student's space through its P."""
+        weights = {k: w.clone() if w.is_leaf and w.requires_grad else w
+                   for k, w in generate_layer_weights(self, i).items()}
+        t_acts, terms, _ = self.__dict__["_layer_ctx"]
+        proj = cast(LayerProjections, self.layers[i])
+        targets = {(i, t): to_student_space(t, t_acts[(i, t)], proj.o, proj.down, proj.ffn) for t in terms}
+        return weights, targets
 
     def generate_per_layer(self, step: StepWeights | None) -> bool:
-        """Whether this training forward generates each layer's weights inside its checkpointed layer (so in
-        backward the layer is generated again with its activations, and one layer's generated weights are
-        alive at a time) instead of all layers up front: with gradient checkpointing, when nothing gives
-        the weights for the step (`StepWeights`, or the sharded projections' generation)."""
-        return self.grad_checkpointing and step is None and torch.is_grad_enabled()
+        """Whether this forward generates each layer's weights when the layer runs instead of all layers up
+        front: always when the projections are sharded (each layer's gathered only then), and with gradient
+        checkpointing in training (inside the checkpointed layer, so in backward the layer is generated again
+        with its activations and one layer's generated weights are alive at a time); never when `StepWeights`
+        gives the weights for the step."""
+        if step is not None:
+            return False
+        return self.sharded or (self.grad_checkpointing and torch.is_grad_enabled())
+
+    def shard_layers(self, device: torch.device) -> tuple[int, int]:
+        """Shard each layer's projections as its own FSDP2 unit (`--parallel fsdp`); from now on every forward
+        generates per layer. Returns (bytes of them this rank holds, bytes whole)."""
+        held, whole = shard_projections(self.layers, device)
+        self.sharded = True
+        self._build_shell()
+        return held, whole
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each student layer in backward instead of keeping its activations."""
@@ -360,8 +404,8 @@ class LowRankClone(nn.Module):
         per_layer = self.generate_per_layer(step)
         if step is not None:
             weights = step.weights
-        elif per_layer:  # each checkpointed layer generates its own (`_checkpoint_layer`)
-            weights = {f"{self.family.final_norm}.weight": self.final_norm}
+        elif per_layer:  # each layer generates its own (`_own_weights_layer`)
+            weights = self._per_layer_weights(t_acts, terms)
         else:
             weights = generate_weights(self)
         errors: dict[tuple[int, str], torch.Tensor] = {}
@@ -374,7 +418,7 @@ class LowRankClone(nn.Module):
                     handles.append(module.register_forward_hook(self._clone_hook(errors, t_acts, i, term, valid)))
             return handles
 
-        self.__dict__["_per_layer"] = per_layer  # read by the checkpointed layers, in forward and recompute
+        self.__dict__["_per_layer"] = per_layer  # read by the layers, in forward and recompute
         hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
         factored_head = "head" in self.factored and (step is None or step.head is None)
         # (V, d_T) teacher head (the embedding when tied), gathered (and cast) once per forward
@@ -396,11 +440,20 @@ class LowRankClone(nn.Module):
             clone_errors=errors,
         )
 
+    def _per_layer_weights(self, t_acts: dict, terms: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The weights a per-layer forward is given (the final norm: the layers generate theirs), and this
+        forward's teacher activations and terms for sharded layers to map (their targets land in the dict)."""
+        self.__dict__["_layer_ctx"] = (t_acts, tuple(terms), {})
+        return {f"{self.family.final_norm}.weight": self.final_norm}
+
     def _clone_hook(self, errors, t_acts, i, term, valid):
         proj = self.layers[i]
 
         def hook(module, args, output):
-            teacher = to_student_space(term, t_acts[(i, term)], proj.o, proj.down, proj.ffn)
+            if self.sharded:  # mapped inside the layer's FSDP2 unit, by this (re)computation of the layer
+                teacher = self.__dict__["_layer_ctx"][2][(i, term)]
+            else:
+                teacher = to_student_space(term, t_acts[(i, term)], proj.o, proj.down, proj.ffn)
             # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
             errors[(i, term)] = masked_mse(module_output(output), teacher, valid)
 
@@ -410,7 +463,7 @@ class LowRankClone(nn.Module):
     @torch.no_grad()
     def student_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         """(B, T, V) logits of the in-training student (for tests and evaluation of small batches)."""
-        h = self._run_student(input_ids, position_ids, attention_mask, generate_weights(self))
+        h = self._run_student(input_ids, position_ids, attention_mask, self._inference_weights())
         return (h @ student_head(self).t()).float()
 
     @torch.no_grad()
@@ -419,36 +472,50 @@ class LowRankClone(nn.Module):
         """(B, T, d_S) final hidden states of the student, with its generated weights (or `weights`, e.g. the
         generated ones rounded to an export dtype)."""
         return self._run_student(input_ids, position_ids, attention_mask,
-                                 weights if weights is not None else generate_weights(self))
+                                 weights if weights is not None else self._inference_weights())
+
+    def _inference_weights(self) -> dict[str, torch.Tensor]:
+        """Weights for a forward without clone terms: every layer's generated, or per layer when sharded."""
+        self.__dict__["_per_layer"] = self.sharded
+        return self._per_layer_weights({}, ()) if self.sharded else generate_weights(self)
 
 
-def _checkpoint_layer(layer: nn.Module, generate: Callable[[], Callable[[], dict] | None]) -> None:
-    """Make a shell decoder layer recompute itself in backward (non-reentrant activation checkpointing).
+def _own_weights_layer(layer: nn.Module, generate: Callable[[], Callable | None], checkpointed: bool) -> None:
+    """Make a shell decoder layer generate its own weights when it runs, and with `checkpointed` recompute
+    itself in backward (non-reentrant activation checkpointing).
 
-    transformers' own checkpointing would re-run the layer after functional_call has put the meta
-    tensors back; here the layer's tensors of this call are captured and handed to the recompute.
-    `generate()` returns the layer's weight generator when the clone generates per layer (else None): the
-    weights are then generated inside the checkpointed function, and so again in backward, instead of being
-    captured, so only the running layer's generated weights are alive."""
+    `generate()` returns the layer's weight generator when the clone generates per layer (else None; the
+    layer then runs on the tensors functional_call swapped in). Its weights are then generated inside the
+    (checkpointed) function, and so again in backward, instead of being captured, so only the running layer's
+    generated weights are alive. transformers' own checkpointing would re-run the layer after functional_call
+    has put the meta tensors back; here the layer's tensors of this call are captured and handed to the
+    recompute."""
     inner_forward = layer.forward
     state = {"inside": False}
 
     def forward(*args, **kwargs):
-        if state["inside"] or not torch.is_grad_enabled():
+        if state["inside"]:
             return inner_forward(*args, **kwargs)
+        if not args:  # the hidden state first, positional, as run() takes it
+            args = (kwargs.pop("hidden_states"),)
         own_weights = generate()
+        recompute = checkpointed and torch.is_grad_enabled()
+        if own_weights is None and not recompute:
+            return inner_forward(*args, **kwargs)
         # this call's weights, swapped in by functional_call (meta placeholders when the layer generates its own)
         tensors = dict(layer.named_parameters()) if own_weights is None else {}
 
-        def run(params, *a):
+        def run(params, hidden, *a):
             state["inside"] = True
             try:
                 if own_weights is not None:
-                    params = own_weights()
-                return functional_call(layer, params, a, kwargs, strict=False, tie_weights=False)
+                    hidden, params = own_weights(hidden)
+                return functional_call(layer, params, (hidden, *a), kwargs, strict=False, tie_weights=False)
             finally:
                 state["inside"] = False
 
-        return checkpoint(run, tensors, *args, use_reentrant=False)
+        if recompute:
+            return checkpoint(run, tensors, *args, use_reentrant=False)
+        return run(tensors, *args)
 
     layer.forward = forward

@@ -137,8 +137,8 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     tokens = cfg.train.batch_size * cfg.data.seq_len
     free = METHODS[cfg.method].free_weights
     check_parallel(cfg.method, sharded)
-    # under checkpointing (projections not sharded) every micro-batch generates again: nothing reused
-    reuse = 1 if cfg.compute.grad_checkpointing and not sharded else cfg.train.grad_accum
+    # under checkpointing, and with the projections sharded per layer, every micro-batch generates again
+    reuse = 1 if cfg.compute.grad_checkpointing or sharded else cfg.train.grad_accum
     roles = {r: "generated" for r in shape.role_outs} if free else choose_roles(shape, tokens, reuse, sharded)
     weights = free_loss_weights(cfg) if free else cfg.loss  # the terms the method computes
     terms = set(weights.clone_terms())

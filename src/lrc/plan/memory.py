@@ -159,8 +159,9 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     count, nothing is generated (under bf16 autocast its weights are cast once per forward and the copies saved
     for the backward), its layers' activations are those of a generated student, and it is never sharded.
     shard_trainables (under fsdp): the layer projections, their gradients and moments are sharded too (1/nproc
-    each, `lrc.distributed.fsdp.shard_projections`), gathered whole for the step and their gradients reduce-scattered
-    at its end; False: the projections whole on every process (fsdp before they were sharded)."""
+    each, `lrc.distributed.fsdp.shard_projections`), each layer's gathered while it runs (forward, recompute,
+    backward) and its gradients reduce-scattered after its backward, so the student is generated per layer in
+    every micro-batch; False: the projections whole on every process (fsdp before they were sharded)."""
     s = shape
     n = batch * seq_len
     tb = teacher_bytes_per_param
@@ -183,18 +184,13 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                     f"moments" + (" + gradients" if grads else " (gradients not yet allocated)")
                     + (f"; layer projections 1/{nproc} per process (fsdp)" if split else ""))
 
-    # the sharded layer projections gathered whole for a step; in its backward also their whole gradients
-    gathered_params = Part("projections gathered", layer_part * 4, "whole for the step (fsdp)")
-    # in a micro-batch's backward, gradients reach the whole P_o / P_down through the clone targets; the rest
-    # arrive with the generation's backward (at once without accumulation, at the step's end with it)
-    projected = len({"attn_out", "ffn_out"} & terms) / len(ROLES)
-    back_grads = layer_part * 4 * (1.0 if grad_accum == 1 else projected)
-    gathered_grads = Part("projections gathered", int(layer_part * 4 + back_grads),
-                          "whole, and their gradients so far (fsdp)")
-    # at the step's end: the gathered projections and their whole gradients, reduce-scattered (and resharded)
-    # one layer at a time through one layer's flat buffer
-    reduce = Part("gradient reduce-scatter", layer_part * 8 + layer_part * 4 // max(1, s.layers),
-                  "gathered projections + whole gradients, then one layer at a time (fsdp)")
+    # the sharded layer projections, gathered one layer at a time: the running layer's in forward; in backward
+    # the running layer's and the next one's (FSDP2 prefetches it), the running layer's whole gradients and
+    # their reduce-scatter buffer
+    one_layer = layer_part * 4 // max(1, s.layers)
+    gathered_params = Part("projections gathered", one_layer, "one layer's, while it runs (fsdp)")
+    gathered_grads = Part("projections gathered", one_layer * 4,
+                          "2 layers' (one prefetched) + one layer's gradients and reduce-scatter buffer (fsdp)")
 
     outs = dict(s.role_outs)
     ffn_mid = 0
@@ -207,7 +203,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     head_generated = roles["head"] == "generated"
     head_el = s.vocab * s.d_s if head_generated else 0
     gb = 4 if fp32 else 2
-    per_layer = grad_checkpointing and not split  # `LowRankClone.generate_per_layer`
+    per_layer = grad_checkpointing  # `LowRankClone.generate_per_layer`
     if per_layer:
         # each checkpointed layer generates its own weights, in forward and again in its backward recompute,
         # per micro-batch: about one layer's weights and their gradients alive at a time (2 layers' worth)
@@ -215,7 +211,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
         live_el = math.ceil(gen_el * 2 / max(1, s.layers))
         gen_note = (f"{'fp32' if fp32 else 'bf16'}, generated per layer inside its checkpointed forward "
                     "(about 2 layers alive; regenerated in backward and per micro-batch)")
-    elif grad_accum > 1:
+    elif grad_accum > 1 and not split:
         live_el = gen_el
         # `StepWeights`: fp32 leaves with fp32 gradients, shared by the micro-batches (under fp32 the leaf is
         # the generated tensor itself); under bf16 also the bf16 originals and each micro-batch's bf16 casts
@@ -224,9 +220,10 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
     else:
         live_el = gen_el
         per_el = gb
-        gen_note = f"{'fp32' if fp32 else 'bf16'}, generated in the forward"
+        gen_note = f"{'fp32' if fp32 else 'bf16'}, generated in the forward" + (
+            ", per layer, every micro-batch (fsdp)" if split else "")
     # the whole student's are `gen_el` elements (evaluation generates them all); `live_el` are alive in training
-    reused = grad_accum > 1 and not per_layer  # `StepWeights` kept across the micro-batches
+    reused = grad_accum > 1 and not per_layer and not split  # `StepWeights` kept across the micro-batches
     gen = Part("generated student weights", (live_el + head_el) * per_el,
                f"{human_count(live_el + head_el)} elements, {gen_note}"
                + ("" if head_generated else "; head factored"))
@@ -290,18 +287,18 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                         "leaves and their gradients, until the step ends"))
         opt.append(Part("transient", largest, "one teacher matrix fetched in fp32 (gradients sent back)"))
     phases["optimizer"] = [*opt, *extra]
-    if split:
-        phases["optimizer"].insert(3, reduce)
 
     # The end: held-out evaluation (no grad: generated weights, clone targets, the loss's chunks) and the
     # checkpoint (safetensors copies the projections while writing).
     eval_b = 0
     if evaluates:
         eval_loss = head_copy + t_hidden + _chunk_bytes(s, n, chunk, precision, kl, head_generated, grad=False)
-        eval_b = (gen_el + head_el) * gb + eval_loss + acts["teacher"] + 2 * n * s.d_t * a
+        eval_gen = math.ceil(gen_el / max(1, s.layers)) if split else gen_el  # sharded: one layer at a time
+        eval_b = (eval_gen + head_el) * gb + eval_loss + acts["teacher"] + 2 * n * s.d_t * a
+    saved = held_train * 4  # under fsdp each process writes its own shards (torch.distributed.checkpoint)
     phases["end"] = [runtime, teacher, trainables(grads=False),
-                     Part("evaluation / checkpoint", max(eval_b, trainable * 4),
-                          "held-out forward" if eval_b > trainable * 4 else "checkpoint serialisation copy"),
+                     Part("evaluation / checkpoint", max(eval_b, saved),
+                          "held-out forward" if eval_b > saved else "checkpoint serialisation copy"),
                      *extra]
     if sharded:  # built on the meta device; each process reads only its own shards (`load_empty_teacher`)
         phases["load"] = [runtime, Part("teacher weights", teacher_held, "each process reads its own shards")]
