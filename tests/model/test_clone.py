@@ -271,6 +271,11 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
     layer_weights = lrc.model.clone.generate_layer_weights
     monkeypatch.setattr(lrc.model.clone, "generate_layer_weights",
                         lambda clone, i: per_layer_calls.append(i) or layer_weights(clone, i))
+    # and the clone targets with them: each layer's teacher layer runs again from its recorded input
+    target_calls = []
+    layer_targets = lrc.model.clone.teacher_layer_activations
+    monkeypatch.setattr(lrc.model.clone, "teacher_layer_activations",
+                        lambda layer, fam, i, *a: target_calls.append(i) or layer_targets(layer, fam, i, *a))
     result = {}
     for ckpt in (False, True):
         torch.manual_seed(0)
@@ -287,5 +292,6 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
         result[ckpt] = (losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     # generated per layer only under checkpointing: in forward, then again in the backward's recompute
     assert per_layer_calls == [0, 1, 1, 0] * accum
+    assert target_calls == [0, 1, 1, 0] * accum
     assert result[True][0] == pytest.approx(result[False][0], rel=1e-5)
     assert_gradients_close(result[True][1], result[False][1], rtol=GRAD_RTOL)

@@ -75,8 +75,10 @@ def held_bytes(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer)
 
 
 def gather(layers: nn.Module, whole: bool) -> None:
-    """Gather (whole=True) or reshard every layer of `shard_projections` outside a forward (export, a whole
-    student), one layer's collective at a time."""
+    """Gather (whole=True) or reshard every FSDP2 unit in `layers` outside a forward (export, a whole
+    student), one layer's collective at a time. Nothing to do outside torchrun (nothing is sharded there)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
     from torch.distributed.fsdp import FSDPModule  # only under torchrun (fsdp, checkpoints)
 
     for module in layers.modules():

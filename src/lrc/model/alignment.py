@@ -16,7 +16,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from lrc.distributed.fsdp import gathered
+from lrc.distributed.fsdp import gather, gathered
 from lrc.model.families import Family
 from lrc.model.precision import for_product
 
@@ -48,14 +48,22 @@ def store_output(acts: dict, key):
 
 @torch.no_grad()
 def teacher_activations(base: nn.Module, family: Family, kept_layers: Sequence[int], terms: Iterable[str],
+                        inputs: dict[int, tuple] | None = None,
                         **forward_kwargs) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
     """Run the teacher's base model once: its final hidden states and {(student layer, term): output} for
-    the teacher layers the student keeps (student layer i is teacher layer kept_layers[i])."""
+    the teacher layers the student keeps (student layer i is teacher layer kept_layers[i]).
+
+    With `inputs` (a dict to fill), the terms' outputs are not kept: instead inputs[i] = (args, kwargs) of
+    the kept layer's call, from which `teacher_layer_activations` recomputes them one layer at a time."""
     terms = tuple(terms)
     acts: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
     for i, t in enumerate(kept_layers):
-        for term, module in term_modules(base.get_submodule(f"{family.layers}.{t}"), family, terms):
+        layer = base.get_submodule(f"{family.layers}.{t}")
+        if inputs is not None:
+            handles.append(layer.register_forward_pre_hook(_store_inputs(inputs, i), with_kwargs=True))
+            continue
+        for term, module in term_modules(layer, family, terms):
             handles.append(module.register_forward_hook(store_output(acts, (i, term))))
     try:
         out = base(use_cache=False, **forward_kwargs)
@@ -63,6 +71,32 @@ def teacher_activations(base: nn.Module, family: Family, kept_layers: Sequence[i
         for h in handles:
             h.remove()
     return out.last_hidden_state, acts
+
+
+def _store_inputs(inputs: dict, i: int):
+    def hook(module, args, kwargs):
+        inputs[i] = (args, kwargs)
+
+    return hook
+
+
+@torch.no_grad()
+def teacher_layer_activations(layer: nn.Module, family: Family, i: int, terms: Iterable[str], call: tuple,
+                              acts: dict[tuple[int, str], torch.Tensor]) -> None:
+    """Run one teacher layer again on its recorded call (`teacher_activations`' inputs[i]) and put its terms'
+    outputs in `acts` under (i, term), in place of whatever `acts` held (one layer's targets alive at a time).
+    A sharded (FSDP2) layer is resharded after: in backward FSDP2 leaves that to a post-backward that a frozen
+    layer never gets."""
+    acts.clear()
+    handles = [module.register_forward_hook(store_output(acts, (i, term)))
+               for term, module in term_modules(layer, family, terms)]
+    args, kwargs = call
+    try:
+        layer(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        gather(layer, False)
 
 
 def to_student_space(term: str, teacher: torch.Tensor, o: torch.Tensor, down: torch.Tensor,

@@ -30,7 +30,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lrc.distributed.fsdp import gathered, shard_projections
 from lrc.errors import UserError
-from lrc.model.alignment import module_output, teacher_activations, term_modules, to_student_space
+from lrc.model.alignment import (
+    module_output,
+    teacher_activations,
+    teacher_layer_activations,
+    term_modules,
+    to_student_space,
+)
 from lrc.model.costs import choose_projections, role_outs
 from lrc.model.families import INPUT_SIDE, ROLES, family_for
 from lrc.model.losses import CLONE_TERMS, masked_mse
@@ -224,6 +230,10 @@ class LowRankClone(nn.Module):
         sharded) with the layer's weights."""
 
         def own(hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            recompute = self.__dict__.get("_teacher_calls")
+            if recompute is not None:  # this layer's clone targets: its teacher layer run again
+                calls, terms, acts = recompute
+                teacher_layer_activations(self.t_layer(i), self.family, i, terms, calls[i], acts)
             if not self.sharded:
                 return hidden, generate_layer_weights(self, i)
             hidden, weights, targets = self.layers[i](hidden, lambda: self._generate_sharded_layer(i))
@@ -398,10 +408,15 @@ class LowRankClone(nn.Module):
         """
         terms = tuple(terms)
         valid = attention_mask.bool() if attention_mask is not None else None
-        t_hidden, t_acts = teacher_activations(self.t_base, self.family, self.kept_layers, terms,
+        per_layer = self.generate_per_layer(step)
+        # Under checkpointing the clone targets are recomputed with their layer: the teacher's layer inputs are
+        # kept, not every layer's targets (`_layer_generator`)
+        calls: dict[int, tuple] | None = {} if per_layer and self.grad_checkpointing and terms and \
+            torch.is_grad_enabled() else None
+        t_hidden, t_acts = teacher_activations(self.t_base, self.family, self.kept_layers, terms, inputs=calls,
                                                input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=attention_mask)
-        per_layer = self.generate_per_layer(step)
+        self.__dict__["_teacher_calls"] = (calls, terms, t_acts) if calls is not None else None
         if step is not None:
             weights = step.weights
         elif per_layer:  # each layer generates its own (`_own_weights_layer`)
@@ -477,6 +492,7 @@ class LowRankClone(nn.Module):
     def _inference_weights(self) -> dict[str, torch.Tensor]:
         """Weights for a forward without clone terms: every layer's generated, or per layer when sharded."""
         self.__dict__["_per_layer"] = self.sharded
+        self.__dict__["_teacher_calls"] = None
         return self._per_layer_weights({}, ()) if self.sharded else generate_weights(self)
 
 

@@ -164,10 +164,10 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     acts = {
         "without_checkpointing": sum(activation_bytes(shape, cfg.train.batch_size, cfg.data.seq_len, precision,
                                                       roles, terms,
-                                                      False).values()),
+                                                      False, recompute_targets=not free).values()),
         "with_checkpointing": sum(activation_bytes(shape, cfg.train.batch_size, cfg.data.seq_len, precision, roles,
                                                    terms,
-                                                   True).values()),
+                                                   True, recompute_targets=not free).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
     if free:
@@ -175,7 +175,8 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                                      projected_terms=projected)
     else:
         flops = flops_per_token(shape, roles, tokens, reuse, cfg.data.seq_len, kl=kl, projected_terms=projected,
-                                gate_up_terms=tuple(sorted(terms & {"gate", "up"})))
+                                gate_up_terms=tuple(sorted(terms & {"gate", "up"})),
+                                recompute_teacher=cfg.compute.grad_checkpointing and bool(terms))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
     per_step = tokens * cfg.train.grad_accum * nproc

@@ -59,7 +59,8 @@ class Part:
 
 
 def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, roles: dict[str, str],
-                     terms: set[str], grad_checkpointing: bool = False) -> dict[str, int]:
+                     terms: set[str], grad_checkpointing: bool = False,
+                     recompute_targets: bool = True) -> dict[str, int]:
     """Bytes alive at the end of a micro-batch's forward for its backward: {"student", "teacher"}.
 
     Counted from what autograd saves in the code as written (`LowRankClone.forward`, transformers' Llama-style
@@ -74,7 +75,8 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, rol
     consumer, and the MSE's fp32 copies of both sides (4 + 4).
     Global: the embedding rows (N x d_T, for P_emb's gradient), the final norm, RoPE's cos/sin, the packing
     mask (B x T x T). With gradient checkpointing a layer keeps only its input, and one layer is recomputed
-    at a time; the teacher's clone targets stay alive either way.
+    at a time; so is its teacher layer, for the clone targets (`recompute_targets`, LRC's clone): the
+    teacher's layer inputs are kept instead of every layer's targets (a free student's targets stay alive).
     """
     s = shape
     n = batch * seq_len
@@ -121,7 +123,12 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, rol
         student_total = n * (s.layers * a_in * ds + layer_student_b + glob)
     else:
         student_total = n * (s.layers * layer_student_b + glob)
-    return {"student": int(student_total), "teacher": int(n * s.layers * layer_teacher_b)}
+    if grad_checkpointing and recompute_targets and terms:
+        # each kept teacher layer's input (its residual stream, in the compute dtype), and one layer's targets
+        teacher_total = n * (s.layers * (4 if precision == "fp32" else 2) * dt + layer_teacher_b)
+    else:
+        teacher_total = n * s.layers * layer_teacher_b
+    return {"student": int(student_total), "teacher": int(teacher_total)}
 
 
 def _chunk_bytes(shape: Shape, n_tokens: int, chunk: int, precision: str, kl: bool, head_generated: bool,
@@ -234,7 +241,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
         gen = Part("student weights in bf16", trainable * per_el, "autocast's copies, saved for the backward")
         gb = per_el  # evaluation casts them alike
 
-    acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing)
+    acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing, recompute_targets=not free)
     act_part = Part("activations", acts["student"] + acts["teacher"],
                     f"student {acts['student'] / GiB:.3g} GiB + teacher clone targets {acts['teacher'] / GiB:.3g} "
                     f"GiB" + (" (gradient checkpointing)" if grad_checkpointing else ""))
