@@ -53,7 +53,7 @@ NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || 
 if [ "${NGPU:-0}" -ge 2 ]; then
   echo "== multi-GPU: $NGPU GPUs" | tee "$OUT/multi_gpu.log"
   SECONDS=0
-  "$PY" -m lrc plan --teacher benchmarks/configs/llama-3.1-8b --hidden-size 2048 --parallel fsdp --batch-size 2 \
+  "$PY" -m lrc plan --teacher benchmarks/configs/llama-3.1-8b --hidden-size 2048 --method lrc --parallel fsdp --batch-size 2 \
     --seq-len 2048 --precision bf16 --grad-checkpointing --gpus "$NGPU" 2>&1 | tee -a "$OUT/multi_gpu.log"
   LRC_TEST_DEVICE=cuda LRC_TEST_PER_NODE=$((NGPU / 2 < 2 ? 1 : 2)) timeout "${MULTI_TIMEOUT:-300}" "$PY" -m pytest tests/end_to_end/test_multinode.py -v \
     -p no:cacheprovider 2>&1 | tee -a "$OUT/multi_gpu.log"

@@ -447,7 +447,7 @@ class LowRankClone(nn.Module):
             hidden = hidden @ (self.embed if self.tied else cast(nn.Parameter, self.head)).t()
             head = t_head
         else:
-            head = step.head if step is not None and step.head is not None else student_head(self)
+            head = step.head if step is not None and step.head is not None else student_head(self, t_head)
         return CloneForward(
             hidden=hidden, head=head,
             teacher_hidden=t_hidden.reshape(-1, self.d_t) if teacher_logits else None,

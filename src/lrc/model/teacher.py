@@ -260,6 +260,10 @@ def shard_teacher(teacher: nn.Module, device: torch.device,
     # gathered after forward, expecting a backward that never comes for a frozen teacher.
     for layer in cast(nn.ModuleList, base.get_submodule(fam.layers)):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    # The embedding its own unit, gathered in the dtype it is stored in and its rows cast after the lookup: the
+    # root's cast would gather the vocabulary-wide table in the compute dtype (twice the bytes of a bf16 one)
+    rows_mp = MixedPrecisionPolicy(output_dtype=mp.param_dtype) if mp.param_dtype is not None else mp
+    fully_shard(embed_module, mesh=mesh, reshard_after_forward=True, mp_policy=rows_mp)
     fully_shard(base, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     if tied:  # point the head at the embedding's shards (the old whole tensor is then freed)
         head_layer.weight = embed_module.weight

@@ -114,12 +114,19 @@ def student_embedding(clone: LowRankClone) -> torch.Tensor:
     return project_input(cast(nn.Embedding, clone.t_base.get_submodule(clone.family.embed)).weight, clone.embed)
 
 
-def student_head(clone: LowRankClone) -> torch.Tensor:
-    """(V, d_S) student LM head: H_T @ P_head (= E_T @ P_emb when tied)."""
+def student_head(clone: LowRankClone, teacher_head: torch.Tensor | None = None) -> torch.Tensor:
+    """(V, d_S) student LM head: H_T @ P_head (= E_T @ P_emb when tied).
+
+    `teacher_head`: H_T already whole and in the product's dtype (the forward gathered and cast it for the KL),
+    used instead of gathering and casting it again: a sharded or bf16 vocabulary-wide matrix is the largest
+    teacher tensor, and a second copy of it beside the first is the step's peak."""
+    p = clone.embed if clone.tied else clone.head
+    assert p is not None  # an untied clone has its own head projection
+    if teacher_head is not None:
+        return _Project.apply(p, lambda: teacher_head, True)
     if clone.tied:
         return student_embedding(clone)
-    assert clone.head is not None  # an untied clone has its own head projection
-    return project_input(cast(nn.Linear, clone.teacher.get_submodule(clone.family.head)).weight, clone.head)
+    return project_input(cast(nn.Linear, clone.teacher.get_submodule(clone.family.head)).weight, p)
 
 
 def generate_weights(clone: LowRankClone, all_generated: bool = False) -> dict[str, torch.Tensor]:
