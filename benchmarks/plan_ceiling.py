@@ -47,22 +47,25 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     after_src = str(HERE.parent / "src")
-    lines = ["| teacher -> hidden | GPUs | per-GPU peak before | per-GPU peak after | largest parts after, GiB "
-             f"| verdict at {args.gpu_memory} | smallest change that fits | host memory per process at load, "
-             "before -> after |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| teacher -> hidden | GPUs | per-GPU peak before | per-GPU peak after | after, with --recompute-targets "
+             f"| largest parts of that, GiB | verdict at {args.gpu_memory} (after) | smallest change that fits "
+             "| host memory per process at load, before -> after |", "|---|---|---|---|---|---|---|---|---|"]
     for label, folder, hidden, gpus, batch in ROWS:
         argv = ["--teacher", str(HERE / "configs" / folder), "--hidden-size", str(hidden), "--batch-size",
                 str(batch), *COMMON]
         before = plan(args.before_src, [*argv, "--nproc", str(gpus), "--device", "cuda"]) \
             if args.before_src else None
         after = plan(after_src, [*argv, "--gpus", str(gpus), "--gpu-memory", args.gpu_memory])
+        lean = plan(after_src, [*argv, "--recompute-targets", "--nproc", str(gpus), "--device", "cuda"])
+        lean_peak = max(b for k, b in lean["phases"].items() if k != "load")
         v = after["verdict"]
         s = v["suggestion"]
         change = "-" if v["fits"] else (f"{s['words']} (peak {s['peak_bytes'] / GiB:.1f} GiB)" if s else "none")
         device_peak = max(b for k, b in after["phases"].items() if k != "load")
         lines.append(
             f"| {label} | {gpus} | {before['peak_bytes'] / GiB:.1f} GiB ({before['peak_phase']}) | "
-            f"{device_peak / GiB:.1f} GiB | {largest(after)} | {'fits' if v['fits'] else 'does not fit'} | "
+            f"{device_peak / GiB:.1f} GiB | {lean_peak / GiB:.1f} GiB | {largest(lean)} | "
+            f"{'fits' if v['fits'] else 'does not fit'} | "
             f"{change} | {before['phases']['load'] / GiB:.1f} -> {after['phases']['load'] / GiB:.1f} GiB |"
             if before else f"| {label} | {gpus} | - | {device_peak / GiB:.1f} GiB | ... |")
         print(lines[-1], flush=True)

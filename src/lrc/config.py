@@ -136,6 +136,9 @@ class ComputeConfig:
                              "fp32 a lower-precision teacher still computes in fp32",
                              choices=("auto", *DTYPES))
     grad_checkpointing: bool = opt(False, "recompute student layers in backward to save activation memory")
+    recompute_targets: bool = opt(False, "with --grad-checkpointing, lrc: compute each layer's clone targets with "
+                                  "it from the teacher layer's recorded input instead of keeping every layer's "
+                                  "(less memory; each kept teacher layer runs twice more per step)")
     chunk_size: int = opt(0, "tokens per chunk of the vocabulary-wide CE/KL (0: auto, about 64 MiB of fp32 logits)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     parallel: str = opt("ddp", "under torchrun: ddp (every process holds the whole teacher) or fsdp (the teacher "
@@ -191,7 +194,8 @@ _ORDER = ("teacher", "data", "val_data", "val_fraction", "text_field", "num_proc
           "method", "init", "calib_batches", "max_steps", "max_tokens", "batch_size", "grad_accum", "seq_len", "lr",
           "schedule", "warmup_ratio", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip",
           "stop_on_rise", "seed", *_LOSS_OPTIONS, "rms_norm_eps", "precision", "teacher_dtype",
-          "grad_checkpointing", "chunk_size", "device", "parallel", "trust_remote_code", "log_every", "eval_every",
+          "grad_checkpointing", "recompute_targets", "chunk_size", "device", "parallel", "trust_remote_code",
+          "log_every", "eval_every",
           "eval_batches", "save_every", "keep_checkpoints", "wandb", "cache_dir", "free_after", "free_lr",
           "keep_clone_terms")
 

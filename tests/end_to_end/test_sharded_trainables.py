@@ -133,12 +133,12 @@ def test_sharded_run_matches_one_process_and_exports_the_same_model(two_processe
 
 @pytest.mark.slow
 def test_sharded_run_with_gradient_checkpointing_matches_one_process(one_process, tmp_path, teacher, data, cache_dir):
-    """Under --grad-checkpointing each layer's projections are gathered again in its recomputation, and its
-    teacher layer (itself sharded) runs again there for the clone targets: the same losses as one process
-    without checkpointing, and the same trained projections."""
+    """Under --grad-checkpointing each layer's projections are gathered again in its recomputation, and with
+    --recompute-targets its teacher layer (itself sharded) runs again there for the clone targets: the same
+    losses as one process without either, and the same trained projections."""
     out = tmp_path / "run"
     stdout = torchrun(cache_dir, *distill_args(teacher, data, out, *STEPS, "--batch-size", "4",
-                                               "--grad-checkpointing"))
+                                               "--grad-checkpointing", "--recompute-targets"))
     assert "gathered one layer at a time" in stdout
     for ra, rb in zip(records(one_process), records(out), strict=True):
         for k in ("loss", "ce", "kl", "clone", "grad_norm"):

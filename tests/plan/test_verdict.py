@@ -162,3 +162,23 @@ def test_distill_warns_before_any_weights_load(tmp_path, monkeypatch, capsys):
         main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "run"),
               "--hidden-size", "32", "--seq-len", "32", "--batch-size", "4", "--max-steps", "1", "--device", "cpu"])
     assert "plan: this run does not fit" in loaded[0] and "a 1 MiB test device" in loaded[0]
+
+
+def test_recomputed_clone_targets_are_the_next_memory_for_time_step(llama_8b, capsys):
+    """With checkpointing on, an LRC run that still does not fit is first offered --recompute-targets (the
+    clone targets computed with their layer), which costs time only, before a smaller micro-batch or more GPUs."""
+    argv = ["plan", "--teacher", str(llama_8b), *ROW_8B, "--gpus", "8", "--gpu-memory", "20GiB",
+            "--grad-checkpointing"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "does NOT fit 8 device(s) of 20 GiB" in text
+    command = shlex.split(text.split("smallest change that fits:", 1)[1].splitlines()[1].strip())
+    assert "--recompute-targets" in command and "--batch-size" in command and command[command.index(
+        "--batch-size") + 1] == "2"  # the micro-batch as it was
+    assert main(command[1:]) == 0
+    assert "verdict: fits" in capsys.readouterr().out
+    # a free-weight student has no clone targets to recompute: never offered
+    free = plan_json(capsys, "--teacher", llama_8b, *[a for a in ROW_8B if a not in ("--parallel", "fsdp")],
+                     "--method", "kd", "--gpus", "8", "--gpu-memory", "40GiB", "--grad-checkpointing")
+    suggestion = free["verdict"]["suggestion"]
+    assert suggestion is None or "recompute_targets" not in suggestion["changes"]

@@ -121,4 +121,5 @@ def build_lrc(cfg: RunConfig, teacher, calibration: Calibration | None) -> tuple
     clone, info = lrc_start(cfg, teacher, calibration)
     if cfg.compute.grad_checkpointing:
         clone.enable_gradient_checkpointing()
+        clone.recompute_targets = cfg.compute.recompute_targets
     return LRC(clone, replace(cfg.loss), chunk_size=cfg.compute.chunk_size), info

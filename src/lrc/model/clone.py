@@ -192,6 +192,7 @@ class LowRankClone(nn.Module):
         self.config = self.student_config()
         self.factored: frozenset[str] = frozenset()
         self.grad_checkpointing = False
+        self.recompute_targets = False  # under checkpointing: clone targets computed with their layer
         self.sharded = False  # each layer's projections its own FSDP2 unit (`shard_layers`)
         self._build_shell()
 
@@ -409,10 +410,12 @@ class LowRankClone(nn.Module):
         terms = tuple(terms)
         valid = attention_mask.bool() if attention_mask is not None else None
         per_layer = self.generate_per_layer(step)
-        # Under checkpointing the clone targets are recomputed with their layer: the teacher's layer inputs are
-        # kept, not every layer's targets (`_layer_generator`)
-        calls: dict[int, tuple] | None = {} if per_layer and self.grad_checkpointing and terms and \
-            torch.is_grad_enabled() else None
+        # With --recompute-targets the clone targets are computed with their layer, in forward and again in its
+        # recomputation, from the teacher layer's recorded input: the teacher's layer inputs are kept, not every
+        # layer's targets (`_layer_generator`). Each kept teacher layer then runs three times per micro-batch;
+        # running the teacher layer by layer beside the student would save one of them.
+        calls: dict[int, tuple] | None = {} if per_layer and self.grad_checkpointing and self.recompute_targets \
+            and terms and torch.is_grad_enabled() else None
         t_hidden, t_acts = teacher_activations(self.t_base, self.family, self.kept_layers, terms, inputs=calls,
                                                input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=attention_mask)

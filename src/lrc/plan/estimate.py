@@ -148,6 +148,8 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
         chunk = auto_chunk_size(shape.vocab)
     n_train = student_count if free else trainable_params(shape)
 
+    recompute = cfg.compute.recompute_targets and not free
+
     def phases_with(grad_checkpointing: bool, shard_trainables: bool = True) -> dict[str, list[Part]]:
         return memory_phases(
             shape, teacher_params=teacher_count, teacher_bytes_per_param=DTYPE_BYTES[dtype], trainable=n_train,
@@ -155,7 +157,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
                              grad_accum=cfg.train.grad_accum,
             chunk=chunk, kl=kl, terms=terms, grad_checkpointing=grad_checkpointing, nproc=nproc, sharded=sharded,
             device=device, evaluates=cfg.data.val_fraction > 0 or bool(cfg.data.val_files), heap_slack=heap_slack,
-            shard_trainables=shard_trainables, free=free)
+            shard_trainables=shard_trainables, free=free, recompute_targets=recompute)
 
     phases = phases_with(cfg.compute.grad_checkpointing)
     totals = {k: total_bytes(v) for k, v in phases.items()}
@@ -164,10 +166,10 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     acts = {
         "without_checkpointing": sum(activation_bytes(shape, cfg.train.batch_size, cfg.data.seq_len, precision,
                                                       roles, terms,
-                                                      False, recompute_targets=not free).values()),
+                                                      False).values()),
         "with_checkpointing": sum(activation_bytes(shape, cfg.train.batch_size, cfg.data.seq_len, precision, roles,
                                                    terms,
-                                                   True, recompute_targets=not free).values()),
+                                                   True, recompute_targets=recompute).values()),
     }
     projected = len(terms & {"attn_out", "ffn_out"})
     if free:
@@ -176,7 +178,7 @@ def plan_from_config(teacher_config, cfg: RunConfig, *, nproc: int = 1, device: 
     else:
         flops = flops_per_token(shape, roles, tokens, reuse, cfg.data.seq_len, kl=kl, projected_terms=projected,
                                 gate_up_terms=tuple(sorted(terms & {"gate", "up"})),
-                                recompute_teacher=cfg.compute.grad_checkpointing and bool(terms))
+                                recompute_teacher=cfg.compute.grad_checkpointing and recompute and bool(terms))
     per_token = sum(flops.values())
     tps = device_tflops * 1e12 * mfu / per_token if device_tflops else None
     per_step = tokens * cfg.train.grad_accum * nproc

@@ -18,8 +18,9 @@ def flops_per_token(shape: Shape, roles: dict[str, str], tokens: int, reuse: int
                     gate_up_terms: tuple[str, ...] = ("gate", "up"),
                     recompute_teacher: bool = False) -> dict[str, float]:
     """Training FLOPs per token by part, from `lrc.model.costs` (matrix products) plus attention scores.
-    `recompute_teacher`: under gradient checkpointing with clone terms, each kept teacher layer runs again in
-    its student layer's recomputation (`lrc.model.clone`); the student's own recomputation is not counted."""
+    `recompute_teacher`: under gradient checkpointing with clone terms, each kept teacher layer runs twice more,
+    for its clone targets in its student layer's forward and again in that layer's recomputation
+    (`lrc.model.clone`); the student's own recomputation is not counted."""
     s, n = shape, float(tokens)
     outs = s.role_outs
     layer_outs = sum(outs[r] for r in ROLES)
@@ -43,8 +44,8 @@ def flops_per_token(shape: Shape, roles: dict[str, str], tokens: int, reuse: int
         "attention scores (teacher fwd + student fwd/bwd)": attn * (s.teacher_layers + 3 * s.layers),
     }
     if recompute_teacher:
-        out["teacher layers recomputed for the clone targets"] = (2.0 * n * s.d_t * s.layers * layer_outs
-                                                                 + attn * s.layers)
+        out["teacher layers run twice more for the clone targets"] = 2 * (2.0 * n * s.d_t * s.layers * layer_outs
+                                                                         + attn * s.layers)
     return {k: v / n for k, v in out.items()}
 
 

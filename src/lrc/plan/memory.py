@@ -60,7 +60,7 @@ class Part:
 
 def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, roles: dict[str, str],
                      terms: set[str], grad_checkpointing: bool = False,
-                     recompute_targets: bool = True) -> dict[str, int]:
+                     recompute_targets: bool = False) -> dict[str, int]:
     """Bytes alive at the end of a micro-batch's forward for its backward: {"student", "teacher"}.
 
     Counted from what autograd saves in the code as written (`LowRankClone.forward`, transformers' Llama-style
@@ -75,8 +75,8 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str, rol
     consumer, and the MSE's fp32 copies of both sides (4 + 4).
     Global: the embedding rows (N x d_T, for P_emb's gradient), the final norm, RoPE's cos/sin, the packing
     mask (B x T x T). With gradient checkpointing a layer keeps only its input, and one layer is recomputed
-    at a time; so is its teacher layer, for the clone targets (`recompute_targets`, LRC's clone): the
-    teacher's layer inputs are kept instead of every layer's targets (a free student's targets stay alive).
+    at a time; with `recompute_targets` (LRC's --recompute-targets) so is its teacher layer, for the clone
+    targets: the teacher's layer inputs are kept instead of every layer's targets.
     """
     s = shape
     n = batch * seq_len
@@ -159,7 +159,8 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
                   roles: dict[str, str], precision: str, batch: int, seq_len: int, grad_accum: int,
                   chunk: int, kl: bool, terms: set[str], grad_checkpointing: bool, nproc: int, sharded: bool,
                   device: str, evaluates: bool = True, heap_slack: bool | None = None,
-                  shard_trainables: bool = True, free: bool = False) -> dict[str, list[Part]]:
+                  shard_trainables: bool = True, free: bool = False,
+                  recompute_targets: bool = False) -> dict[str, list[Part]]:
     """The parts alive in each phase of a run (see the module docstring), per process.
 
     free: an ordinary student trained weight by weight (kd, prune-kd, scratch): `trainable` is its parameter
@@ -241,7 +242,7 @@ def memory_phases(shape: Shape, *, teacher_params: int, teacher_bytes_per_param:
         gen = Part("student weights in bf16", trainable * per_el, "autocast's copies, saved for the backward")
         gb = per_el  # evaluation casts them alike
 
-    acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing, recompute_targets=not free)
+    acts = activation_bytes(s, batch, seq_len, precision, roles, terms, grad_checkpointing, recompute_targets)
     act_part = Part("activations", acts["student"] + acts["teacher"],
                     f"student {acts['student'] / GiB:.3g} GiB + teacher clone targets {acts['teacher'] / GiB:.3g} "
                     f"GiB" + (" (gradient checkpointing)" if grad_checkpointing else ""))

@@ -2,7 +2,7 @@
 
 `lrc plan --gpus N --gpu-memory 80GiB` compares each phase of the plan (`lrc.plan.estimate`, per process) with one
 device's memory and, when a phase does not fit, searches the options a user can change without touching the
-model: gradient checkpointing, a smaller micro-batch (the gradient accumulation grows so the tokens per
+model: gradient checkpointing (for LRC then also `--recompute-targets`), a smaller micro-batch (the gradient accumulation grows so the tokens per
 optimizer step stay the same), more processes under `--parallel fsdp` (which divides the teacher and the
 projections), and a shorter sequence (which changes what is trained, so it comes last). The first candidate
 that fits, in order of how little it changes, is printed as the command line with those options replaced.
@@ -151,7 +151,9 @@ def device_peak(phases: dict[str, int]) -> tuple[str, int]:
 
 def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
     """(changes, nproc, words, disruption) for every combination of the options a user may change."""
-    ckpt = [False] if cfg.compute.grad_checkpointing else [False, True]
+    # memory for time: 1 gradient checkpointing, 2 also the clone targets recomputed with their layer (lrc)
+    ckpt_now = (2 if cfg.compute.recompute_targets else 1) if cfg.compute.grad_checkpointing else 0
+    ckpt = range(ckpt_now, 3 if cfg.method == "lrc" else max(ckpt_now + 1, 2))
     batches = [cfg.train.batch_size // 2**k for k in range(0, 12) if cfg.train.batch_size // 2**k >= 1
                and cfg.train.batch_size % 2**k == 0]
     # (processes, parallel): as now, then under fsdp (which divides memory) with as many and more processes
@@ -161,13 +163,17 @@ def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
                   if nproc * 2**k <= MAX_PROCESSES]
     seqs = [cfg.data.seq_len // 2**k for k in range(0,
                                                     6) if cfg.data.seq_len // 2**k >= MIN_SEQ_LEN] or [cfg.data.seq_len]
-    for c, (bi, b), (pi, (p, parallel)), (si, s) in itertools.product(ckpt, enumerate(batches), enumerate(procs),
-                                                                    enumerate(seqs)):
+    for level, (bi, b), (pi, (p, parallel)), (si, s) in itertools.product(ckpt, enumerate(batches),
+                                                                        enumerate(procs), enumerate(seqs)):
         changes: dict[str, object] = {}
         words = []
-        if c:
+        c = level - ckpt_now
+        if c and not cfg.compute.grad_checkpointing:
             changes["grad_checkpointing"] = True
             words.append("gradient checkpointing")
+        if level == 2 and not cfg.compute.recompute_targets:
+            changes["recompute_targets"] = True
+            words.append("clone targets recomputed with their layer")
         if bi:
             changes["batch_size"] = b
             changes["grad_accum"] = cfg.train.grad_accum * (cfg.train.batch_size // b)
@@ -188,8 +194,8 @@ def _candidates(cfg: RunConfig, nproc: int, sharded_possible: bool):
             continue
         # checkpointing (time only) < each halving of the micro-batch (smaller products) < each doubling of
         # the processes (hardware) < each halving of the sequence (it changes what is trained: last resort)
-        disruption = (int(c) + 2 * bi + 3 * pi + 4 * to_lrc + 8 * si,
-                      int(c) + int(bi > 0) + int(switch) + int(to_lrc) + int(si > 0))
+        disruption = (c + 2 * bi + 3 * pi + 4 * to_lrc + 8 * si,
+                      int(c > 0) + int(bi > 0) + int(switch) + int(to_lrc) + int(si > 0))
         yield changes, p, "; ".join(words), disruption
 
 
@@ -218,7 +224,8 @@ def judge(plan, teacher_config, cfg: RunConfig, memory_bytes: int, memory_source
 
 
 # ------------------------------------------------------------------------------------------- command lines
-_FLAG = {"method": "--method", "grad_checkpointing": "--grad-checkpointing", "batch_size": "--batch-size",
+_FLAG = {"method": "--method", "grad_checkpointing": "--grad-checkpointing", "recompute_targets": "--recompute-targets",
+         "batch_size": "--batch-size",
          "grad_accum": "--grad-accum",
          "parallel": "--parallel", "seq_len": "--seq-len"}
 

@@ -169,6 +169,9 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
         raise UserError("--keep-clone-terms is for free-weight students that come from LRC's start: --method kd "
                         "(with --init pca or refit) or --free-after; drop it")
     check_parallel(cfg.method, cfg.compute.parallel == "fsdp")
+    if cfg.compute.recompute_targets and not (cfg.compute.grad_checkpointing and cfg.method == "lrc"):
+        raise UserError("--recompute-targets recomputes LRC's clone targets with its checkpointed layers: add "
+                        "--grad-checkpointing (and --method lrc), or drop it")
     clone_options = sorted(k for k in explicit if k.startswith("clone_"))
     if clone_options and METHODS[cfg.method].free_weights and not cfg.keep_clone_terms:
         flags = ", ".join("--" + k.replace("_", "-") for k in clone_options)
