@@ -64,7 +64,7 @@ def one_run(s: Recipe, teacher: Path, train, val, out: Path, cache: Path, width:
     distill(RunConfig(teacher=str(teacher), data=[str(x) for x in train], val_data=[str(x) for x in val],
                       hidden_size=width, out=str(out), max_tokens=tokens, batch_size=s.batch, seq_len=s.seq_len,
                       seed=seed, eval_every=0, eval_batches=eval_batches, save_every=10**9, log_every=50,
-                      cache_dir=str(cache / "tokens"), **opts))
+                      cache_dir=str(cache / "tokens"), **opts), explicit=set(opts))  # opts as if given
     seconds = time.time() - t0
     rows = _records(out)
     final = [r for r in rows if r.get("split") == "val"][-1]

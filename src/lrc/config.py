@@ -169,7 +169,8 @@ class RunScope:
 
 # The loss section is LossWeights itself; its fields' flags and help (defaults are LossWeights' own).
 _LOSS_OPTIONS = {
-    "ce_weight": ("ce", "weight of the next-token cross-entropy"),
+    "ce_weight": ("ce", "weight of the next-token cross-entropy (--method kd from LRC's start: 0.25 unless given, "
+                        "lrc.methods.direct.FREE_CE_WEIGHT)"),
     "kl_weight": ("kl", "weight of KL(teacher || student), averaged per token"),
     "kl_temperature": ("kl_temperature", "KL temperature tau"),
     "clone_weight": ("clone", "alpha: weight of the activation-clone sum (0: no clone loss)"),

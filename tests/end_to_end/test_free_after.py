@@ -106,26 +106,24 @@ def test_free_after_is_for_lrc_runs(inputs, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--method", "kd", "--grad-checkpointing"]])
-def test_recompute_targets_is_for_checkpointed_lrc_runs(inputs, tmp_path, capsys, extra):
+def _refused(inputs, out: Path, *extra) -> None:
+    """The one-line error of a run without the switch but with `extra`; nothing written."""
     teacher, data = inputs
-    out = tmp_path / "run"
     no_switch = RUN[:RUN.index("--free-after")] + RUN[RUN.index("--free-after") + 2:]
-    assert main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *no_switch, *extra,
-                 "--recompute-targets"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--recompute-targets" in err and "--grad-checkpointing" in err, err
+    assert main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *no_switch,
+                 *extra]) == 2
     assert not out.exists()
 
+
+@pytest.mark.parametrize("extra", [[], ["--method", "kd", "--grad-checkpointing"]])
+def test_recompute_targets_is_for_checkpointed_lrc_runs(inputs, tmp_path, capsys, extra):
+    _refused(inputs, tmp_path / "run", *extra, "--recompute-targets")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--recompute-targets" in err and "--grad-checkpointing" in err, err
 
 
 @pytest.mark.parametrize("extra", [["--method", "lrc"], ["--method", "kd", "--init", "random"],
                                    ["--method", "prune-kd"]])
 def test_keep_clone_terms_is_for_students_from_lrcs_start(inputs, tmp_path, capsys, extra):
-    teacher, data = inputs
-    out = tmp_path / "run"
-    no_switch = RUN[:RUN.index("--free-after")] + RUN[RUN.index("--free-after") + 2:]
-    assert main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *no_switch, *extra,
-                 "--keep-clone-terms"]) == 2
+    _refused(inputs, tmp_path / "run", *extra, "--keep-clone-terms")
     assert "--keep-clone-terms" in capsys.readouterr().err
-    assert not out.exists()

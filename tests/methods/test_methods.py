@@ -261,3 +261,14 @@ def test_sharded_projections_are_whole_one_layer_at_a_time(one_rank_group, monke
     assert gathered_layers == {0, 1, 2, 3}
     assert not whole  # all resharded after the step
     assert 1 <= most[0] <= 2
+
+
+def test_kd_from_lrcs_start_weighs_ce_by_its_own_default_unless_given():
+    from lrc.methods.direct import FREE_CE_WEIGHT, method_defaults
+
+    assert FREE_CE_WEIGHT != RunConfig().loss.ce  # otherwise this test checks nothing
+    assert method_defaults(_cfg("kd"), set()).loss.ce == FREE_CE_WEIGHT  # the default method and init
+    assert method_defaults(_cfg("kd", init="pca"), set()).loss.ce == FREE_CE_WEIGHT
+    assert method_defaults(_cfg("kd", ce_weight=1.0), {"ce_weight"}).loss.ce == 1.0  # given: kept
+    for other in (_cfg("lrc"), _cfg("kd", init="random"), _cfg("prune-kd"), _cfg("scratch")):
+        assert method_defaults(other, set()).loss.ce == other.loss.ce

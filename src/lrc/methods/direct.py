@@ -159,6 +159,24 @@ def starts_from_lrc(cfg: RunConfig) -> bool:
     return cfg.method == "kd" and cfg.student.init in ("pca", "refit")
 
 
+# kd from LRC's start trains on KL + FREE_CE_WEIGHT x CE unless --ce-weight is given. Measured on the budget
+# curves' teachers (BENCHMARKS.md, "The CE weight of a student from LRC's start"; two seeds per cell): CE at 1 pulls
+# a student that starts close to the teacher away from it on short budgets (benchmark teacher, half width, 1% of
+# its tokens: +0.79% of the teacher's loss at 1, +0.32% at 0, +0.48% at 0.25), while CE at 0 loses on long ones
+# (30%: +0.01% at 1, +0.42% at 0) and where the student can pass an undertrained teacher (demo teacher, 30%: -0.29%
+# at 1, +0.03% at 0, -0.24% at 0.25); 0.25 is within 0.3% of the best weight in every measured cell.
+FREE_CE_WEIGHT = 0.25
+
+
+def method_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
+    """`cfg` with the defaults that depend on the method: kd from LRC's start weighs CE by FREE_CE_WEIGHT
+    unless --ce-weight was given (`explicit`: the options the user set). config.yaml stores the value, so a
+    resumed run keeps the weight it started with."""
+    if starts_from_lrc(cfg) and "ce_weight" not in explicit:
+        return cfg.replace(ce_weight=FREE_CE_WEIGHT)
+    return cfg
+
+
 def free_loss_weights(cfg: RunConfig) -> LossWeights:
     """The terms a free-weight student trains on (a copy of cfg.loss with the others off): CE; KL unless scratch;
     the clone terms only with --keep-clone-terms for a student from LRC's start (kd with pca/refit, or LRC's own

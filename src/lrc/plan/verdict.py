@@ -2,9 +2,10 @@
 
 `lrc plan --gpus N --gpu-memory 80GiB` compares each phase of the plan (`lrc.plan.estimate`, per process) with one
 device's memory and, when a phase does not fit, searches the options a user can change without touching the
-model: gradient checkpointing (for LRC then also `--recompute-targets`), a smaller micro-batch (the gradient accumulation grows so the tokens per
-optimizer step stay the same), more processes under `--parallel fsdp` (which divides the teacher and the
-projections), and a shorter sequence (which changes what is trained, so it comes last). The first candidate
+model: gradient checkpointing (for LRC then also `--recompute-targets`), a smaller micro-batch (the gradient
+accumulation grows so the tokens per optimizer step stay the same), more processes under `--parallel fsdp`
+(which divides the teacher and the projections), and a shorter sequence (which changes what is trained, so it
+comes last). The first candidate
 that fits, in order of how little it changes, is printed as the command line with those options replaced.
 
 `lrc distill` runs the same check before any weights load (`check_before_load`) and warns when the forecast

@@ -31,7 +31,7 @@ from lrc.data.sources import split_weights
 from lrc.data.tokenizer import load_tokenizer
 from lrc.errors import UserError
 from lrc.methods.base import Method
-from lrc.methods.direct import starts_from_lrc
+from lrc.methods.direct import method_defaults, starts_from_lrc
 from lrc.methods.registry import METHODS, build_method, check_parallel
 from lrc.methods.switch import FREE, free_method
 from lrc.model.teacher import load_empty_teacher, load_teacher, load_teacher_config
@@ -143,7 +143,7 @@ def prepare(cfg: RunConfig, explicit: set[str], resume: bool,
             before_load: Callable[[RunConfig], None] | None = None) -> Prepared:
     """Every option and input checked, then the teacher, tokenizer and data loaded; `before_load(cfg)` runs
     just before the teacher's weights are read (the fit forecast of `lrc.plan.verdict`)."""
-    cfg, resume_from = resolve_config(cfg, explicit, resume)
+    cfg, resume_from = resolve_config(method_defaults(cfg, explicit), explicit, resume)
     if not cfg.teacher:
         raise UserError("--teacher is required: a Hugging Face model directory or hub id")
     if not cfg.data.files:
