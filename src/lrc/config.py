@@ -98,7 +98,8 @@ class OptimConfig:
                                "(the schedule's shape carries on), or auto: the free-weight rule (lrc.optim.lr_rule)")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.05, "share of the steps spent warming up linearly")
-    min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr (cosine/linear)")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a share of --lr (cosine/linear; --method kd from LRC's "
+                              "start: 0.1 unless given, lrc.methods.direct.FREE_MIN_LR_RATIO)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")

@@ -171,7 +171,7 @@ def test_config_file_with_command_line_overrides(tmp_path, teacher, datasets):
     assert saved["max_steps"] == 2 and saved["lr"] == 3e-3 and saved["hidden_size"] == 16  # command line
     assert saved["kl_temperature"] == 2.0 and saved["seq_len"] == 32  # file
     assert saved["clone_weight"] == 0.2  # default
-    assert saved["method"] == "kd" and saved["ce_weight"] == 0.25  # the default method's own CE weight, stored
+    assert saved["method"] == "kd" and saved["ce_weight"] == 0.25 and saved["min_lr_ratio"] == 0.1  # its own
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
     assert records(tmp_path / "run")[0]["lr"] == pytest.approx(3e-3)
 

@@ -264,11 +264,15 @@ def test_sharded_projections_are_whole_one_layer_at_a_time(one_rank_group, monke
 
 
 def test_kd_from_lrcs_start_weighs_ce_by_its_own_default_unless_given():
-    from lrc.methods.direct import FREE_CE_WEIGHT, method_defaults
+    from lrc.methods.direct import FREE_CE_WEIGHT, FREE_MIN_LR_RATIO, method_defaults
 
-    assert FREE_CE_WEIGHT != RunConfig().loss.ce  # otherwise this test checks nothing
-    assert method_defaults(_cfg("kd"), set()).loss.ce == FREE_CE_WEIGHT  # the default method and init
-    assert method_defaults(_cfg("kd", init="pca"), set()).loss.ce == FREE_CE_WEIGHT
-    assert method_defaults(_cfg("kd", ce_weight=1.0), {"ce_weight"}).loss.ce == 1.0  # given: kept
+    plain = RunConfig()
+    assert FREE_CE_WEIGHT != plain.loss.ce and FREE_MIN_LR_RATIO != plain.optim.min_lr_ratio  # else checks nothing
+    for start in (_cfg("kd"), _cfg("kd", init="pca")):  # the default method and init, and pca
+        cfg = method_defaults(start, set())
+        assert cfg.loss.ce == FREE_CE_WEIGHT and cfg.optim.min_lr_ratio == FREE_MIN_LR_RATIO
+    given = method_defaults(_cfg("kd", ce_weight=1.0, min_lr_ratio=0.0), {"ce_weight", "min_lr_ratio"})
+    assert given.loss.ce == 1.0 and given.optim.min_lr_ratio == 0.0  # given: kept
     for other in (_cfg("lrc"), _cfg("kd", init="random"), _cfg("prune-kd"), _cfg("scratch")):
-        assert method_defaults(other, set()).loss.ce == other.loss.ce
+        cfg = method_defaults(other, set())
+        assert cfg.loss.ce == other.loss.ce and cfg.optim.min_lr_ratio == other.optim.min_lr_ratio

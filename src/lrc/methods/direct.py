@@ -166,15 +166,20 @@ def starts_from_lrc(cfg: RunConfig) -> bool:
 # (30%: +0.01% at 1, +0.42% at 0) and where the student can pass an undertrained teacher (demo teacher, 30%: -0.29%
 # at 1, +0.03% at 0, -0.24% at 0.25); 0.25 is within 0.3% of the best weight in every measured cell.
 FREE_CE_WEIGHT = 0.25
+# and ends its schedule at FREE_MIN_LR_RATIO of the peak unless --min-lr-ratio is given: on the same cells the
+# floor took the benchmark teacher's quarter width at 10% from +2.01% to +1.81% and helped or tied elsewhere
+# (same section of BENCHMARKS.md)
+FREE_MIN_LR_RATIO = 0.1
 
 
 def method_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
-    """`cfg` with the defaults that depend on the method: kd from LRC's start weighs CE by FREE_CE_WEIGHT
-    unless --ce-weight was given (`explicit`: the options the user set). config.yaml stores the value, so a
-    resumed run keeps the weight it started with."""
-    if starts_from_lrc(cfg) and "ce_weight" not in explicit:
-        return cfg.replace(ce_weight=FREE_CE_WEIGHT)
-    return cfg
+    """`cfg` with the defaults that depend on the method: kd from LRC's start weighs CE by FREE_CE_WEIGHT and
+    ends its schedule at FREE_MIN_LR_RATIO unless --ce-weight / --min-lr-ratio were given (`explicit`: the
+    options the user set). config.yaml stores the values, so a resumed run keeps what it started with."""
+    if not starts_from_lrc(cfg):
+        return cfg
+    own = {"ce_weight": FREE_CE_WEIGHT, "min_lr_ratio": FREE_MIN_LR_RATIO}
+    return cfg.replace(**{k: v for k, v in own.items() if k not in explicit})
 
 
 def free_loss_weights(cfg: RunConfig) -> LossWeights:
