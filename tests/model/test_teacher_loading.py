@@ -41,6 +41,7 @@ CHECK = textwrap.dedent("""
     # one write (print writes the newline apart): the 3 processes share the pipe
     sys.stdout.write(f"rank {dist.get_rank()} ok {held} of {total}\\n")
     sys.stdout.flush()
+    dist.barrier()  # every rank done before any tears its gloo pairs down (lrc.distributed.processes.cleanup)
     dist.destroy_process_group()
 """)
 
