@@ -297,3 +297,33 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
     assert target_calls == ([0, 1, 1, 0] if recompute else []) * accum
     assert result[True][0] == pytest.approx(result[False][0], rel=1e-5)
     assert_gradients_close(result[True][1], result[False][1], rtol=GRAD_RTOL)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recomputed_clone_targets_equal_kept_ones_for_a_bf16_teacher(precision):
+    """--recompute-targets on a bf16 teacher, under fp32 compute (the teacher layer cast per use) and under bf16
+    autocast (restored by the checkpoint for the recompute): the same loss, clone terms and gradients as keeping
+    every layer's targets, with checkpointing in both."""
+    from lrc.config import RunConfig
+    from lrc.model.precision import autocast
+
+    teacher = make_teacher("qwen3", False).to(torch.bfloat16)
+    ids, pos = packed_batch()
+    result = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model, _ = build_method(RunConfig(teacher="t", method="lrc", hidden_size=40, init="random",
+                                          grad_checkpointing=True, recompute_targets=recompute),
+                                teacher, calibration=lambda: [])
+        model.train()
+        with autocast(precision, torch.device("cpu")):
+            out = model(ids, position_ids=pos)
+        out.loss.backward()
+        result[recompute] = (out.loss.item(), {k: float(v) for k, v in out.terms.items()},
+                             {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss_a, terms_a, grads_a), (loss_b, terms_b, grads_b) = result[False], result[True]
+    assert terms_a.keys() == terms_b.keys() and any(k.startswith("clone/") for k in terms_a)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    for k in terms_a:
+        assert terms_b[k] == pytest.approx(terms_a[k], rel=1e-6, abs=1e-9), k
+    assert_gradients_close(grads_b, grads_a, rtol=GRAD_RTOL)
