@@ -72,6 +72,7 @@ class LRC(Method):
     def finish_step(self, step: StepWeights | None) -> None:
         if step is not None:
             step.finish()
+        self.clone.forget_forward()  # every micro-batch's backward has run: nothing recomputes any more
 
     def prepare(self, tokens_per_micro_batch: int, reuse: int, sharded: bool) -> str:
         if sharded:  # factored roles would hold whole teacher matrices

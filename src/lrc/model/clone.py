@@ -409,6 +409,7 @@ class LowRankClone(nn.Module):
         """
         terms = tuple(terms)
         valid = attention_mask.bool() if attention_mask is not None else None
+        self.forget_forward()  # the last micro-batch's recorded teacher inputs: not alive beside this one's
         per_layer = self.generate_per_layer(step)
         # With --recompute-targets the clone targets are computed with their layer, in forward and again in its
         # recomputation, from the teacher layer's recorded input: the teacher's layer inputs are kept, not every
@@ -457,6 +458,14 @@ class LowRankClone(nn.Module):
             teacher_head=t_head if teacher_logits else None,
             clone_errors=errors,
         )
+
+    def forget_forward(self) -> None:
+        """Drop what the last forward left for its layers' recomputation in backward (the teacher's recorded
+        layer inputs under --recompute-targets, the teacher activations and mapped targets of sharded layers):
+        called once its backward is done (`LrcMethod.finish_step`) and before the next forward, so that they
+        are not held through the optimizer step or beside the next micro-batch's."""
+        self.__dict__["_teacher_calls"] = None
+        self.__dict__["_layer_ctx"] = None
 
     def _per_layer_weights(self, t_acts: dict, terms: Sequence[str]) -> dict[str, torch.Tensor]:
         """The weights a per-layer forward is given (the final norm: the layers generate theirs), and this
