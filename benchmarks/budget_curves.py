@@ -1,6 +1,7 @@
 """Which method gives the best student for a budget: held-out loss against training tokens (and wall time) at
-a few shares of the teacher's own training tokens, half and quarter width, for LRC, kd from LRC's start with and
-without the clone terms, LRC switching to free weights halfway (`--free-after 0.5`), prune-kd and scratch.
+a few shares of the teacher's own training tokens, half and quarter width, for LRC (and LRC without its clone
+terms, on the default's loss: the parametrisation alone), kd from LRC's start with and without the clone terms,
+LRC switching to free weights halfway (`--free-after 0.5`), prune-kd and scratch.
 
 Two teachers of the demo's shape: `strong` (`lrc.train.teacher.STRONG`, trained here on 5M tokens, 10x the demo
 teacher's and several epochs of the training plays, so that no student reaches it within the budgets) and `demo`
@@ -37,6 +38,8 @@ from lrc.train.trainer import distill
 
 METHODS = {
     "lrc": dict(method="lrc"),
+    # the low-rank parametrisation alone: LRC's loss without its clone terms, the default's CE weight and lr floor
+    "lrc without clone terms": dict(method="lrc", clone_weight=0.0, ce_weight=0.25, min_lr_ratio=0.1),
     "kd from LRC's start": dict(method="kd", init="refit"),
     "kd from LRC's start + clone terms": dict(method="kd", init="refit", keep_clone_terms=True),
     "lrc, free weights after 50%": dict(method="lrc", free_after=0.5),

@@ -292,7 +292,8 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
             losses.append(out.loss.item())
         model.finish_step(step)
         # nothing recomputes after the step's backward: the recorded teacher inputs are not held to the update
-        assert model.clone.__dict__["_teacher_calls"] is None and model.clone.__dict__["_layer_ctx"] is None
+        left = model.clone.forward_state
+        assert left.calls is None and not left.teacher_acts and not left.mapped
         result[ckpt] = (losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     # generated per layer only under checkpointing: in forward, then again in the backward's recompute
     assert per_layer_calls == [0, 1, 1, 0] * accum

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -59,6 +59,24 @@ class CloneForward:
     """(V, d_T) teacher head (the embedding when tied), when teacher logits are wanted."""
     clone_errors: dict[tuple[int, str], torch.Tensor]
     """Masked MSE of each requested clone term per layer: {(layer, term): scalar}."""
+
+
+@dataclass
+class ForwardState:
+    """What one forward of the clone leaves for its student layers, read when each layer runs: in the forward,
+    and again in the backward's recompute under gradient checkpointing. Set at each forward, dropped once the
+    step's backward is done (`LowRankClone.forget_forward`)."""
+
+    per_layer: bool = False
+    """Each layer generates its own weights when it runs (`LowRankClone.generate_per_layer`)."""
+    teacher_acts: dict = field(default_factory=dict)
+    """The teacher's clone targets by (layer, term), in the teacher's space."""
+    terms: tuple[str, ...] = ()
+    """The clone terms this forward compares."""
+    mapped: dict = field(default_factory=dict)
+    """Sharded layers: their targets mapped into the student's space inside each layer's FSDP2 unit."""
+    calls: dict | None = None
+    """--recompute-targets: each kept teacher layer's recorded input, to run it again with its student layer."""
 
 
 def teacher_head_dim(config) -> int:
@@ -231,26 +249,38 @@ class LowRankClone(nn.Module):
         sharded) with the layer's weights."""
 
         def own(hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            recompute = self.__dict__.get("_teacher_calls")
-            if recompute is not None:  # this layer's clone targets: its teacher layer run again
-                calls, terms, acts = recompute
-                teacher_layer_activations(self.t_layer(i), self.family, i, terms, calls[i], acts)
+            state = self.forward_state
+            if state.calls is not None:  # this layer's clone targets: its teacher layer run again
+                teacher_layer_activations(self.t_layer(i), self.family, i, state.terms, state.calls[i],
+                                          state.teacher_acts)
             if not self.sharded:
                 return hidden, generate_layer_weights(self, i)
-            hidden, weights, targets = self.layers[i](hidden, lambda: self._generate_sharded_layer(i))
-            self.__dict__["_layer_ctx"][2].update(targets)
+            hidden, weights, targets = self.layers[i](hidden, lambda: self._generate_sharded_layer(i, state))
+            state.mapped.update(targets)
             return hidden, weights
 
-        return lambda: own if self.__dict__.get("_per_layer") else None
+        return lambda: own if self.forward_state.per_layer else None
 
-    def _generate_sharded_layer(self, i: int) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
+    @property
+    def forward_state(self) -> ForwardState:
+        return self.__dict__.get("_forward") or ForwardState()
+
+    def forget_forward(self) -> None:
+        """Drop what the last forward left for its layers' recomputation in backward (the teacher's recorded
+        layer inputs under --recompute-targets, its clone targets, the mapped targets of sharded layers):
+        called once the step's backward is done (`LrcMethod.finish_step`) and before the next forward, so that
+        they are not held through the optimizer step or beside the next micro-batch's."""
+        self.__dict__["_forward"] = None
+
+    def _generate_sharded_layer(self, i: int, state: ForwardState
+                                ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
         """Inside layer i's FSDP2 unit: its weights (parameters passed as copies, see `LayerProjections.forward`)
         and the teacher's clone targets of this forward mapped into the student's space through its P."""
         weights = {k: w.clone() if w.is_leaf and w.requires_grad else w
                    for k, w in generate_layer_weights(self, i).items()}
-        t_acts, terms, _ = self.__dict__["_layer_ctx"]
         proj = cast(LayerProjections, self.layers[i])
-        targets = {(i, t): to_student_space(t, t_acts[(i, t)], proj.o, proj.down, proj.ffn) for t in terms}
+        targets = {(i, t): to_student_space(t, state.teacher_acts[(i, t)], proj.o, proj.down, proj.ffn)
+                   for t in state.terms}
         return weights, targets
 
     def generate_per_layer(self, step: StepWeights | None) -> bool:
@@ -420,11 +450,12 @@ class LowRankClone(nn.Module):
         t_hidden, t_acts = teacher_activations(self.t_base, self.family, self.kept_layers, terms, inputs=calls,
                                                input_ids=input_ids, position_ids=position_ids,
                                                attention_mask=attention_mask)
-        self.__dict__["_teacher_calls"] = (calls, terms, t_acts) if calls is not None else None
+        # read by the layers, in forward and recompute
+        self.__dict__["_forward"] = ForwardState(per_layer, t_acts, terms, calls=calls)
         if step is not None:
             weights = step.weights
         elif per_layer:  # each layer generates its own (`_own_weights_layer`)
-            weights = self._per_layer_weights(t_acts, terms)
+            weights = self._per_layer_weights()
         else:
             weights = generate_weights(self)
         errors: dict[tuple[int, str], torch.Tensor] = {}
@@ -437,7 +468,6 @@ class LowRankClone(nn.Module):
                     handles.append(module.register_forward_hook(self._clone_hook(errors, t_acts, i, term, valid)))
             return handles
 
-        self.__dict__["_per_layer"] = per_layer  # read by the layers, in forward and recompute
         hidden = self._run_student(input_ids, position_ids, attention_mask, weights, hooks).reshape(-1, self.d_s)
         factored_head = "head" in self.factored and (step is None or step.head is None)
         # (V, d_T) teacher head (the embedding when tied), gathered (and cast) once per forward
@@ -459,18 +489,8 @@ class LowRankClone(nn.Module):
             clone_errors=errors,
         )
 
-    def forget_forward(self) -> None:
-        """Drop what the last forward left for its layers' recomputation in backward (the teacher's recorded
-        layer inputs under --recompute-targets, the teacher activations and mapped targets of sharded layers):
-        called once its backward is done (`LrcMethod.finish_step`) and before the next forward, so that they
-        are not held through the optimizer step or beside the next micro-batch's."""
-        self.__dict__["_teacher_calls"] = None
-        self.__dict__["_layer_ctx"] = None
-
-    def _per_layer_weights(self, t_acts: dict, terms: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The weights a per-layer forward is given (the final norm: the layers generate theirs), and this
-        forward's teacher activations and terms for sharded layers to map (their targets land in the dict)."""
-        self.__dict__["_layer_ctx"] = (t_acts, tuple(terms), {})
+    def _per_layer_weights(self) -> dict[str, torch.Tensor]:
+        """The weights a per-layer forward is given: the final norm (the layers generate theirs)."""
         return {f"{self.family.final_norm}.weight": self.final_norm}
 
     def _clone_hook(self, errors, t_acts, i, term, valid):
@@ -478,7 +498,7 @@ class LowRankClone(nn.Module):
 
         def hook(module, args, output):
             if self.sharded:  # mapped inside the layer's FSDP2 unit, by this (re)computation of the layer
-                teacher = self.__dict__["_layer_ctx"][2][(i, term)]
+                teacher = self.forward_state.mapped[(i, term)]
             else:
                 teacher = to_student_space(term, t_acts[(i, term)], proj.o, proj.down, proj.ffn)
             # Assigned, not accumulated: gradient checkpointing re-runs this hook during backward.
@@ -498,14 +518,15 @@ class LowRankClone(nn.Module):
                              weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, T, d_S) final hidden states of the student, with its generated weights (or `weights`, e.g. the
         generated ones rounded to an export dtype)."""
-        return self._run_student(input_ids, position_ids, attention_mask,
-                                 weights if weights is not None else self._inference_weights())
+        if weights is not None:  # every layer's given: none generates its own
+            self.__dict__["_forward"] = ForwardState()
+            return self._run_student(input_ids, position_ids, attention_mask, weights)
+        return self._run_student(input_ids, position_ids, attention_mask, self._inference_weights())
 
     def _inference_weights(self) -> dict[str, torch.Tensor]:
         """Weights for a forward without clone terms: every layer's generated, or per layer when sharded."""
-        self.__dict__["_per_layer"] = self.sharded
-        self.__dict__["_teacher_calls"] = None
-        return self._per_layer_weights({}, ()) if self.sharded else generate_weights(self)
+        self.__dict__["_forward"] = ForwardState(per_layer=self.sharded)
+        return self._per_layer_weights() if self.sharded else generate_weights(self)
 
 
 def _own_weights_layer(layer: nn.Module, generate: Callable[[], Callable | None], checkpointed: bool) -> None:
