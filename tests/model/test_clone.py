@@ -302,6 +302,26 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
     assert_gradients_close(result[True][1], result[False][1], rtol=GRAD_RTOL)
 
 
+def test_given_weights_are_used_after_a_checkpointed_training_forward():
+    """student_final_hidden(weights=...) (the refit's check of the rounded student) runs on the weights it is
+    given even after a training forward that generated each layer's own (gradient checkpointing)."""
+    from lrc.config import RunConfig
+    from lrc.model.weights import generate_weights
+
+    ids, pos = packed_batch()
+    model, _ = build_method(RunConfig(teacher="t", method="lrc", hidden_size=40, init="random",
+                                      grad_checkpointing=True), make_teacher("llama", False), calibration=lambda: [])
+    model.train()
+    model(ids, position_ids=pos).loss.backward()
+    clone = model.clone
+    with torch.no_grad():
+        weights = generate_weights(clone, all_generated=True)
+        own = clone.student_final_hidden(ids, pos, weights=weights)
+        changed = {k: 2 * v if k.endswith("q_proj.weight") else v for k, v in weights.items()}
+        assert not torch.allclose(clone.student_final_hidden(ids, pos, weights=changed), own)
+        assert torch.allclose(clone.student_final_hidden(ids, pos), own, atol=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_recomputed_clone_targets_equal_kept_ones_for_a_bf16_teacher(precision):
     """--recompute-targets on a bf16 teacher, under fp32 compute (the teacher layer cast per use) and under bf16
