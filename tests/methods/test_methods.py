@@ -7,7 +7,7 @@ import torch
 from conftest import make_teacher, packed_batch
 
 from lrc.config import RunConfig
-from lrc.methods.direct import Direct
+from lrc.methods.direct import FREE_CE_WEIGHT, FREE_MIN_LR_RATIO, Direct, method_defaults
 from lrc.methods.registry import METHODS, build_method
 from lrc.model.clone import LowRankClone
 from lrc.student.baselines import pruned_student, random_student
@@ -264,8 +264,6 @@ def test_sharded_projections_are_whole_one_layer_at_a_time(one_rank_group, monke
 
 
 def test_kd_from_lrcs_start_weighs_ce_by_its_own_default_unless_given():
-    from lrc.methods.direct import FREE_CE_WEIGHT, FREE_MIN_LR_RATIO, method_defaults
-
     plain = RunConfig()
     assert FREE_CE_WEIGHT != plain.loss.ce and FREE_MIN_LR_RATIO != plain.optim.min_lr_ratio  # else checks nothing
     for start in (_cfg("kd"), _cfg("kd", init="pca")):  # the default method and init, and pca

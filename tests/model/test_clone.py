@@ -10,13 +10,16 @@ import torch
 from conftest import assert_gradients_close, make_teacher, packed_batch
 from transformers import AutoModelForCausalLM
 
+import lrc.model.clone
+from lrc.config import RunConfig
 from lrc.errors import UserError
 from lrc.methods.lrc import LRC
 from lrc.methods.registry import build_method
 from lrc.model.clone import LowRankClone
 from lrc.model.export import export_student
 from lrc.model.losses import LossWeights, TokenCounts
-from lrc.model.weights import StepWeights
+from lrc.model.precision import autocast
+from lrc.model.weights import StepWeights, generate_weights
 from lrc.student.init import init_identity, init_pca, init_random
 
 # Relative gradient tolerance (per tensor, against its own norm) for fp32 paths that differ only in the order
@@ -237,7 +240,6 @@ def test_projection_plan_follows_the_cost_model():
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(method):
     """LRC layers are recomputed in backward with this call's generated weights, and the clone hooks re-run
     there; two steps in a row check that a previous step's hooks do not leak into the next."""
-    from lrc.config import RunConfig
 
     teacher = make_teacher("qwen3", False)
     ids, pos = packed_batch()
@@ -262,8 +264,6 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
     """With gradient checkpointing each layer generates its own weights inside the checkpointed layer (and
     again in backward, per micro-batch); the losses and every trainable's gradient equal today's path, which
     generates every layer up front (and keeps the step's weights over the micro-batches)."""
-    import lrc.model.clone
-    from lrc.config import RunConfig
 
     teacher = make_teacher(family, tied)
     batches = [packed_batch(seed=s) for s in range(accum)]
@@ -305,8 +305,6 @@ def test_per_layer_generation_under_checkpointing_equals_the_whole_generation(fa
 def test_given_weights_are_used_after_a_checkpointed_training_forward():
     """student_final_hidden(weights=...) (the refit's check of the rounded student) runs on the weights it is
     given even after a training forward that generated each layer's own (gradient checkpointing)."""
-    from lrc.config import RunConfig
-    from lrc.model.weights import generate_weights
 
     ids, pos = packed_batch()
     model, _ = build_method(RunConfig(teacher="t", method="lrc", hidden_size=40, init="random",
@@ -327,8 +325,6 @@ def test_recomputed_clone_targets_equal_kept_ones_for_a_bf16_teacher(precision):
     """--recompute-targets on a bf16 teacher, under fp32 compute (the teacher layer cast per use) and under bf16
     autocast (restored by the checkpoint for the recompute): the same loss, clone terms and gradients as keeping
     every layer's targets, with checkpointing in both."""
-    from lrc.config import RunConfig
-    from lrc.model.precision import autocast
 
     teacher = make_teacher("qwen3", False).to(torch.bfloat16)
     ids, pos = packed_batch()

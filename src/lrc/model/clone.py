@@ -268,7 +268,7 @@ class LowRankClone(nn.Module):
     def forget_forward(self) -> None:
         """Drop what the last forward left for its layers' recomputation in backward (the teacher's recorded
         layer inputs under --recompute-targets, its clone targets, the mapped targets of sharded layers):
-        called once the step's backward is done (`LrcMethod.finish_step`) and before the next forward, so that
+        called once the step's backward is done (`LRC.finish_step`) and before the next forward, so that
         they are not held through the optimizer step or beside the next micro-batch's."""
         self.__dict__["_forward"] = None
 
